@@ -1,0 +1,50 @@
+# Everything a fresh clone needs: `make demo` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; on a GPU box: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
+TORCH_SPEC ?= torch==2.13.0
+PROTOS := $(shell find protos -name '*.proto' | sort)
+DEPS_STAMP := $(VENV)/.deps-installed
+GEN_STAMP := tinker_rpc/.generated
+INSTALL_STAMP := $(VENV)/.project-installed
+
+.PHONY: install proto test demo bench lint clean
+
+install: $(INSTALL_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q "grpcio-tools>=1.66"
+	touch $@
+
+# Generated code is never committed: it is rebuilt here whenever a .proto changes.
+proto: $(GEN_STAMP)
+$(GEN_STAMP): $(PROTOS) $(DEPS_STAMP)
+	rm -rf tinker_rpc
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	find tinker_rpc -type d -exec touch {}/__init__.py \;
+	touch $@
+
+$(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
+	$(PY) -m pip install -q -e ".[server,dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) examples/demo.py
+
+bench: install
+	$(PY) -m bench.run_all
+
+lint: install
+	$(PY) -m ruff check tinker_client tinker_server tests examples bench
+
+clean:
+	rm -rf $(VENV) tinker_rpc build *.egg-info

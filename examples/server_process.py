@@ -1,0 +1,49 @@
+"""Starts a `tinker-server` subprocess on a free port and stops it on exit (demo and tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+_LISTENING = re.compile(r"tinker-server listening on (\S+):(\d+)")
+
+
+@contextmanager
+def running_server(
+    data_dir: Path, extra_args: Sequence[str] = (), startup_timeout: float = 120.0, log_path: Path | None = None
+) -> Iterator[str]:
+    """Yields the server's address ('127.0.0.1:PORT'); SIGTERM and wait on exit."""
+    log_path = log_path or data_dir / "server.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
+    with open(log_path, "w") as log, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    ) as process:
+        try:
+            yield _wait_for_address(process, startup_timeout, log_path)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_for_address(process: subprocess.Popen[str], timeout: float, log_path: Path) -> str:
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            raise RuntimeError(f"tinker-server exited with {process.returncode}; see {log_path}:\n{log_path.read_text()}")
+        if match := _LISTENING.search(line):
+            return f"{match.group(1)}:{match.group(2)}"
+    raise TimeoutError(f"tinker-server did not start within {timeout}s; see {log_path}")

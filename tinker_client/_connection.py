@@ -1,0 +1,189 @@
+"""The SDK's connection: a background event loop that owns the gRPC channel and the one
+Session stream multiplexing every request of a ServiceClient.
+
+The sync API is a thin layer over this: callers hand requests to the loop thread in
+call order (so their order on the stream is the order of the calls) and get back
+concurrent futures for the ack and the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import grpc
+
+from tinker_client.errors import APIConnectionError, error_for_status, error_from_rpc
+from tinker_client.futures import APIFuture
+from tinker_rpc.v1 import service_pb2, service_pb2_grpc
+
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+class _LoopThread:
+    """One daemon thread running an event loop, shared by every client of the process."""
+
+    _instance: _LoopThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="tinker-client-loop", daemon=True)
+        thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+
+def parse_target(base_url: str) -> str:
+    """'host:port', 'grpc://host:port' or 'http://host:port' → 'host:port'."""
+    if "://" not in base_url:
+        return base_url
+    parsed = urlparse(base_url)
+    if not parsed.hostname:
+        raise ValueError(f"base_url {base_url!r}: no host")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{host}:{parsed.port or 50051}"
+
+
+@dataclass
+class Pending:
+    """The two answers a queued request gets: its ack, then its result."""
+
+    request_id: str
+    ack: concurrent.futures.Future[service_pb2.Ack] = field(default_factory=concurrent.futures.Future)
+    result: concurrent.futures.Future[service_pb2.Result] = field(default_factory=concurrent.futures.Future)
+
+    def fail(self, error: BaseException) -> None:
+        for future in (self.ack, self.result):
+            if not future.done():
+                future.set_exception(error)
+
+
+class Connection:
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        self._loop_thread = _LoopThread.get()
+        self.loop = self._loop_thread.loop
+        self.target = parse_target(base_url)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._request_ids = itertools.count(1)
+        self._pending: dict[str, Pending] = {}
+        self._outgoing: asyncio.Queue[service_pb2.SessionRequest] | None = None
+        self._stream_task: asyncio.Task[None] | None = None
+        self.stub: service_pb2_grpc.TinkerServiceStub = self.run(self._open_channel())
+
+    async def _open_channel(self) -> service_pb2_grpc.TinkerServiceStub:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        return service_pb2_grpc.TinkerServiceStub(self._channel)
+
+    # -- running coroutines on the loop ----------------------------------------------
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs a coroutine on the loop thread and waits for it (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine on the loop thread, awaited from the caller's own loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    async def unary(self, method: str, request: Any) -> Any:
+        """Calls a unary RPC on the loop thread, mapping gRPC errors to SDK errors."""
+
+        async def call() -> Any:
+            try:
+                return await getattr(self.stub, method)(request, metadata=self.metadata)
+            except grpc.aio.AioRpcError as error:
+                raise error_from_rpc(error) from None
+
+        return await self.run_async(call())
+
+    def unary_sync(self, method: str, request: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(self.unary(method, request), self.loop).result()
+
+    # -- the session stream ----------------------------------------------------------
+
+    def submit(self, request: service_pb2.SessionRequest) -> Pending:
+        """Queues a request on the stream, in call order; thread-safe and non-blocking."""
+        request.request_id = f"r{next(self._request_ids)}"
+        pending = Pending(request.request_id)
+        self.loop.call_soon_threadsafe(self._enqueue, request, pending)
+        return pending
+
+    def _enqueue(self, request: service_pb2.SessionRequest, pending: Pending) -> None:
+        if self._stream_task is None or self._stream_task.done():
+            self._outgoing = asyncio.Queue()
+            self._stream_task = self.loop.create_task(self._run_stream(self._outgoing))
+        self._pending[request.request_id] = pending
+        self._outgoing.put_nowait(request)
+
+    async def _run_stream(self, outgoing: asyncio.Queue[service_pb2.SessionRequest]) -> None:
+        async def requests():
+            while True:
+                yield await outgoing.get()
+
+        try:
+            call = self.stub.Session(requests(), metadata=self.metadata)
+            async for response in call:
+                self._dispatch(response)
+            error: Exception = APIConnectionError(
+                "the server closed the session stream", code=grpc.StatusCode.UNAVAILABLE
+            )
+        except grpc.aio.AioRpcError as rpc_error:
+            error = error_from_rpc(rpc_error)
+        for pending in self._pending.values():
+            pending.fail(error)
+        self._pending.clear()
+
+    def _dispatch(self, response: service_pb2.SessionResponse) -> None:
+        pending = self._pending.get(response.request_id)
+        if pending is None:
+            return
+        if response.HasField("ack"):
+            pending.ack.set_result(response.ack)
+            return
+        del self._pending[response.request_id]
+        result = response.result
+        if result.HasField("error"):
+            pending.fail(error_for_status(result.error.code, result.error.message, response.request_id))
+        else:
+            if not pending.ack.done():  # a server never does this, but do not hang on it
+                pending.ack.set_result(service_pb2.Ack(future_id=result.future_id))
+            pending.result.set_result(result)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            if self._stream_task is not None:
+                self._stream_task.cancel()
+            await self._channel.close()
+
+        self.run(shutdown())
+
+
+def submit(connection: Connection, request: service_pb2.SessionRequest, convert: Any) -> APIFuture[Any]:
+    """Queues a request and returns its future at once (the sync API)."""
+    return APIFuture(connection.submit(request).result, convert)
+
+
+async def submit_acked(connection: Connection, request: service_pb2.SessionRequest, convert: Any) -> APIFuture[Any]:
+    """Queues a request and returns its future once the server acked it (the async API).
+
+    A rejected request raises here, at the first await.
+    """
+    pending = connection.submit(request)
+    await asyncio.wrap_future(pending.ack)
+    return APIFuture(pending.result, convert)

@@ -1,0 +1,146 @@
+"""TrainingClient: forward, forward_backward and optim_step on one LoRA training run."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+
+from transformers import PreTrainedTokenizerBase
+
+from tinker_client import _convert, types
+from tinker_client._connection import Connection, submit, submit_acked
+from tinker_client.futures import APIFuture
+from tinker_client.sampling_client import SamplingClient
+from tinker_rpc.v1 import service_pb2, training_pb2
+
+
+def _optim_step_response(result: service_pb2.Result) -> types.OptimStepResponse:
+    return types.OptimStepResponse(metrics=dict(result.optim_step.metrics))
+
+
+def _save_for_sampler_response(result: service_pb2.Result) -> types.SaveWeightsForSamplerResponse:
+    return types.SaveWeightsForSamplerResponse(path=result.save_weights_for_sampler.path)
+
+
+class TrainingClient:
+    """Trains one LoRA adapter. Requests run in the order they are made.
+
+    >>> future = training_client.forward_backward(data, "cross_entropy")
+    >>> training_client.optim_step(types.AdamParams(learning_rate=1e-4)).result()
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        model_id: str,
+        base_model: str,
+        tokenizer_loader: Callable[[], PreTrainedTokenizerBase],
+    ) -> None:
+        self._connection = connection
+        self.model_id = model_id
+        self._base_model = base_model
+        self._tokenizer_loader = tokenizer_loader
+
+    def _request(self, **operation: object) -> service_pb2.SessionRequest:
+        return service_pb2.SessionRequest(model_id=self.model_id, **operation)
+
+    # -- forward / backward ----------------------------------------------------------
+
+    def _forward_request(
+        self, kind: str, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None
+    ) -> service_pb2.SessionRequest:
+        return self._request(**{kind: _convert.forward_backward_input(data, loss_fn, loss_fn_config)})
+
+    def forward(
+        self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Loss and per-token logprobs under the current weights; no gradients."""
+        request = self._forward_request("forward", data, loss_fn, loss_fn_config)
+        return submit(self._connection, request, _convert.forward_backward_output)
+
+    async def forward_async(
+        self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        request = self._forward_request("forward", data, loss_fn, loss_fn_config)
+        return await submit_acked(self._connection, request, _convert.forward_backward_output)
+
+    def forward_backward(
+        self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Loss, per-token logprobs, and gradients accumulated until the next optim_step."""
+        request = self._forward_request("forward_backward", data, loss_fn, loss_fn_config)
+        return submit(self._connection, request, _convert.forward_backward_output)
+
+    async def forward_backward_async(
+        self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        request = self._forward_request("forward_backward", data, loss_fn, loss_fn_config)
+        return await submit_acked(self._connection, request, _convert.forward_backward_output)
+
+    # -- optimizer -------------------------------------------------------------------
+
+    def _optim_request(self, adam_params: types.AdamParams) -> service_pb2.SessionRequest:
+        return self._request(optim_step=training_pb2.OptimStepRequest(adam_params=_convert.adam_params(adam_params)))
+
+    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step on the gradients accumulated since the last step; zeroes them."""
+        return submit(self._connection, self._optim_request(adam_params), _optim_step_response)
+
+    async def optim_step_async(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
+        return await submit_acked(self._connection, self._optim_request(adam_params), _optim_step_response)
+
+    # -- sampling --------------------------------------------------------------------
+
+    def _save_request(self, name: str) -> service_pb2.SessionRequest:
+        return self._request(save_weights_for_sampler=training_pb2.SaveWeightsForSamplerRequest(name=name))
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Snapshots the current adapter; the result's `path` is a tinker:// sampler path."""
+        return submit(self._connection, self._save_request(name), _save_for_sampler_response)
+
+    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        return await submit_acked(self._connection, self._save_request(name), _save_for_sampler_response)
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        return SamplingClient(
+            self._connection, base_model=self._base_model, model_path=model_path,
+            tokenizer_loader=self._tokenizer_loader,
+        )
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """Snapshots the current adapter (under `name`, or a fresh one) and samples from it."""
+        path = self.save_weights_for_sampler(name or f"sampler-{uuid.uuid4().hex[:12]}").result().path
+        return self.create_sampling_client(path)
+
+    async def save_weights_and_get_sampling_client_async(self, name: str | None = None) -> SamplingClient:
+        future = await self.save_weights_for_sampler_async(name or f"sampler-{uuid.uuid4().hex[:12]}")
+        return self.create_sampling_client((await future).path)
+
+    # -- description -----------------------------------------------------------------
+
+    @staticmethod
+    def _info(response: service_pb2.GetInfoResponse) -> types.GetInfoResponse:
+        return types.GetInfoResponse(
+            model_id=response.model_id,
+            model_data=types.ModelData(
+                arch=response.arch, model_name=response.model_name, tokenizer_id=response.tokenizer_id
+            ),
+            is_lora=response.is_lora,
+            lora_rank=response.lora_rank,
+            model_name=response.model_name,
+            lora_config=_convert.lora_config(response.lora_config),
+            lora_alpha=response.lora_alpha,
+        )
+
+    def get_info(self) -> types.GetInfoResponse:
+        return self._info(self._connection.unary_sync("GetInfo", service_pb2.GetInfoRequest(model_id=self.model_id)))
+
+    async def get_info_async(self) -> types.GetInfoResponse:
+        request = service_pb2.GetInfoRequest(model_id=self.model_id)
+        return self._info(await self._connection.unary("GetInfo", request))
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer_loader()
+
+    def __repr__(self) -> str:
+        return f"TrainingClient(model_id={self.model_id!r}, base_model={self._base_model!r})"

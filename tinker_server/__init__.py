@@ -1,0 +1,1 @@
+"""tinker_server: a self-hostable LoRA fine-tuning service with a gRPC API."""

@@ -1,0 +1,3 @@
+from tinker_server.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The gRPC front end: validates requests, acks them, routes results back."""

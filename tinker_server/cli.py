@@ -1,0 +1,47 @@
+"""`tinker-server`: serve a base model over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from tinker_server.config import ServerConfig
+from tinker_server.scheduler import CyclePolicy
+from tinker_server.server import serve
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="tinker-server", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default %(default)s)")
+    parser.add_argument(
+        "--base-model", default=None, metavar="PATH",
+        help="local Hugging Face model directory; default: the embedded tiny Llama",
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
+    parser.add_argument(
+        "--cycle", type=CyclePolicy.parse, default=CyclePolicy(),
+        help="'continuous' (default) or 'fixed:SECONDS'",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return ServerConfig(
+        host=args.host, port=args.port, base_model=args.base_model, data_dir=args.data_dir, cycle=args.cycle
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except RuntimeError as error:
+        logging.getLogger("tinker_server").error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Server options, one place: the CLI fills them, the server reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tinker_server.api.requests import Limits
+from tinker_server.scheduler import CyclePolicy
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    base_model: str | None = None
+    """A local Hugging Face model directory; None serves the embedded default model."""
+    data_dir: Path = Path("tinker-data")
+    cycle: CyclePolicy = field(default_factory=CyclePolicy)
+    limits: Limits = field(default_factory=Limits)
+    max_message_bytes: int = 256 << 20
+    shutdown_grace_seconds: float = 10.0

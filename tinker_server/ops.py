@@ -1,0 +1,190 @@
+"""The messages between the scheduler and the worker process: operations, cycles, outcomes.
+
+Plain dataclasses of numpy arrays and scalars, so they pickle as raw buffers over the
+worker pipe and import no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeAlias
+
+import numpy as np
+
+
+class Phase(enum.IntEnum):
+    """Order of the stages inside one clock cycle."""
+
+    CREATE = 0
+    FORWARD = 1
+    OPTIM = 2
+    SAVE = 3
+    SAMPLE = 4
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    seed: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    learning_rate: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop_strings: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+
+
+@dataclass
+class DatumArrays:
+    """One datum, validated: int64 tokens [N] and named loss inputs."""
+
+    tokens: np.ndarray
+    loss_fn_inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class CreateAdapter:
+    phase: ClassVar[Phase] = Phase.CREATE
+    lora: LoraSpec
+
+
+@dataclass
+class ForwardBackward:
+    phase: ClassVar[Phase] = Phase.FORWARD
+    data: list[DatumArrays]
+    loss_fn: str
+    loss_fn_config: dict[str, float]
+    backward: bool
+
+
+@dataclass
+class OptimStep:
+    phase: ClassVar[Phase] = Phase.OPTIM
+    adam: AdamConfig
+
+
+@dataclass
+class SaveForSampler:
+    phase: ClassVar[Phase] = Phase.SAVE
+    path: str
+    """tinker://<model_id>/sampler_weights/<name>; also the snapshot's adapter name."""
+    directory: str
+    """Where the snapshot is written in peft's format."""
+
+
+@dataclass
+class Sample:
+    phase: ClassVar[Phase] = Phase.SAMPLE
+    adapter: str | None
+    """A sampler path, or None for the bare base model."""
+    prompt: np.ndarray
+    num_samples: int
+    params: SamplingConfig
+    include_prompt_logprobs: bool
+
+
+Operation: TypeAlias = CreateAdapter | ForwardBackward | OptimStep | SaveForSampler | Sample
+
+
+@dataclass
+class WorkItem:
+    future_id: str
+    model_id: str
+    """The adapter a training operation acts on; empty for sampling."""
+    operation: Operation
+
+
+@dataclass
+class Cycle:
+    cycle_id: int
+    items: list[WorkItem]
+
+
+@dataclass(frozen=True)
+class OpError:
+    code: int
+    """grpc.StatusCode value[0] (the google.rpc.Code number)."""
+    message: str
+
+
+@dataclass
+class ForwardBackwardResult:
+    loss_fn_outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, float]
+
+
+@dataclass
+class OptimStepResult:
+    metrics: dict[str, float]
+
+
+@dataclass
+class CreateAdapterResult:
+    model_id: str
+
+
+@dataclass
+class SaveForSamplerResult:
+    path: str
+
+
+@dataclass
+class SequenceArrays:
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    sampling_logprobs: np.ndarray
+    stopped: bool
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SequenceArrays]
+    prompt_logprobs: np.ndarray | None
+
+
+OpResult: TypeAlias = (
+    CreateAdapterResult | ForwardBackwardResult | OptimStepResult | SaveForSamplerResult | SampleResult
+)
+
+
+@dataclass
+class Outcome:
+    """What the worker answers for one WorkItem: a result or an error."""
+
+    future_id: str
+    cycle_id: int
+    result: OpResult | None = None
+    error: OpError | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What the worker tells the server about its base model once it is loaded."""
+
+    name: str
+    arch: str
+    vocab_size: int
+    max_context_length: int
+    eos_token_id: int | None
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)

@@ -1,0 +1,72 @@
+"""The server's handle on its worker process: spawn it, send cycles, await outcomes.
+
+Pipe I/O runs in a thread so the gRPC event loop never blocks on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+
+from tinker_server.ops import Cycle, ModelInfo, Outcome
+from tinker_server.worker.main import WorkerStartupError, worker_main
+
+log = logging.getLogger(__name__)
+
+
+class WorkerDied(RuntimeError):
+    """The worker process exited while the server needed it."""
+
+
+class WorkerClient:
+    def __init__(self, base_model: str | None) -> None:
+        self._base_model = base_model
+        context = multiprocessing.get_context("spawn")  # never fork a process with gRPC threads
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=worker_main,
+            args=(child_conn, base_model, logging.getLogger().getEffectiveLevel()),
+            name="tinker-worker",
+            daemon=True,
+        )
+        self._child_conn = child_conn
+
+    async def start(self) -> ModelInfo:
+        self._process.start()
+        self._child_conn.close()
+        reply = await asyncio.to_thread(self._receive)
+        if isinstance(reply, WorkerStartupError):
+            raise RuntimeError(f"worker could not load the base model: {reply.message}")
+        log.info("worker pid %d serving %s", self._process.pid, reply.name)
+        return reply
+
+    async def run_cycle(self, cycle: Cycle) -> list[Outcome]:
+        return await asyncio.to_thread(self._exchange, cycle)
+
+    def _exchange(self, cycle: Cycle) -> list[Outcome]:
+        try:
+            self._conn.send(cycle)
+        except (BrokenPipeError, OSError) as error:
+            raise WorkerDied(f"worker process is gone: {error}") from error
+        return self._receive()
+
+    def _receive(self) -> object:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as error:
+            raise WorkerDied(f"worker process exited (code {self._process.exitcode})") from error
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if not self._process.is_alive():
+            return
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            log.warning("worker did not stop in %.0fs; killing it", timeout)
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 5)
+        self._conn.close()

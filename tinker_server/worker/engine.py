@@ -1,0 +1,268 @@
+"""The worker's engine: one base model, many LoRA adapters, one clock cycle at a time.
+
+A cycle runs in phases (DESIGN.md): adapter creation, one batched forward/backward pass
+for every tenant's rows, optimizer steps, sampler snapshots, then batched sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from tinker_server import ops
+from tinker_server.worker.losses import LOSS_FUNCTIONS
+from tinker_server.worker.lora import (
+    LoraPair,
+    RowRouting,
+    contiguous_segments,
+    init_lora_pairs,
+    wrap_linear_layers,
+)
+from tinker_server.worker.models import LoadedModel, tokenizer_files
+from tinker_server.worker.sampling import SampleRow, generate
+
+log = logging.getLogger(__name__)
+
+
+class OperationError(Exception):
+    """An operation that cannot run; fails only the items it names."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Adapter:
+    name: str
+    spec: ops.LoraSpec
+    pairs: dict[str, LoraPair]
+    optimizer: torch.optim.AdamW | None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [tensor for pair in self.pairs.values() for tensor in (pair.A, pair.B)]
+
+
+def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # Arrays decoded from the wire are read-only views; torch needs a writable buffer.
+    tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+    return tensor.to(device)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, device: torch.device) -> None:
+        self.loaded = loaded
+        self.device = device
+        self.model = loaded.model.to(device)
+        self.model.requires_grad_(False)
+        self.routing = RowRouting()
+        self.layers = wrap_linear_layers(self.model, self.routing)
+        self.adapters: dict[str, Adapter] = {}
+        self.snapshots: set[str] = set()
+
+    def info(self) -> ops.ModelInfo:
+        config = self.model.config
+        return ops.ModelInfo(
+            name=self.loaded.name,
+            arch=(config.architectures or [type(self.model).__name__])[0],
+            vocab_size=int(config.vocab_size),
+            max_context_length=self.loaded.max_context_length,
+            eos_token_id=self.loaded.tokenizer.eos_token_id,
+            tokenizer_files=tokenizer_files(self.loaded.tokenizer),
+        )
+
+    # -- the cycle -------------------------------------------------------------------
+
+    def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+        by_phase: dict[ops.Phase, list[ops.WorkItem]] = defaultdict(list)
+        for item in cycle.items:
+            by_phase[item.operation.phase].append(item)
+        results: dict[str, ops.Outcome] = {}
+        batched: dict[ops.Phase, Callable[[list[ops.WorkItem]], list[ops.OpResult]]] = {
+            ops.Phase.FORWARD: self._forward_backward,
+            ops.Phase.SAMPLE: self._sample,
+        }
+        single: dict[ops.Phase, Callable[[ops.WorkItem], ops.OpResult]] = {
+            ops.Phase.CREATE: self._create_adapter,
+            ops.Phase.OPTIM: self._optim_step,
+            ops.Phase.SAVE: self._save_for_sampler,
+        }
+        for phase in sorted(by_phase):
+            items = by_phase[phase]
+            groups = [items] if phase in batched else [[item] for item in items]
+            for group in groups:
+                try:
+                    outputs = batched[phase](group) if phase in batched else [single[phase](group[0])]
+                except OperationError as error:
+                    outputs = [ops.OpError(error.code.value[0], str(error))] * len(group)
+                except Exception as error:  # a bug must fail its requests, not the worker
+                    log.exception("cycle %d: %s failed", cycle.cycle_id, phase.name)
+                    message = f"internal error in {phase.name.lower()}: {error}"
+                    outputs = [ops.OpError(grpc.StatusCode.INTERNAL.value[0], message)] * len(group)
+                for item, output in zip(group, outputs, strict=True):
+                    outcome = ops.Outcome(item.future_id, cycle.cycle_id)
+                    if isinstance(output, ops.OpError):
+                        outcome.error = output
+                    else:
+                        outcome.result = output
+                    results[item.future_id] = outcome
+        return [results[item.future_id] for item in cycle.items]
+
+    # -- adapters --------------------------------------------------------------------
+
+    def _adapter(self, model_id: str) -> Adapter:
+        adapter = self.adapters.get(model_id)
+        if adapter is None:
+            raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such adapter")
+        return adapter
+
+    def _register(self, name: str, pairs: dict[str, LoraPair]) -> None:
+        for path, pair in pairs.items():
+            self.layers[path].adapters[name] = pair
+
+    def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
+        spec = item.operation.lora
+        pairs = init_lora_pairs(self.layers, spec)
+        adapter = Adapter(item.model_id, spec, pairs, optimizer=None)
+        adapter.optimizer = torch.optim.AdamW(adapter.parameters())
+        self.adapters[item.model_id] = adapter
+        self._register(item.model_id, pairs)
+        return ops.CreateAdapterResult(item.model_id)
+
+    # -- forward / backward ----------------------------------------------------------
+
+    def _forward_backward(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
+        """Every datum of every item in one padded batch, rows grouped by adapter."""
+        for item in items:
+            self._adapter(item.model_id)
+        rows = sorted(
+            ((item_index, datum) for item_index, item in enumerate(items) for datum in item.operation.data),
+            key=lambda row: items[row[0]].model_id,
+        )
+        width = max(len(datum.tokens) for _, datum in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (_, datum) in enumerate(rows):
+            input_ids[row, : len(datum.tokens)] = torch.from_numpy(datum.tokens.astype(np.int64))
+        segments = contiguous_segments([items[item_index].model_id for item_index, _ in rows])
+        needs_grad = any(item.operation.backward for item in items)
+
+        with torch.set_grad_enabled(needs_grad), self.routing.route(segments):
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+            log_normalizer = torch.logsumexp(logits, dim=-1)  # [B, T]
+            per_item: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in items]
+            for row, (item_index, datum) in enumerate(rows):
+                operation: ops.ForwardBackward = items[item_index].operation
+                inputs = {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()}
+                logprobs = self._target_logprobs(logits[row], log_normalizer[row], inputs.pop("target_tokens"))
+                loss_fn = LOSS_FUNCTIONS[operation.loss_fn]
+                per_item[item_index].append((logprobs, loss_fn(logprobs, inputs, operation.loss_fn_config)))
+
+        # The sort was stable, so each item's outputs are still in its datums' order.
+        if needs_grad:
+            total = sum(
+                loss.sum() for item, outputs in zip(items, per_item, strict=True)
+                if item.operation.backward for _, loss in outputs
+            )
+            total.backward()
+        return [self._forward_result(outputs) for outputs in per_item]
+
+    @staticmethod
+    def _target_logprobs(
+        logits: torch.Tensor, log_normalizer: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(targets[i] | tokens[:i+1]); targets are [N] or [N, K] (top-K form)."""
+        length = targets.shape[0]
+        flat = targets.reshape(length, -1).long()
+        picked = logits[:length].gather(-1, flat) - log_normalizer[:length, None]
+        return picked.reshape(targets.shape)
+
+    @staticmethod
+    def _forward_result(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> ops.ForwardBackwardResult:
+        loss_fn_outputs = [
+            {
+                "logprobs": logprobs.detach().cpu().numpy().astype(np.float32),
+                "elementwise_loss": loss.detach().cpu().numpy().astype(np.float32),
+            }
+            for logprobs, loss in outputs
+        ]
+        loss_sum = float(sum(float(loss.detach().sum()) for _, loss in outputs))
+        return ops.ForwardBackwardResult(loss_fn_outputs, {"loss:sum": loss_sum})
+
+    # -- optimizer -------------------------------------------------------------------
+
+    def _optim_step(self, item: ops.WorkItem) -> ops.OptimStepResult:
+        adapter = self._adapter(item.model_id)
+        adam: ops.AdamConfig = item.operation.adam
+        params = adapter.parameters()
+        max_norm = adam.grad_clip_norm if adam.grad_clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer = adapter.optimizer
+        for group in optimizer.param_groups:
+            group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return ops.OptimStepResult({"grad_norm": float(grad_norm), "learning_rate": adam.learning_rate})
+
+    # -- sampler snapshots -----------------------------------------------------------
+
+    def _save_for_sampler(self, item: ops.WorkItem) -> ops.SaveForSamplerResult:
+        adapter = self._adapter(item.model_id)
+        operation: ops.SaveForSampler = item.operation
+        snapshot = {
+            path: LoraPair(pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling)
+            for path, pair in adapter.pairs.items()
+        }
+        self._register(operation.path, snapshot)
+        self.snapshots.add(operation.path)
+        write_peft_adapter(Path(operation.directory), adapter.spec, snapshot, self.loaded.name)
+        return ops.SaveForSamplerResult(operation.path)
+
+    # -- sampling --------------------------------------------------------------------
+
+    def _sample(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
+        requests: list[ops.Sample] = [item.operation for item in items]
+        for request in requests:
+            if request.adapter is not None and request.adapter not in self.snapshots:
+                raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_path {request.adapter!r}: not loaded")
+        rows = [
+            SampleRow(request_index, sample_index, request)
+            for request_index, request in enumerate(requests)
+            for sample_index in range(request.num_samples)
+        ]
+        return generate(self.model, self.routing, self.loaded.tokenizer, self.device, requests, rows)
+
+
+def write_peft_adapter(
+    directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str
+) -> None:
+    """peft's saved format: adapter_config.json + adapter_model.safetensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=sorted({path.rsplit(".", 1)[-1] for path in pairs}),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for path, pair in pairs.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = pair.A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = pair.B.detach().cpu().contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))

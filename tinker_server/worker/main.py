@@ -1,0 +1,45 @@
+"""Entry point of the worker process (started with `spawn`): load, announce, run cycles."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from tinker_server.ops import Cycle
+
+
+@dataclass(frozen=True)
+class WorkerStartupError:
+    """Sent instead of ModelInfo when the base model cannot be loaded."""
+
+    message: str
+
+
+def worker_main(conn: Connection, base_model: str | None, log_level: int) -> None:
+    # Ctrl-C reaches the whole process group; the server decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    # Imported here so the parent process never loads torch model code for the worker.
+    from tinker_server.worker.engine import Engine
+    from tinker_server.worker.models import load_base_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        engine = Engine(load_base_model(base_model), device)
+    except Exception as error:  # reported to the server, which exits with the reason
+        conn.send(WorkerStartupError(f"{type(error).__name__}: {error}"))
+        return
+    conn.send(engine.info())
+    logging.getLogger(__name__).info("worker ready on %s", device)
+    while True:
+        try:
+            message: Cycle | None = conn.recv()
+        except EOFError:  # the server went away
+            return
+        if message is None:
+            return
+        conn.send(engine.run_cycle(message))
