@@ -34,7 +34,7 @@ $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
-test: install
+test: install lint
 	$(PY) -m pytest -q tests
 
 demo: install
@@ -44,7 +44,8 @@ bench: install
 	$(PY) -m bench.run_all
 
 lint: install
-	$(PY) -m ruff check tinker_client tinker_server tests examples bench
+	$(PY) -m ruff check tinker_client tinker_server tests examples
+	$(PY) -m ruff format --check tinker_client tinker_server tests examples
 
 clean:
 	rm -rf $(VENV) tinker_rpc build *.egg-info

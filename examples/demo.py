@@ -53,7 +53,9 @@ def completions(sampling_client, tokenizer) -> list[str]:
         sampling_client.sample(types.ModelInput.from_ints(prompt_tokens(tokenizer, question)), 1, params)
         for question, _ in QA_PAIRS
     ]
-    return [tokenizer.decode(future.result().sequences[0].tokens, skip_special_tokens=True).strip() for future in futures]
+    return [
+        tokenizer.decode(future.result().sequences[0].tokens, skip_special_tokens=True).strip() for future in futures
+    ]
 
 
 def main() -> int:

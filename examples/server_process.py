@@ -23,9 +23,12 @@ def running_server(
     log_path = log_path or data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
-    with open(log_path, "w") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    ) as process:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        ) as process,
+    ):
         try:
             yield _wait_for_address(process, startup_timeout, log_path)
         finally:
@@ -43,7 +46,9 @@ def _wait_for_address(process: subprocess.Popen[str], timeout: float, log_path: 
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line and process.poll() is not None:
-            raise RuntimeError(f"tinker-server exited with {process.returncode}; see {log_path}:\n{log_path.read_text()}")
+            raise RuntimeError(
+                f"tinker-server exited with {process.returncode}; see {log_path}:\n{log_path.read_text()}"
+            )
         if match := _LISTENING.search(line):
             return f"{match.group(1)}:{match.group(2)}"
     raise TimeoutError(f"tinker-server did not start within {timeout}s; see {log_path}")

@@ -63,9 +63,7 @@ def reference_logprobs(model: torch.nn.Module, datum: types.Datum) -> torch.Tens
 
 
 def reference_cross_entropy(model: torch.nn.Module, data: list[types.Datum]) -> torch.Tensor:
-    return sum(
-        -(reference_logprobs(model, datum) * datum.loss_fn_inputs["weights"].to_torch()).sum() for datum in data
-    )
+    return sum(-(reference_logprobs(model, datum) * datum.loss_fn_inputs["weights"].to_torch()).sum() for datum in data)
 
 
 def sampler_dir(data_dir: Path, sampler_path: str) -> Path:

@@ -64,7 +64,9 @@ def test_get_info_reports_the_options_actually_used(service):
     assert info.is_lora and info.lora_rank == 6
     assert info.lora_config.seed is not None  # the drawn seed is reported, so it can be reused
     assert (info.lora_config.train_mlp, info.lora_config.train_attn, info.lora_config.train_unembed) == (
-        True, True, False,
+        True,
+        True,
+        False,
     )
 
 

@@ -26,9 +26,13 @@ def test_two_clients_share_one_batch_and_train_independently(service, server):
     sessions = [RawSession(server.address), RawSession(server.address)]
     try:
         for session, training, data in zip(sessions, (alice, bob), (alice_data, bob_data), strict=True):
-            session.send(service_pb2.SessionRequest(
-                request_id="fb", model_id=training.model_id,
-                forward_backward=forward_backward_input(data, "cross_entropy", None)))
+            session.send(
+                service_pb2.SessionRequest(
+                    request_id="fb",
+                    model_id=training.model_id,
+                    forward_backward=forward_backward_input(data, "cross_entropy", None),
+                )
+            )
         answers = [[session.receive(), session.receive()] for session in sessions]
     finally:
         for session in sessions:

@@ -36,13 +36,23 @@ def test_each_request_is_acked_with_its_seq_before_its_result(server):
         model_id = result.result.create_model.model_id
 
         data = ragged_batch(seed=0, lengths=[7, 3])
-        session.send(service_pb2.SessionRequest(
-            request_id="fb", model_id=model_id, forward_backward=forward_backward_input(data, "cross_entropy", None)))
-        session.send(service_pb2.SessionRequest(
-            request_id="step", model_id=model_id,
-            optim_step=training_pb2.OptimStepRequest(adam_params=adam_params(types.AdamParams(learning_rate=0.05)))))
-        session.send(service_pb2.SessionRequest(
-            request_id="fwd", model_id=model_id, forward=forward_backward_input(data, "cross_entropy", None)))
+        session.send(
+            service_pb2.SessionRequest(
+                request_id="fb", model_id=model_id, forward_backward=forward_backward_input(data, "cross_entropy", None)
+            )
+        )
+        session.send(
+            service_pb2.SessionRequest(
+                request_id="step",
+                model_id=model_id,
+                optim_step=training_pb2.OptimStepRequest(adam_params=adam_params(types.AdamParams(learning_rate=0.05))),
+            )
+        )
+        session.send(
+            service_pb2.SessionRequest(
+                request_id="fwd", model_id=model_id, forward=forward_backward_input(data, "cross_entropy", None)
+            )
+        )
         responses = [session.receive() for _ in range(6)]
     finally:
         session.close()
@@ -65,8 +75,13 @@ def test_an_invalid_request_gets_an_error_result_and_no_ack(server):
     session = RawSession(server.address)
     try:
         data = ragged_batch(seed=0, lengths=[3])
-        session.send(service_pb2.SessionRequest(
-            request_id="lost", model_id="run-does-not-exist", forward=forward_backward_input(data, "cross_entropy", None)))
+        session.send(
+            service_pb2.SessionRequest(
+                request_id="lost",
+                model_id="run-does-not-exist",
+                forward=forward_backward_input(data, "cross_entropy", None),
+            )
+        )
         response = session.receive()
         session.send(service_pb2.SessionRequest(request_id="", create_model=training_pb2.CreateModelRequest()))
         missing_id = session.receive()

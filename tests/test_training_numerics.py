@@ -45,9 +45,7 @@ def test_optim_step_equals_torch_adamw_on_a_peft_model(service, server):
     training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7)
     initial = training.save_weights_for_sampler("initial").result().path
     data = ragged_batch(seed=1, lengths=[6, 11])
-    adam = types.AdamParams(
-        learning_rate=1e-2, beta1=0.8, beta2=0.99, eps=1e-5, weight_decay=0.1, grad_clip_norm=0.5
-    )
+    adam = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.99, eps=1e-5, weight_decay=0.1, grad_clip_norm=0.5)
     grad_norms = []
     for _ in range(3):
         training.forward_backward(data, "cross_entropy")

@@ -21,42 +21,63 @@ GOOD_TARGETS = np.array([2, 3, 4], dtype=np.int64)
 MALFORMED = {
     "mismatched lengths": (
         datum([1, 2, 3], target_tokens=np.array([2, 3], dtype=np.int64)),
-        "cross_entropy", None, r"data\[0\]\.loss_fn_inputs\['target_tokens'\].*disagrees with model_input length 3",
+        "cross_entropy",
+        None,
+        r"data\[0\]\.loss_fn_inputs\['target_tokens'\].*disagrees with model_input length 3",
     ),
     "token id out of range": (
         datum([1, 300, 3], target_tokens=GOOD_TARGETS),
-        "cross_entropy", None, r"data\[0\]\.model_input\.tokens: token id 300 is out of range \[0, 259\)",
+        "cross_entropy",
+        None,
+        r"data\[0\]\.model_input\.tokens: token id 300 is out of range \[0, 259\)",
     ),
     "negative target token": (
         datum([1, 2, 3], target_tokens=np.array([2, -1, 4], dtype=np.int64)),
-        "cross_entropy", None, r"loss_fn_inputs\['target_tokens'\]: token id -1",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs\['target_tokens'\]: token id -1",
     ),
     "wrong dtype": (
         datum([1, 2, 3], target_tokens=GOOD_TARGETS, weights=np.array([1, 1, 1], dtype=np.int64)),
-        "cross_entropy", None, r"loss_fn_inputs\['weights'\]: dtype int32; expected float32",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs\['weights'\]: dtype int32; expected float32",
     ),
     "float targets": (
         datum([1, 2, 3], target_tokens=np.array([2.0, 3.0, 4.0], dtype=np.float32)),
-        "cross_entropy", None, r"loss_fn_inputs\['target_tokens'\]: dtype float32; expected int32 or int64",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs\['target_tokens'\]: dtype float32; expected int32 or int64",
     ),
     "NaN weight": (
         datum([1, 2, 3], target_tokens=GOOD_TARGETS, weights=np.array([1, np.nan, 1], dtype=np.float32)),
-        "cross_entropy", None, r"loss_fn_inputs\['weights'\]: contains NaN",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs\['weights'\]: contains NaN",
     ),
     "unknown input key": (
         datum([1, 2, 3], target_tokens=GOOD_TARGETS, advantages=np.ones(3, dtype=np.float32)),
-        "cross_entropy", None, r"loss_fn_inputs: unknown key\(s\) \['advantages'\] for cross_entropy",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs: unknown key\(s\) \['advantages'\] for cross_entropy",
     ),
     "missing input key": (
         datum([1, 2, 3], weights=np.ones(3, dtype=np.float32)),
-        "cross_entropy", None, r"loss_fn_inputs: missing key\(s\) \['target_tokens'\]",
+        "cross_entropy",
+        None,
+        r"loss_fn_inputs: missing key\(s\) \['target_tokens'\]",
     ),
     "unknown config key": (
         datum([1, 2, 3], target_tokens=GOOD_TARGETS),
-        "cross_entropy", {"temperature": 2.0}, r"loss_fn_config: unknown key\(s\) \['temperature'\]",
+        "cross_entropy",
+        {"temperature": 2.0},
+        r"loss_fn_config: unknown key\(s\) \['temperature'\]",
     ),
     "unknown loss": (
-        datum([1, 2, 3], target_tokens=GOOD_TARGETS), "mse", None, r"loss_fn: unknown loss 'mse'",
+        datum([1, 2, 3], target_tokens=GOOD_TARGETS),
+        "mse",
+        None,
+        r"loss_fn: unknown loss 'mse'",
     ),
 }
 
@@ -97,10 +118,12 @@ def test_a_tensor_whose_shape_lies_about_its_bytes_is_rejected(server, service):
         model_id=training.model_id,
         forward=training_pb2.ForwardBackwardInput(
             loss_fn="cross_entropy",
-            data=[training_pb2.Datum(
-                model_input=training_pb2.ModelInput(tokens=lying),
-                loss_fn_inputs={"target_tokens": encode_array(np.zeros(10, dtype=np.int64))},
-            )],
+            data=[
+                training_pb2.Datum(
+                    model_input=training_pb2.ModelInput(tokens=lying),
+                    loss_fn_inputs={"target_tokens": encode_array(np.zeros(10, dtype=np.int64))},
+                )
+            ],
         ),
     )
     session = RawSession(server.address)

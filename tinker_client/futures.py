@@ -40,7 +40,7 @@ class APIFuture(Generic[T]):
         waiter = asyncio.shield(asyncio.wrap_future(self._raw))
         try:
             raw = await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"no result within {timeout}s") from None
         return self._converted(raw)
 

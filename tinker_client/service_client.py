@@ -85,7 +85,9 @@ class ServiceClient:
         train_unembed: bool = True,
         user_metadata: Mapping[str, str] | None = None,
     ) -> TrainingClient:
-        lora = training_pb2.LoraConfig(rank=rank, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed)
+        lora = training_pb2.LoraConfig(
+            rank=rank, train_mlp=train_mlp, train_attn=train_attn, train_unembed=train_unembed
+        )
         if seed is not None:
             lora.seed = seed
         request = service_pb2.SessionRequest(
@@ -99,9 +101,7 @@ class ServiceClient:
 
     # -- sampling --------------------------------------------------------------------
 
-    def create_sampling_client(
-        self, model_path: str | None = None, base_model: str | None = None
-    ) -> SamplingClient:
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """Samples from saved sampler weights (`model_path`) or from a bare `base_model`."""
         _check_one_source(model_path, base_model)
         if base_model is None:
@@ -118,7 +118,9 @@ class ServiceClient:
 
     def _sampling_client(self, model_path: str | None, base_model: str) -> SamplingClient:
         return SamplingClient(
-            self._connection, base_model=base_model, model_path=model_path,
+            self._connection,
+            base_model=base_model,
+            model_path=model_path,
             tokenizer_loader=functools.partial(self._tokenizer, base_model),
         )
 
@@ -126,7 +128,9 @@ class ServiceClient:
 
     def _tokenizer(self, base_model: str) -> PreTrainedTokenizerBase:
         if base_model not in self._tokenizers:
-            response = self._connection.unary_sync("GetTokenizer", service_pb2.GetTokenizerRequest(base_model=base_model))
+            response = self._connection.unary_sync(
+                "GetTokenizer", service_pb2.GetTokenizerRequest(base_model=base_model)
+            )
             self._tokenizers[base_model] = tokenizer_from_files(dict(response.files))
         return self._tokenizers[base_model]
 

@@ -33,9 +33,7 @@ def encode_array(array: np.ndarray) -> tensor_pb2.TensorData:
     if wire_dtype is None:
         raise TypeError(f"cannot send dtype {array.dtype}; use int64, int32 or float32")
     contiguous = np.ascontiguousarray(array, dtype=dtype)
-    return tensor_pb2.TensorData(
-        dtype=wire_dtype, shape=contiguous.shape, data=contiguous.tobytes()
-    )
+    return tensor_pb2.TensorData(dtype=wire_dtype, shape=contiguous.shape, data=contiguous.tobytes())
 
 
 def decode_array(tensor: tensor_pb2.TensorData) -> np.ndarray:
@@ -51,7 +49,6 @@ def decode_array(tensor: tensor_pb2.TensorData) -> np.ndarray:
         raise TensorDecodeError(f"shape {list(shape)} has more than {_MAX_ELEMENTS} elements")
     if count * dtype.itemsize != len(tensor.data):
         raise TensorDecodeError(
-            f"shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize} bytes, "
-            f"data has {len(tensor.data)}"
+            f"shape {list(shape)} of {dtype.name} needs {count * dtype.itemsize} bytes, data has {len(tensor.data)}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

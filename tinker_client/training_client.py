@@ -103,7 +103,9 @@ class TrainingClient:
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         return SamplingClient(
-            self._connection, base_model=self._base_model, model_path=model_path,
+            self._connection,
+            base_model=self._base_model,
+            model_path=model_path,
             tokenizer_loader=self._tokenizer_loader,
         )
 

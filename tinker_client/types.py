@@ -15,9 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 TensorDtype: TypeAlias = Literal["int64", "int32", "float32"]
-LossFnType: TypeAlias = Literal[
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"
-]
+LossFnType: TypeAlias = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
 StopReason: TypeAlias = Literal["length", "stop"]
 
 _NUMPY_DTYPES: dict[str, np.dtype] = {

@@ -18,12 +18,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default %(default)s)")
     parser.add_argument(
-        "--base-model", default=None, metavar="PATH",
+        "--base-model",
+        default=None,
+        metavar="PATH",
         help="local Hugging Face model directory; default: the embedded tiny Llama",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
-        "--cycle", type=CyclePolicy.parse, default=CyclePolicy(),
+        "--cycle",
+        type=CyclePolicy.parse,
+        default=CyclePolicy(),
         help="'continuous' (default) or 'fixed:SECONDS'",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -30,12 +30,8 @@ LOSS_SPECS: dict[str, LossSpec] = {
     for spec in (
         LossSpec("cross_entropy", {"target_tokens": "int"}, {"weights": "float"}),
         LossSpec("importance_sampling", _POLICY_INPUTS),
-        LossSpec(
-            "ppo", _POLICY_INPUTS, config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-        ),
-        LossSpec(
-            "cispo", _POLICY_INPUTS, config_defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
-        ),
+        LossSpec("ppo", _POLICY_INPUTS, config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+        LossSpec("cispo", _POLICY_INPUTS, config_defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
         LossSpec("dro", _POLICY_INPUTS, config_defaults={"beta": 0.05}),
         LossSpec(
             "gspo",

@@ -114,7 +114,7 @@ class Scheduler:
             return []
         self._fair_start = (self._fair_start + 1) % len(keys)
         taken: list[_Queued] = []
-        for key in keys[self._fair_start:] + keys[: self._fair_start]:
+        for key in keys[self._fair_start :] + keys[: self._fair_start]:
             queue = self._queues[key]
             last_phase: ops.Phase | None = None
             while queue:
@@ -135,8 +135,7 @@ class Scheduler:
             message = f"the worker failed while running this request: {error}"
             code = grpc.StatusCode.UNAVAILABLE.value[0]
             outcomes = [
-                ops.Outcome(item.future_id, cycle.cycle_id, error=ops.OpError(code, message))
-                for item in cycle.items
+                ops.Outcome(item.future_id, cycle.cycle_id, error=ops.OpError(code, message)) for item in cycle.items
             ]
         for queued, outcome in zip(batch, outcomes, strict=True):
             if not queued.ticket.outcome.done():

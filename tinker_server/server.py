@@ -49,7 +49,11 @@ class TinkerServer:
         await self._grpc.start()
         log.info(
             "serving %s on %s:%d (cycle=%s, data dir %s)",
-            model.name, config.host, self.port, config.cycle, config.data_dir,
+            model.name,
+            config.host,
+            self.port,
+            config.cycle,
+            config.data_dir,
         )
 
     async def stop(self) -> None:

@@ -54,9 +54,7 @@ class ParsedRequest:
 
 
 class RequestParser:
-    def __init__(
-        self, model: ops.ModelInfo, registry: RunRegistry, limits: Limits, data_dir: Path
-    ) -> None:
+    def __init__(self, model: ops.ModelInfo, registry: RunRegistry, limits: Limits, data_dir: Path) -> None:
         self._model = model
         self._registry = registry
         self._limits = limits
@@ -171,7 +169,9 @@ class RequestParser:
         given = set(datum.loss_fn_inputs)
         expected = spec.all_inputs()
         if unknown := sorted(given - set(expected)):
-            raise invalid(f"{field}.loss_fn_inputs: unknown key(s) {unknown} for {spec.name}; accepted: {sorted(expected)}")
+            raise invalid(
+                f"{field}.loss_fn_inputs: unknown key(s) {unknown} for {spec.name}; accepted: {sorted(expected)}"
+            )
         if missing := sorted(set(spec.required_inputs) - given):
             raise invalid(f"{field}.loss_fn_inputs: missing key(s) {missing} required by {spec.name}")
         inputs: dict[str, np.ndarray] = {}
@@ -239,9 +239,7 @@ class RequestParser:
 
     # -- sampler snapshots and sampling ----------------------------------------------
 
-    def _save_for_sampler(
-        self, model_id: str, request: training_pb2.SaveWeightsForSamplerRequest
-    ) -> ParsedRequest:
+    def _save_for_sampler(self, model_id: str, request: training_pb2.SaveWeightsForSamplerRequest) -> ParsedRequest:
         if not _NAME_PATTERN.match(request.name):
             raise invalid(
                 f"save_weights_for_sampler.name: {request.name!r}; use 1-128 characters from "

@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     def __init__(
-        self, model: ops.ModelInfo, registry: RunRegistry, parser: RequestParser,
-        scheduler: Scheduler, max_lora_rank: int,
+        self,
+        model: ops.ModelInfo,
+        registry: RunRegistry,
+        parser: RequestParser,
+        scheduler: Scheduler,
+        max_lora_rank: int,
     ) -> None:
         self._model = model
         self._registry = registry
@@ -145,8 +149,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             is_lora=True,
             lora_rank=lora.rank,
             lora_config=training_pb2.LoraConfig(
-                rank=lora.rank, seed=lora.seed, train_mlp=lora.train_mlp,
-                train_attn=lora.train_attn, train_unembed=lora.train_unembed,
+                rank=lora.rank,
+                seed=lora.seed,
+                train_mlp=lora.train_mlp,
+                train_attn=lora.train_attn,
+                train_unembed=lora.train_unembed,
             ),
             lora_alpha=lora.alpha,
         )

@@ -6,6 +6,7 @@ Pipe I/O runs in a thread so the gRPC event loop never blocks on the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 
@@ -60,10 +61,8 @@ class WorkerClient:
     async def stop(self, timeout: float = 10.0) -> None:
         if not self._process.is_alive():
             return
-        try:
+        with contextlib.suppress(OSError):  # already gone: nothing to tell it
             self._conn.send(None)
-        except OSError:
-            pass
         await asyncio.to_thread(self._process.join, timeout)
         if self._process.is_alive():
             log.warning("worker did not stop in %.0fs; killing it", timeout)

@@ -19,7 +19,6 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from tinker_server import ops
-from tinker_server.worker.losses import LOSS_FUNCTIONS
 from tinker_server.worker.lora import (
     LoraPair,
     RowRouting,
@@ -27,6 +26,7 @@ from tinker_server.worker.lora import (
     init_lora_pairs,
     wrap_linear_layers,
 )
+from tinker_server.worker.losses import LOSS_FUNCTIONS
 from tinker_server.worker.models import LoadedModel, tokenizer_files
 from tinker_server.worker.sampling import SampleRow, generate
 
@@ -169,16 +169,16 @@ class Engine:
         # The sort was stable, so each item's outputs are still in its datums' order.
         if needs_grad:
             total = sum(
-                loss.sum() for item, outputs in zip(items, per_item, strict=True)
-                if item.operation.backward for _, loss in outputs
+                loss.sum()
+                for item, outputs in zip(items, per_item, strict=True)
+                if item.operation.backward
+                for _, loss in outputs
             )
             total.backward()
         return [self._forward_result(outputs) for outputs in per_item]
 
     @staticmethod
-    def _target_logprobs(
-        logits: torch.Tensor, log_normalizer: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
+    def _target_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets[i] | tokens[:i+1]); targets are [N] or [N, K] (top-K form)."""
         length = targets.shape[0]
         flat = targets.reshape(length, -1).long()
@@ -246,9 +246,7 @@ class Engine:
         return generate(self.model, self.routing, self.loaded.tokenizer, self.device, requests, rows)
 
 
-def write_peft_adapter(
-    directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str
-) -> None:
+def write_peft_adapter(directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str) -> None:
     """peft's saved format: adapter_config.json + adapter_model.safetensors."""
     directory.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(

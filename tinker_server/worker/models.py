@@ -60,9 +60,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{_BOS} $A", pair=f"{_BOS} $A $B", special_tokens=[(_BOS, 256)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -92,9 +90,7 @@ def load_base_model(source: str | None) -> LoadedModel:
     """`source` is None for the embedded model, else a local Hugging Face model directory."""
     if source is None:
         model = build_embedded_model()
-        return LoadedModel(
-            EMBEDDED_MODEL_NAME, model, byte_tokenizer(), model.config.max_position_embeddings
-        )
+        return LoadedModel(EMBEDDED_MODEL_NAME, model, byte_tokenizer(), model.config.max_position_embeddings)
     path = Path(source)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--base-model {source}: no config.json; expected a Hugging Face model directory")

@@ -55,8 +55,9 @@ def sampling_distribution(logits: torch.Tensor, params: ops.SamplingConfig) -> t
 
 
 class _StopChecker:
-    def __init__(self, params: ops.SamplingConfig, eos_token_id: int | None,
-                 tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, params: ops.SamplingConfig, eos_token_id: int | None, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
         self.token_ids = set(params.stop_token_ids)
         if not params.ignore_eos and eos_token_id is not None:
             self.token_ids.add(eos_token_id)
@@ -88,8 +89,8 @@ def generate(
     attention_mask = torch.zeros((len(rows), prompt_width), dtype=torch.long)
     for index, row in enumerate(rows):
         prompt = torch.from_numpy(row.request.prompt.astype(np.int64))
-        input_ids[index, prompt_width - len(prompt):] = prompt
-        attention_mask[index, prompt_width - len(prompt):] = 1
+        input_ids[index, prompt_width - len(prompt) :] = prompt
+        attention_mask[index, prompt_width - len(prompt) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generators = [row_generator(row.request.params.seed, row.sample_index, device) for row in rows]
@@ -99,8 +100,12 @@ def generate(
     cache = DynamicCache(config=model.config)
     with routing.route(segments):
         out = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=True, logits_to_keep=0 if want_prompt_logprobs else 1,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=0 if want_prompt_logprobs else 1,
         )
         prompt_logprobs = _prompt_logprobs(out.logits, input_ids, rows, prompt_width) if want_prompt_logprobs else {}
         logits = out.logits[:, -1].float()
@@ -111,8 +116,11 @@ def generate(
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = model(
-                input_ids=next_tokens[:, None], attention_mask=attention_mask,
-                position_ids=position_ids, cache=cache, use_cache=True,
+                input_ids=next_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
             )
             logits = out.logits[:, -1].float()
 

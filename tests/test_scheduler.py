@@ -1,0 +1,122 @@
+"""Cycle formation: per-model order by phase, tenants batched together, both clock policies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tinker_server import ops
+from tinker_server.scheduler import CyclePolicy, Scheduler
+
+ADAM = ops.AdamConfig(1e-3, 0.9, 0.95, 1e-12, 0.0, 0.0)
+
+
+def forward(model_id: str) -> ops.WorkItem:
+    datum = ops.DatumArrays(np.zeros(2, dtype=np.int64), {"target_tokens": np.zeros(2, dtype=np.int64)})
+    return ops.WorkItem("", model_id, ops.ForwardBackward([datum], "cross_entropy", {}, backward=True))
+
+
+def step(model_id: str) -> ops.WorkItem:
+    return ops.WorkItem("", model_id, ops.OptimStep(ADAM))
+
+
+class RecordingWorker:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.cycles: list[list[tuple[str, str]]] = []
+        self.delay = delay
+
+    async def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+        await asyncio.sleep(self.delay)
+        self.cycles.append([(item.model_id, type(item.operation).__name__) for item in cycle.items])
+        return [ops.Outcome(item.future_id, cycle.cycle_id, result=ops.OptimStepResult({})) for item in cycle.items]
+
+
+def per_model(cycle: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """A cycle's operations per model, in order (models themselves are visited round-robin)."""
+    grouped: dict[str, list[str]] = {}
+    for model_id, operation in cycle:
+        grouped.setdefault(model_id, []).append(operation)
+    return grouped
+
+
+async def run_all(scheduler: Scheduler, submissions: list[tuple[str, ops.WorkItem]]) -> list[ops.Outcome]:
+    clock = asyncio.create_task(scheduler.run())
+    tickets = [scheduler.submit(key, item) for key, item in submissions]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(ticket.outcome for ticket in tickets)), 10)
+    finally:
+        clock.cancel()
+
+
+def test_a_model_never_runs_a_request_before_an_earlier_one():
+    """fb, step, fb, fb, step: the second step waits for the next cycle, the fbs batch."""
+    worker = RecordingWorker()
+    scheduler = Scheduler(worker.run_cycle, CyclePolicy())
+    items = [forward("a"), step("a"), forward("a"), forward("a"), step("a"), forward("b")]
+    outcomes = asyncio.run(run_all(scheduler, [(item.model_id, item) for item in items]))
+    assert [per_model(cycle) for cycle in worker.cycles] == [
+        {"a": ["ForwardBackward", "OptimStep"], "b": ["ForwardBackward"]},
+        {"a": ["ForwardBackward", "ForwardBackward", "OptimStep"]},
+    ]
+    assert [outcome.cycle_id for outcome in outcomes] == [1, 1, 2, 2, 2, 1]
+
+
+def test_seq_counts_per_model():
+    async def submit() -> list[int]:
+        scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())
+        return [scheduler.submit(key, forward(key)).seq for key in ("a", "b", "a", "a", "b")]
+
+    assert asyncio.run(submit()) == [1, 1, 2, 3, 2]
+
+
+def test_continuous_runs_a_lone_request_without_waiting():
+    async def latency() -> float:
+        scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())
+        clock = asyncio.create_task(scheduler.run())
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await scheduler.submit("a", forward("a")).outcome
+        clock.cancel()
+        return loop.time() - start
+
+    assert asyncio.run(latency()) < 0.05
+
+
+def test_fixed_cycles_batch_what_arrives_within_a_tick():
+    async def scenario() -> list[list[tuple[str, str]]]:
+        worker = RecordingWorker()
+        scheduler = Scheduler(worker.run_cycle, CyclePolicy(period=0.3))
+        clock = asyncio.create_task(scheduler.run())
+        first = scheduler.submit("a", forward("a"))
+        await asyncio.sleep(0.05)
+        second = scheduler.submit("b", forward("b"))
+        await asyncio.gather(first.outcome, second.outcome)
+        clock.cancel()
+        return worker.cycles
+
+    assert [per_model(cycle) for cycle in asyncio.run(scenario())] == [
+        {"a": ["ForwardBackward"], "b": ["ForwardBackward"]}
+    ]
+
+
+def test_a_failed_worker_fails_the_cycle_with_unavailable():
+    async def broken(cycle: ops.Cycle) -> list[ops.Outcome]:
+        raise RuntimeError("worker process exited")
+
+    scheduler = Scheduler(broken, CyclePolicy())
+    (outcome,) = asyncio.run(run_all(scheduler, [("a", forward("a"))]))
+    assert outcome.error is not None and outcome.error.code == 14  # UNAVAILABLE
+    assert "worker process exited" in outcome.error.message
+
+
+@pytest.mark.parametrize("text", ["fixed", "fixed:0", "fixed:-1", "fixed:abc", "sometimes"])
+def test_bad_cycle_policies_are_rejected(text):
+    with pytest.raises(ValueError, match="--cycle"):
+        CyclePolicy.parse(text)
+
+
+def test_cycle_policies_parse():
+    assert CyclePolicy.parse("continuous") == CyclePolicy()
+    assert CyclePolicy.parse("fixed:2.5") == CyclePolicy(period=2.5)
