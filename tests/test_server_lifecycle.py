@@ -1,0 +1,36 @@
+"""`tinker-server` starts, reports its address, and exits cleanly on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tinker_client import ServiceClient
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
+    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        address = re.search(r"listening on (\S+)", line).group(1)
+        assert ServiceClient(base_url=address).get_server_capabilities().supported_models
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    worker_pid = int(re.search(r"worker pid (\d+)", stderr).group(1))
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker_pid}"), "the worker process outlived the server"
+    assert "server stopped" in stderr
