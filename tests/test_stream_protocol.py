@@ -126,7 +126,7 @@ def test_sync_calls_return_futures_at_once_and_keep_their_order(service):
 def test_unknown_model_is_not_found_through_the_sdk(service):
     from tinker_client.training_client import TrainingClient
 
-    ghost = TrainingClient(service._connection, "run-ghost", BASE_MODEL, service._tokenizer)
+    ghost = TrainingClient(service._connection, "run-ghost", BASE_MODEL, service._tokenizer, max_request_bytes=1 << 20)
     with pytest.raises(NotFoundError, match="run-ghost"):
         ghost.forward(ragged_batch(seed=0, lengths=[2]), "cross_entropy").result(timeout=30)
     with pytest.raises(NotFoundError, match="run-ghost"):

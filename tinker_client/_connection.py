@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -174,16 +174,60 @@ class Connection:
         self.run(shutdown())
 
 
-def submit(connection: Connection, request: service_pb2.SessionRequest, convert: Any) -> APIFuture[Any]:
-    """Queues a request and returns its future at once (the sync API)."""
-    return APIFuture(connection.submit(request).result, convert)
+def _all_results(pendings: Sequence[Pending]) -> concurrent.futures.Future[list[service_pb2.Result]]:
+    """One future for several requests: their results in order, or the first error."""
+    combined: concurrent.futures.Future[list[service_pb2.Result]] = concurrent.futures.Future()
+    remaining = len(pendings)
+    lock = threading.Lock()
+
+    def on_done(finished: concurrent.futures.Future[service_pb2.Result]) -> None:
+        nonlocal remaining
+        with lock:
+            remaining -= 1
+            if combined.done():
+                return
+            if finished.exception() is not None:
+                combined.set_exception(finished.exception())
+            elif remaining == 0:
+                combined.set_result([p.result.result() for p in pendings])
+
+    for pending in pendings:
+        pending.result.add_done_callback(on_done)
+    return combined
 
 
-async def submit_acked(connection: Connection, request: service_pb2.SessionRequest, convert: Any) -> APIFuture[Any]:
-    """Queues a request and returns its future once the server acked it (the async API).
+def submit_all(
+    connection: Connection,
+    requests: Sequence[service_pb2.SessionRequest],
+    convert: Callable[[list[service_pb2.Result]], T],
+) -> APIFuture[T]:
+    """Queues requests back to back and returns one future of all their results (sync API)."""
+    return APIFuture(_all_results([connection.submit(request) for request in requests]), convert)
+
+
+async def submit_all_acked(
+    connection: Connection,
+    requests: Sequence[service_pb2.SessionRequest],
+    convert: Callable[[list[service_pb2.Result]], T],
+) -> APIFuture[T]:
+    """As submit_all, but returns once the server acked every request (async API).
 
     A rejected request raises here, at the first await.
     """
-    pending = connection.submit(request)
-    await asyncio.wrap_future(pending.ack)
-    return APIFuture(pending.result, convert)
+    pendings = [connection.submit(request) for request in requests]
+    await asyncio.gather(*(asyncio.wrap_future(pending.ack) for pending in pendings))
+    return APIFuture(_all_results(pendings), convert)
+
+
+def submit(
+    connection: Connection, request: service_pb2.SessionRequest, convert: Callable[[service_pb2.Result], T]
+) -> APIFuture[T]:
+    """Queues one request and returns its future at once (sync API)."""
+    return submit_all(connection, [request], lambda results: convert(results[0]))
+
+
+async def submit_acked(
+    connection: Connection, request: service_pb2.SessionRequest, convert: Callable[[service_pb2.Result], T]
+) -> APIFuture[T]:
+    """Queues one request and returns its future once acked (async API)."""
+    return await submit_all_acked(connection, [request], lambda results: convert(results[0]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from tinker_client import types
@@ -30,12 +32,54 @@ def datum_to_proto(datum: types.Datum) -> training_pb2.Datum:
 
 
 def forward_backward_input(
-    data: list[types.Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
+    data: list[types.Datum] | list[training_pb2.Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None
 ) -> training_pb2.ForwardBackwardInput:
     return training_pb2.ForwardBackwardInput(
-        data=[datum_to_proto(datum) for datum in data],
+        data=[datum if isinstance(datum, training_pb2.Datum) else datum_to_proto(datum) for datum in data],
         loss_fn=loss_fn,
         loss_fn_config=dict(loss_fn_config or {}),
+    )
+
+
+def chunk_data(data: list[types.Datum], max_request_bytes: int) -> list[list[training_pb2.Datum]]:
+    """Encodes a batch and splits it so each request stays under the server's message cap."""
+    chunks: list[list[training_pb2.Datum]] = [[]]
+    size = 0
+    for index, datum in enumerate(data):
+        message = datum_to_proto(datum)
+        datum_bytes = message.ByteSize() + 16  # field tag and length prefix, generously
+        if datum_bytes > max_request_bytes:
+            raise ValueError(
+                f"data[{index}] encodes to {datum_bytes} bytes, more than the server accepts in one "
+                f"message ({max_request_bytes}); shorten it or raise the server's --max-message-bytes"
+            )
+        if chunks[-1] and size + datum_bytes > max_request_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(message)
+        size += datum_bytes
+    return chunks
+
+
+def merge_metrics(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Combines the metrics of a batch's chunks by their suffix: ':sum', ':max', ':min', else mean."""
+    combine = {"sum": sum, "max": max, "min": min}
+    keys = dict.fromkeys(key for entry in metrics for key in entry)
+    merged = {}
+    for key in keys:
+        values = [entry[key] for entry in metrics if key in entry]
+        reduce = combine.get(key.rpartition(":")[2])
+        merged[key] = reduce(values) if reduce else sum(values) / len(values)
+    return merged
+
+
+def forward_backward_outputs(results: list[service_pb2.Result]) -> types.ForwardBackwardOutput:
+    """The output of a batch that went out as one request per chunk, in order."""
+    outputs = [forward_backward_output(result) for result in results]
+    return types.ForwardBackwardOutput(
+        loss_fn_output_type=outputs[0].loss_fn_output_type,
+        loss_fn_outputs=[entry for output in outputs for entry in output.loss_fn_outputs],
+        metrics=merge_metrics([output.metrics for output in outputs]),
     )
 
 

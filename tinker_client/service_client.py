@@ -47,6 +47,7 @@ class ServiceClient:
                 for model in response.supported_models
             ],
             max_lora_rank=response.max_lora_rank,
+            max_message_bytes=response.max_message_bytes,
         )
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
@@ -97,7 +98,14 @@ class ServiceClient:
         )
         future = await submit_acked(self._connection, request, lambda result: result.create_model.model_id)
         model_id = await future
-        return TrainingClient(self._connection, model_id, base_model, functools.partial(self._tokenizer, base_model))
+        capabilities = await self.get_server_capabilities_async()
+        return TrainingClient(
+            self._connection,
+            model_id,
+            base_model,
+            functools.partial(self._tokenizer, base_model),
+            max_request_bytes=int(capabilities.max_message_bytes * 0.9),
+        )
 
     # -- sampling --------------------------------------------------------------------
 

@@ -2,16 +2,73 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import uuid
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from tinker_client import _convert, types
-from tinker_client._connection import Connection, submit, submit_acked
+from tinker_client._connection import Connection, submit, submit_acked, submit_all, submit_all_acked
 from tinker_client.futures import APIFuture
 from tinker_client.sampling_client import SamplingClient
 from tinker_rpc.v1 import service_pb2, training_pb2
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+
+
+CustomLossFn = Callable[[list[types.Datum], list["torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]]
+
+
+def _targets_only(data: list[types.Datum]) -> list[types.Datum]:
+    """The datums as a plain forward needs them: a custom loss's extra inputs stay here."""
+    return [
+        types.Datum(
+            model_input=datum.model_input, loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"]}
+        )
+        for datum in data
+    ]
+
+
+def _linearize(
+    data: list[types.Datum], loss_fn: CustomLossFn, forward: types.ForwardBackwardOutput
+) -> tuple[list[types.Datum], tuple[float, dict[str, float]]]:
+    """Evaluates the user's loss and turns its gradient into cross-entropy weights."""
+    import torch
+
+    logprobs = [output["logprobs"].to_torch().clone().requires_grad_(True) for output in forward.loss_fn_outputs]
+    loss, metrics = loss_fn(data, logprobs)
+    grads = torch.autograd.grad(loss, logprobs, allow_unused=True)
+    # cross_entropy's loss is -sum(weights * logprobs): weights = -dL/dlogprobs gives dL.
+    linearized = [
+        types.Datum(
+            model_input=datum.model_input,
+            loss_fn_inputs={
+                "target_tokens": datum.loss_fn_inputs["target_tokens"],
+                "weights": types.TensorData.from_torch(-(torch.zeros_like(lp) if grad is None else grad).float()),
+            },
+        )
+        for datum, lp, grad in zip(data, logprobs, grads, strict=True)
+    ]
+    return linearized, (float(loss.detach()), dict(metrics))
+
+
+def _custom_output(
+    backward: types.ForwardBackwardOutput, loss_and_metrics: tuple[float, dict[str, float]]
+) -> types.ForwardBackwardOutput:
+    loss, metrics = loss_and_metrics
+    outputs = [{"logprobs": output["logprobs"]} for output in backward.loss_fn_outputs]
+    return types.ForwardBackwardOutput("custom", outputs, {**metrics, "loss:sum": loss})
+
+
+def _done(value: T) -> APIFuture[T]:
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+    future.set_result(value)
+    return APIFuture(future, lambda result: result)
 
 
 def _optim_step_response(result: service_pb2.Result) -> types.OptimStepResponse:
@@ -35,8 +92,10 @@ class TrainingClient:
         model_id: str,
         base_model: str,
         tokenizer_loader: Callable[[], PreTrainedTokenizerBase],
+        max_request_bytes: int,
     ) -> None:
         self._connection = connection
+        self._max_request_bytes = max_request_bytes
         self.model_id = model_id
         self._base_model = base_model
         self._tokenizer_loader = tokenizer_loader
@@ -46,36 +105,67 @@ class TrainingClient:
 
     # -- forward / backward ----------------------------------------------------------
 
-    def _forward_request(
+    def _forward_requests(
         self, kind: str, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, float] | None
-    ) -> service_pb2.SessionRequest:
-        return self._request(**{kind: _convert.forward_backward_input(data, loss_fn, loss_fn_config)})
+    ) -> list[service_pb2.SessionRequest]:
+        """One request per chunk that fits in a message; the server runs them back to back."""
+        return [
+            self._request(**{kind: _convert.forward_backward_input(chunk, loss_fn, loss_fn_config)})
+            for chunk in _convert.chunk_data(data, self._max_request_bytes)
+        ]
 
     def forward(
         self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> APIFuture[types.ForwardBackwardOutput]:
         """Loss and per-token logprobs under the current weights; no gradients."""
-        request = self._forward_request("forward", data, loss_fn, loss_fn_config)
-        return submit(self._connection, request, _convert.forward_backward_output)
+        requests = self._forward_requests("forward", data, loss_fn, loss_fn_config)
+        return submit_all(self._connection, requests, _convert.forward_backward_outputs)
 
     async def forward_async(
         self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> APIFuture[types.ForwardBackwardOutput]:
-        request = self._forward_request("forward", data, loss_fn, loss_fn_config)
-        return await submit_acked(self._connection, request, _convert.forward_backward_output)
+        requests = self._forward_requests("forward", data, loss_fn, loss_fn_config)
+        return await submit_all_acked(self._connection, requests, _convert.forward_backward_outputs)
 
     def forward_backward(
         self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> APIFuture[types.ForwardBackwardOutput]:
-        """Loss, per-token logprobs, and gradients accumulated until the next optim_step."""
-        request = self._forward_request("forward_backward", data, loss_fn, loss_fn_config)
-        return submit(self._connection, request, _convert.forward_backward_output)
+        """Loss, per-token logprobs, and gradients accumulated until the next optim_step.
+
+        A batch larger than one message goes out as several requests, back to back; their
+        gradients accumulate and their outputs come back merged, in order.
+        """
+        requests = self._forward_requests("forward_backward", data, loss_fn, loss_fn_config)
+        return submit_all(self._connection, requests, _convert.forward_backward_outputs)
 
     async def forward_backward_async(
         self, data: list[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Mapping[str, float] | None = None
     ) -> APIFuture[types.ForwardBackwardOutput]:
-        request = self._forward_request("forward_backward", data, loss_fn, loss_fn_config)
-        return await submit_acked(self._connection, request, _convert.forward_backward_output)
+        requests = self._forward_requests("forward_backward", data, loss_fn, loss_fn_config)
+        return await submit_all_acked(self._connection, requests, _convert.forward_backward_outputs)
+
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Gradients of your own torch loss of the per-token logprobs.
+
+        `loss_fn(data, logprobs_list) -> (loss, metrics)`. Runs a `forward`, evaluates the
+        loss here, then a `forward_backward` with cross-entropy weights equal to
+        -d loss / d logprobs, which carries the same gradient into the adapter. It returns
+        once both are done, so later calls are ordered after it.
+        """
+        forward = self.forward(_targets_only(data), "cross_entropy").result()
+        linearized, output = _linearize(data, loss_fn, forward)
+        backward = self.forward_backward(linearized, "cross_entropy").result()
+        return _done(_custom_output(backward, output))
+
+    async def forward_backward_custom_async(
+        self, data: list[types.Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        forward = await (await self.forward_async(_targets_only(data), "cross_entropy"))
+        linearized, output = _linearize(data, loss_fn, forward)
+        backward = await (await self.forward_backward_async(linearized, "cross_entropy"))
+        return _done(_custom_output(backward, output))
 
     # -- optimizer -------------------------------------------------------------------
 

@@ -246,6 +246,7 @@ class SupportedModel:
 class GetServerCapabilitiesResponse:
     supported_models: list[SupportedModel]
     max_lora_rank: int | None = None
+    max_message_bytes: int | None = None
 
 
 @dataclass(frozen=True)

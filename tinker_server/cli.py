@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tinker_server.api.requests import Limits
 from tinker_server.config import ServerConfig
 from tinker_server.scheduler import CyclePolicy
 from tinker_server.server import serve
@@ -30,11 +31,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=CyclePolicy(),
         help="'continuous' (default) or 'fixed:SECONDS'",
     )
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=256 << 20, help="largest gRPC message accepted (default 256 MiB)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return ServerConfig(
-        host=args.host, port=args.port, base_model=args.base_model, data_dir=args.data_dir, cycle=args.cycle
+        host=args.host,
+        port=args.port,
+        base_model=args.base_model,
+        data_dir=args.data_dir,
+        cycle=args.cycle,
+        limits=Limits(max_message_bytes=args.max_message_bytes),
     )
 
 

@@ -18,5 +18,4 @@ class ServerConfig:
     data_dir: Path = Path("tinker-data")
     cycle: CyclePolicy = field(default_factory=CyclePolicy)
     limits: Limits = field(default_factory=Limits)
-    max_message_bytes: int = 256 << 20
     shutdown_grace_seconds: float = 10.0

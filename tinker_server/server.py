@@ -36,10 +36,10 @@ class TinkerServer:
         self._clock = asyncio.create_task(scheduler.run(), name="scheduler-clock")
         registry = RunRegistry()
         parser = RequestParser(model, registry, config.limits, config.data_dir)
-        servicer = TinkerServicer(model, registry, parser, scheduler, config.limits.max_lora_rank)
+        servicer = TinkerServicer(model, registry, parser, scheduler, config.limits)
         options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
         service_pb2_grpc.add_TinkerServiceServicer_to_server(servicer, self._grpc)

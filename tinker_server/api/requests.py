@@ -42,6 +42,7 @@ class Limits:
     max_lora_rank: int = 128
     max_num_samples: int = 128
     max_batch_tokens: int = 1 << 20
+    max_message_bytes: int = 256 << 20
 
 
 @dataclass

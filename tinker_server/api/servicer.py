@@ -14,7 +14,7 @@ import grpc
 
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
 from tinker_server import ops
-from tinker_server.api.requests import ParsedRequest, RequestError, RequestParser
+from tinker_server.api.requests import Limits, ParsedRequest, RequestError, RequestParser
 from tinker_server.api.responses import error_result, outcome_result
 from tinker_server.runs import RunRegistry
 from tinker_server.scheduler import Scheduler
@@ -29,13 +29,13 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         registry: RunRegistry,
         parser: RequestParser,
         scheduler: Scheduler,
-        max_lora_rank: int,
+        limits: Limits,
     ) -> None:
         self._model = model
         self._registry = registry
         self._parser = parser
         self._scheduler = scheduler
-        self._max_lora_rank = max_lora_rank
+        self._limits = limits
 
     # -- the session stream ----------------------------------------------------------
 
@@ -132,7 +132,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             trainable=True,
             sampleable=True,
         )
-        return service_pb2.GetServerCapabilitiesResponse(supported_models=[model], max_lora_rank=self._max_lora_rank)
+        return service_pb2.GetServerCapabilitiesResponse(
+            supported_models=[model],
+            max_lora_rank=self._limits.max_lora_rank,
+            max_message_bytes=self._limits.max_message_bytes,
+        )
 
     async def GetInfo(
         self, request: service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
