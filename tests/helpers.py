@@ -79,3 +79,28 @@ def peft_model(adapter_dir: Path, trainable: bool = False) -> PeftModel:
 
 def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def read_gradients(training, data_dir: Path, name: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's accumulated gradient, observed through one optimizer step.
+
+    With beta1 = beta2 = 0 an AdamW step moves each weight by d = L * g / (|g| + L) when
+    lr = eps = L, which inverts to g = d * L / (L - |d|). Returns the directory of the
+    adapter as it was before that step, and the gradient per saved tensor.
+    """
+    scale = 1e4
+    before = sampler_dir(data_dir, training.save_weights_for_sampler(f"{name}-before").result().path)
+    training.optim_step(types.AdamParams(learning_rate=scale, beta1=0.0, beta2=0.0, eps=scale))
+    after = sampler_dir(data_dir, training.save_weights_for_sampler(f"{name}-after").result().path)
+    start, end = adapter_tensors(before), adapter_tensors(after)
+    steps = {key: (start[key] - end[key]).double() for key in start}
+    return before, {key: (step * scale / (scale - step.abs())).float() for key, step in steps.items()}
+
+
+def peft_gradients(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Gradients of a peft model's LoRA weights, keyed as in its saved safetensors file."""
+    return {
+        name.replace(".default.weight", ".weight"): param.grad
+        for name, param in model.named_parameters()
+        if param.requires_grad and param.grad is not None
+    }

@@ -79,8 +79,9 @@ class Connection:
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._request_ids = itertools.count(1)
         self._pending: dict[str, Pending] = {}
-        self._outgoing: asyncio.Queue[service_pb2.SessionRequest] | None = None
+        self._outgoing: asyncio.Queue[service_pb2.SessionRequest | None] | None = None
         self._stream_task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.StreamStreamCall | None = None
         self.stub: service_pb2_grpc.TinkerServiceStub = self.run(self._open_channel())
 
     async def _open_channel(self) -> service_pb2_grpc.TinkerServiceStub:
@@ -131,13 +132,14 @@ class Connection:
         self._pending[request.request_id] = pending
         self._outgoing.put_nowait(request)
 
-    async def _run_stream(self, outgoing: asyncio.Queue[service_pb2.SessionRequest]) -> None:
+    async def _run_stream(self, outgoing: asyncio.Queue[service_pb2.SessionRequest | None]) -> None:
         async def requests():
-            while True:
-                yield await outgoing.get()
+            while (request := await outgoing.get()) is not None:
+                yield request
 
+        call = self.stub.Session(requests(), metadata=self.metadata)
+        self._call = call
         try:
-            call = self.stub.Session(requests(), metadata=self.metadata)
             async for response in call:
                 self._dispatch(response)
             error: Exception = APIConnectionError(
@@ -167,8 +169,12 @@ class Connection:
 
     def close(self) -> None:
         async def shutdown() -> None:
+            if self._outgoing is not None:
+                self._outgoing.put_nowait(None)  # ends the request stream: a clean half-close
+            if self._call is not None:
+                self._call.cancel()
             if self._stream_task is not None:
-                self._stream_task.cancel()
+                await asyncio.gather(self._stream_task, return_exceptions=True)
             await self._channel.close()
 
         self.run(shutdown())

@@ -169,15 +169,28 @@ class TrainingClient:
 
     # -- optimizer -------------------------------------------------------------------
 
-    def _optim_request(self, adam_params: types.AdamParams) -> service_pb2.SessionRequest:
-        return self._request(optim_step=training_pb2.OptimStepRequest(adam_params=_convert.adam_params(adam_params)))
+    def _optim_request(
+        self, optim_params: types.AdamParams | None, adam_params: types.AdamParams | None
+    ) -> service_pb2.SessionRequest:
+        if (optim_params is None) == (adam_params is None):
+            raise TypeError("optim_step: pass the AdamParams once, as optim_params or adam_params=")
+        params = _convert.adam_params(optim_params or adam_params)
+        return self._request(optim_step=training_pb2.OptimStepRequest(adam_params=params))
 
-    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
-        """One AdamW step on the gradients accumulated since the last step; zeroes them."""
-        return submit(self._connection, self._optim_request(adam_params), _optim_step_response)
+    def optim_step(
+        self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
+    ) -> APIFuture[types.OptimStepResponse]:
+        """One AdamW step on the gradients accumulated since the last step; zeroes them.
 
-    async def optim_step_async(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
-        return await submit_acked(self._connection, self._optim_request(adam_params), _optim_step_response)
+        Metrics: "grad_norm" (the adapter's global norm before clipping), "learning_rate".
+        """
+        return submit(self._connection, self._optim_request(optim_params, adam_params), _optim_step_response)
+
+    async def optim_step_async(
+        self, optim_params: types.AdamParams | None = None, *, adam_params: types.AdamParams | None = None
+    ) -> APIFuture[types.OptimStepResponse]:
+        request = self._optim_request(optim_params, adam_params)
+        return await submit_acked(self._connection, request, _optim_step_response)
 
     # -- sampling --------------------------------------------------------------------
 

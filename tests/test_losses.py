@@ -1,0 +1,163 @@
+"""Every built-in loss: loss, per-token logprobs and adapter gradients against plain torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tinker_client import BadRequestError, types
+
+from .conftest import BASE_MODEL
+from .helpers import peft_gradients, peft_model, ragged_batch, read_gradients
+from .reference_losses import REFERENCE_LOSSES
+
+LENGTHS = [5, 12, 8]
+
+
+def rl_batch(seed: int, loss_fn: str) -> list[types.Datum]:
+    """Ragged datums with every input a loss may need; sampler logprobs spread so clipping bites."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for datum in ragged_batch(seed, LENGTHS):
+        length = datum.model_input.length
+        inputs = {"target_tokens": datum.loss_fn_inputs["target_tokens"]}
+        if loss_fn == "cross_entropy":
+            inputs["weights"] = datum.loss_fn_inputs["weights"]
+        else:
+            inputs["logprobs"] = rng.uniform(-7.0, -4.0, size=length).astype(np.float32)
+            inputs["advantages"] = rng.normal(size=length).astype(np.float32)
+        if loss_fn == "gspo":
+            inputs["sequence_ratio_mask"] = (rng.uniform(size=length) < 0.7).astype(np.float32)
+        data.append(types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
+    return data
+
+
+def warmed_up_client(service):
+    """A run whose B matrices are non-zero, so every LoRA weight gets a gradient."""
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=21)
+    training.forward_backward(ragged_batch(99, [10]), "cross_entropy")
+    training.optim_step(types.AdamParams(learning_rate=2e-2))
+    return training
+
+
+CASES = [
+    ("cross_entropy", {}),
+    ("importance_sampling", {}),
+    ("ppo", {}),
+    ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05}),
+    ("cispo", {}),
+    ("cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}),
+    ("dro", {"beta": 0.3}),
+    ("gspo", {}),
+    ("gspo", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.1}),
+]
+
+
+@pytest.mark.parametrize(("loss_fn", "config"), CASES, ids=[f"{name}-{cfg}" for name, cfg in CASES])
+def test_loss_logprobs_and_gradients_equal_the_torch_reference(service, server, loss_fn, config):
+    training = warmed_up_client(service)
+    data = rl_batch(seed=len(config), loss_fn=loss_fn)
+    output = training.forward_backward(data, loss_fn, config).result()
+    adapter_dir, server_gradients = read_gradients(training, server.data_dir, f"{loss_fn}-{len(config)}")
+
+    reference = peft_model(adapter_dir, trainable=True)
+    reference_fn = REFERENCE_LOSSES[loss_fn]
+    total = torch.zeros(())
+    for datum, outputs in zip(data, output.loss_fn_outputs, strict=True):
+        tokens = torch.tensor(datum.model_input.to_ints())[None]
+        inputs = {key: value.to_torch() for key, value in datum.loss_fn_inputs.items()}
+        targets = inputs.pop("target_tokens").long()
+        lp = torch.log_softmax(reference(input_ids=tokens).logits[0].float(), -1).gather(-1, targets[:, None])[:, 0]
+        per_token = reference_fn(lp, inputs, config)
+        np.testing.assert_allclose(outputs["logprobs"].to_numpy(), lp.detach().numpy(), atol=1e-4)
+        np.testing.assert_allclose(outputs["elementwise_loss"].to_numpy(), per_token.detach().numpy(), atol=1e-4)
+        total = total + per_token.sum()
+    assert output.metrics["loss:sum"] == pytest.approx(float(total.detach()), rel=1e-4, abs=1e-4)
+
+    total.backward()
+    expected = peft_gradients(reference)
+    assert sorted(server_gradients) == sorted(expected)
+    for key, gradient in expected.items():
+        torch.testing.assert_close(server_gradients[key], gradient, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_top_k_cross_entropy_takes_targets_and_weights_of_shape_n_by_k(service):
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, size=6)
+    targets = rng.integers(0, 256, size=(6, 3))
+    weights = rng.uniform(size=(6, 3)).astype(np.float32)
+    topk = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens.tolist()),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+    columns = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(tokens.tolist()),
+            loss_fn_inputs={"target_tokens": targets[:, k].copy(), "weights": weights[:, k].copy()},
+        )
+        for k in range(3)
+    ]
+    topk_output = training.forward([topk], "cross_entropy").result()
+    column_outputs = training.forward(columns, "cross_entropy").result()
+    logprobs = topk_output.loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert logprobs.shape == (6, 3)
+    for k, outputs in enumerate(column_outputs.loss_fn_outputs):
+        np.testing.assert_allclose(logprobs[:, k], outputs["logprobs"].to_numpy(), atol=1e-6)
+    assert topk_output.metrics["loss:sum"] == pytest.approx(column_outputs.metrics["loss:sum"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "inputs", "config", "message"),
+    [
+        ("ppo", ["target_tokens", "logprobs"], None, r"missing key\(s\) \['advantages'\] required by ppo"),
+        (
+            "importance_sampling",
+            ["target_tokens", "logprobs", "advantages", "weights"],
+            None,
+            r"unknown key\(s\) \['weights'\]",
+        ),
+        (
+            "dro",
+            ["target_tokens", "logprobs", "advantages"],
+            {"clip_low_threshold": 0.5},
+            r"unknown key\(s\) \['clip_low_threshold'\] for dro",
+        ),
+        ("cispo", ["target_tokens", "logprobs", "advantages"], {"clip_high_threshold": float("inf")}, "not finite"),
+        (
+            "gspo",
+            ["target_tokens", "logprobs", "advantages", "sequence_ratio_mask2"],
+            None,
+            r"unknown key\(s\) \['sequence_ratio_mask2'\]",
+        ),
+    ],
+)
+def test_loss_inputs_and_config_are_checked_per_loss(service, loss_fn, inputs, config, message):
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    values = {
+        "target_tokens": np.array([1, 2, 3]),
+        "logprobs": np.full(3, -1.0, np.float32),
+        "advantages": np.ones(3, np.float32),
+        "weights": np.ones(3, np.float32),
+        "sequence_ratio_mask2": np.ones(3, np.float32),
+    }
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]), loss_fn_inputs={key: values[key] for key in inputs}
+    )
+    with pytest.raises(BadRequestError, match=message):
+        training.forward_backward([datum], loss_fn, config).result(timeout=30)
+
+
+def test_policy_input_shape_must_match_the_tokens(service):
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7]),
+        loss_fn_inputs={
+            "target_tokens": np.array([1, 2, 3]),
+            "logprobs": np.full(3, -1.0, np.float32),
+            "advantages": np.ones((3, 2), np.float32),
+        },
+    )
+    with pytest.raises(BadRequestError, match=r"loss_fn_inputs\['advantages'\]: shape \[3, 2\]; expected \[N\]"):
+        training.forward_backward([datum], "ppo").result(timeout=30)
