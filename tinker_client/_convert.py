@@ -135,6 +135,13 @@ def sample_response(result: service_pb2.Result) -> types.SampleResponse:
     if sample.HasField("prompt_logprobs"):
         values = decode_array(sample.prompt_logprobs)
         prompt_logprobs = [None if np.isnan(value) else float(value) for value in values]
+    topk_prompt_logprobs = None
+    if sample.HasField("topk_prompt_tokens"):
+        tokens, values = decode_array(sample.topk_prompt_tokens), decode_array(sample.topk_prompt_logprobs)
+        topk_prompt_logprobs = [None] + [
+            list(zip(row_tokens.tolist(), row_values.tolist(), strict=True))
+            for row_tokens, row_values in zip(tokens[1:], values[1:], strict=True)
+        ]
     return types.SampleResponse(
         sequences=[
             types.SampledSequence(
@@ -146,6 +153,7 @@ def sample_response(result: service_pb2.Result) -> types.SampleResponse:
             for sequence in sample.sequences
         ],
         prompt_logprobs=prompt_logprobs,
+        topk_prompt_logprobs=topk_prompt_logprobs,
     )
 
 

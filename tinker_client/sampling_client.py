@@ -44,13 +44,12 @@ class SamplingClient:
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
     ) -> service_pb2.SessionRequest:
-        if topk_prompt_logprobs:
-            raise NotImplementedError("topk_prompt_logprobs is not supported by this server yet")
         sample = sampling_pb2.SampleRequest(
             prompt=_convert.tokens_to_proto(prompt.to_ints()),
             num_samples=num_samples,
             sampling_params=_convert.sampling_params(sampling_params),
             include_prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
         )
         if self._model_path is not None:
             sample.model_path = self._model_path

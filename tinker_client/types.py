@@ -283,8 +283,12 @@ class SampledSequence:
 
 @dataclass(frozen=True)
 class SampleResponse:
+    """`prompt_logprobs[i]` = log p(prompt[i] | prompt[:i]) (None for i = 0), when asked for;
+    `topk_prompt_logprobs[i]` = the k most likely (token, logprob) pairs at position i."""
+
     sequences: Sequence[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass(frozen=True)

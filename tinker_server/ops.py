@@ -102,6 +102,7 @@ class Sample:
     num_samples: int
     params: SamplingConfig
     include_prompt_logprobs: bool
+    topk_prompt_logprobs: int
 
 
 Operation: TypeAlias = CreateAdapter | ForwardBackward | OptimStep | SaveForSampler | Sample
@@ -158,9 +159,18 @@ class SequenceArrays:
 
 
 @dataclass
+class PromptLogprobs:
+    logprobs: np.ndarray
+    """float32 [P]; NaN at 0."""
+    topk_tokens: np.ndarray | None
+    """int32 [P, k], -1 in row 0; None when not asked for."""
+    topk_logprobs: np.ndarray | None
+
+
+@dataclass
 class SampleResult:
     sequences: list[SequenceArrays]
-    prompt_logprobs: np.ndarray | None
+    prompt: PromptLogprobs | None
 
 
 OpResult: TypeAlias = (

@@ -41,6 +41,7 @@ def invalid(message: str) -> RequestError:
 class Limits:
     max_lora_rank: int = 128
     max_num_samples: int = 128
+    max_topk_prompt_logprobs: int = 64
     max_batch_tokens: int = 1 << 20
     max_message_bytes: int = 256 << 20
 
@@ -268,7 +269,19 @@ class RequestParser:
         if not 1 <= request.num_samples <= self._limits.max_num_samples:
             raise invalid(f"sample.num_samples: {request.num_samples}; expected 1..{self._limits.max_num_samples}")
         params = self._sampling_params(request.sampling_params, len(prompt))
-        operation = ops.Sample(adapter, prompt, request.num_samples, params, request.include_prompt_logprobs)
+        if not 0 <= request.topk_prompt_logprobs <= self._limits.max_topk_prompt_logprobs:
+            raise invalid(
+                f"sample.topk_prompt_logprobs: {request.topk_prompt_logprobs}; "
+                f"expected 0..{self._limits.max_topk_prompt_logprobs}"
+            )
+        operation = ops.Sample(
+            adapter,
+            prompt,
+            request.num_samples,
+            params,
+            request.include_prompt_logprobs,
+            min(request.topk_prompt_logprobs, self._model.vocab_size),
+        )
         return ParsedRequest(f"sampler:{source}:{adapter or request.base_model}", ops.WorkItem("", "", operation))
 
     def _sampling_params(self, params: sampling_pb2.SamplingParams, prompt_length: int) -> ops.SamplingConfig:

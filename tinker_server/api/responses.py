@@ -57,6 +57,10 @@ def _sample(payload: ops.SampleResult) -> sampling_pb2.SampleResult:
             for sequence in payload.sequences
         ]
     )
-    if payload.prompt_logprobs is not None:
-        result.prompt_logprobs.CopyFrom(encode_array(payload.prompt_logprobs))
+    prompt = payload.prompt
+    if prompt is not None:
+        result.prompt_logprobs.CopyFrom(encode_array(prompt.logprobs))
+        if prompt.topk_tokens is not None:
+            result.topk_prompt_tokens.CopyFrom(encode_array(prompt.topk_tokens))
+            result.topk_prompt_logprobs.CopyFrom(encode_array(prompt.topk_logprobs))
     return result

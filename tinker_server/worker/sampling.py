@@ -95,7 +95,7 @@ def generate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generators = [row_generator(row.request.params.seed, row.sample_index, device) for row in rows]
     stops = [_StopChecker(row.request.params, tokenizer.eos_token_id, tokenizer) for row in rows]
-    want_prompt_logprobs = any(request.include_prompt_logprobs for request in requests)
+    want_prompt_logprobs = any(request.include_prompt_logprobs or request.topk_prompt_logprobs for request in requests)
 
     cache = DynamicCache(config=model.config)
     with routing.route(segments):
@@ -170,16 +170,21 @@ def _choose_tokens(
 
 def _prompt_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, rows: list[SampleRow], width: int
-) -> dict[int, np.ndarray]:
-    """Per request that asked: log p(prompt[i] | prompt[:i]), NaN at i = 0."""
-    found: dict[int, np.ndarray] = {}
+) -> dict[int, ops.PromptLogprobs]:
+    """Per request that asked: log p(prompt[i] | prompt[:i]) (NaN at i = 0), and the top k."""
+    found: dict[int, ops.PromptLogprobs] = {}
     for index, row in enumerate(rows):
-        if not row.request.include_prompt_logprobs or row.request_index in found:
+        request = row.request
+        if not (request.include_prompt_logprobs or request.topk_prompt_logprobs) or row.request_index in found:
             continue
-        length = len(row.request.prompt)
-        start = width - length
-        row_logprobs = torch.log_softmax(logits[index, start : width - 1].float(), dim=-1)
+        start = width - len(request.prompt)
+        row_logprobs = torch.log_softmax(logits[index, start : width - 1].float(), dim=-1)  # [P-1, V]
         targets = input_ids[index, start + 1 : width]
         picked = row_logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().numpy()
-        found[row.request_index] = np.concatenate([[np.nan], picked]).astype(np.float32)
+        prompt = ops.PromptLogprobs(np.concatenate([[np.nan], picked]).astype(np.float32), None, None)
+        if k := request.topk_prompt_logprobs:
+            values, tokens = torch.topk(row_logprobs, k, dim=-1)
+            prompt.topk_tokens = np.concatenate([np.full((1, k), -1), tokens.cpu().numpy()]).astype(np.int32)
+            prompt.topk_logprobs = np.concatenate([np.full((1, k), np.nan), values.cpu().numpy()]).astype(np.float32)
+        found[row.request_index] = prompt
     return found
