@@ -44,8 +44,8 @@ bench: install
 	$(PY) -m bench.run_all
 
 lint: install
-	$(PY) -m ruff check tinker_client tinker_server tests examples
-	$(PY) -m ruff format --check tinker_client tinker_server tests examples
+	$(PY) -m ruff check tinker_client tinker_server tests examples bench
+	$(PY) -m ruff format --check tinker_client tinker_server tests examples bench
 
 clean:
 	rm -rf $(VENV) tinker_rpc build *.egg-info

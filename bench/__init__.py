@@ -1,0 +1,1 @@
+"""Benchmarks: each prints JSON and a table; ratios are measured side by side in one run."""

@@ -1,0 +1,13 @@
+"""`make bench`: every benchmark in one run, one JSON object per line on stdout."""
+
+from __future__ import annotations
+
+from bench import sampling
+
+
+def main() -> None:
+    sampling.main([])
+
+
+if __name__ == "__main__":
+    main()
