@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +274,38 @@ def test_unknown_sampler_paths_and_base_models_are_not_found(service):
         ghost.sample(prompt, 1, params).result(timeout=30)
     with pytest.raises(NotFoundError, match="not served"):
         service.create_sampling_client(base_model="other/model").sample(prompt, 1, params).result(timeout=30)
+
+
+def test_async_forms_ack_then_answer_like_the_sync_ones(service):
+    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    prompt = types.ModelInput.from_ints(PROMPT)
+    params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+
+    async def run():
+        sample = await sampler.sample_async(prompt, 1, params)
+        logprobs = await sampler.compute_logprobs_async(prompt)
+        return await sample, await logprobs, await sampler.get_base_model_async()
+
+    sampled, logprobs, base_model = asyncio.run(run())
+    assert sampled.sequences[0].tokens == sampler.sample(prompt, 1, params).result().sequences[0].tokens
+    assert logprobs == sampler.compute_logprobs(prompt).result()
+    assert base_model == BASE_MODEL
+
+
+# The Tinker SDK's SamplingClient methods (tinker 0.38) and their leading argument names.
+TINKER_SAMPLING_METHODS = {
+    "sample": ["prompt", "num_samples", "sampling_params", "include_prompt_logprobs", "topk_prompt_logprobs"],
+    "compute_logprobs": ["prompt"],
+    "get_base_model": [],
+}
+
+
+@pytest.mark.parametrize("method", sorted(TINKER_SAMPLING_METHODS))
+def test_sampling_client_has_sync_and_async_forms_with_tinker_argument_names(method):
+    from tinker_client import SamplingClient
+
+    expected = TINKER_SAMPLING_METHODS[method]
+    for name in (method, f"{method}_async"):
+        function = getattr(SamplingClient, name)
+        assert inspect.iscoroutinefunction(function) == name.endswith("_async")
+        assert list(inspect.signature(function).parameters)[1:][: len(expected)] == expected, name
