@@ -34,6 +34,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--max-message-bytes", type=int, default=256 << 20, help="largest gRPC message accepted (default 256 MiB)"
     )
+    parser.add_argument(
+        "--result-retention-seconds",
+        type=float,
+        default=3600.0,
+        help="how long results stay retrievable by future_id, restarts included (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=10.0,
+        help="seconds between deletions of expired checkpoints and results (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -44,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         data_dir=args.data_dir,
         cycle=args.cycle,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        result_retention_seconds=args.result_retention_seconds,
+        sweep_interval_seconds=args.sweep_interval,
     )
 
 

@@ -19,3 +19,7 @@ class ServerConfig:
     cycle: CyclePolicy = field(default_factory=CyclePolicy)
     limits: Limits = field(default_factory=Limits)
     shutdown_grace_seconds: float = 10.0
+    result_retention_seconds: float = 3600.0
+    """How long completed requests' results stay retrievable by future_id."""
+    sweep_interval_seconds: float = 10.0
+    """How often expired checkpoints and results are deleted."""

@@ -65,8 +65,21 @@ class DatumArrays:
 
 @dataclass
 class CreateAdapter:
+    """A new adapter: seeded from `lora`, or loaded from a checkpoint directory."""
+
     phase: ClassVar[Phase] = Phase.CREATE
     lora: LoraSpec
+    source_dir: str | None = None
+    with_optimizer: bool = False
+
+
+@dataclass
+class LoadState:
+    """Replaces the adapter's weights (and optionally its optimizer state) from a checkpoint."""
+
+    phase: ClassVar[Phase] = Phase.CREATE
+    source_dir: str
+    with_optimizer: bool
 
 
 @dataclass
@@ -94,10 +107,28 @@ class SaveForSampler:
 
 
 @dataclass
+class SaveState:
+    """Writes the adapter and its optimizer state (a `training` checkpoint)."""
+
+    phase: ClassVar[Phase] = Phase.SAVE
+    path: str
+    directory: str
+
+
+@dataclass
+class DeleteCheckpoint:
+    phase: ClassVar[Phase] = Phase.SAVE
+    path: str
+    directory: str
+
+
+@dataclass
 class Sample:
     phase: ClassVar[Phase] = Phase.SAMPLE
     adapter: str | None
     """A sampler path, or None for the bare base model."""
+    adapter_dir: str | None
+    """Where the sampler weights are on disk, loaded on first use (e.g. after a restart)."""
     prompt: np.ndarray
     num_samples: int
     params: SamplingConfig
@@ -105,7 +136,9 @@ class Sample:
     topk_prompt_logprobs: int
 
 
-Operation: TypeAlias = CreateAdapter | ForwardBackward | OptimStep | SaveForSampler | Sample
+Operation: TypeAlias = (
+    CreateAdapter | LoadState | ForwardBackward | OptimStep | SaveForSampler | SaveState | DeleteCheckpoint | Sample
+)
 
 
 @dataclass
@@ -143,11 +176,26 @@ class OptimStepResult:
 @dataclass
 class CreateAdapterResult:
     model_id: str
+    lora: LoraSpec
+    """The adapter as created (for one loaded from a file: what the file holds)."""
 
 
 @dataclass
-class SaveForSamplerResult:
+class LoadStateResult:
+    pass
+
+
+@dataclass
+class DeleteCheckpointResult:
+    pass
+
+
+@dataclass
+class SaveCheckpointResult:
+    """For SaveForSampler and SaveState."""
+
     path: str
+    size_bytes: int
 
 
 @dataclass
@@ -174,7 +222,13 @@ class SampleResult:
 
 
 OpResult: TypeAlias = (
-    CreateAdapterResult | ForwardBackwardResult | OptimStepResult | SaveForSamplerResult | SampleResult
+    CreateAdapterResult
+    | LoadStateResult
+    | ForwardBackwardResult
+    | OptimStepResult
+    | SaveCheckpointResult
+    | DeleteCheckpointResult
+    | SampleResult
 )
 
 

@@ -1,51 +1,47 @@
-"""The front end's record of training runs and sampler snapshots (in memory for now)."""
+"""The front end's view of training runs: durable records in the store, plus what lives in
+this server process (adapters loaded in the worker, checkpoint saves in flight)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
-from tinker_server.ops import LoraSpec
-
-TINKER_SCHEME = "tinker://"
+from tinker_server.store import Checkpoint, CheckpointPath, Store, TrainingRun
 
 
-def sampler_path(model_id: str, name: str) -> str:
-    return f"{TINKER_SCHEME}{model_id}/sampler_weights/{name}"
-
-
-@dataclass
-class TrainingRun:
-    model_id: str
-    base_model: str
-    lora: LoraSpec
-    user_metadata: dict[str, str]
-    created_at: float = field(default_factory=time.time)
-
-
-class RunRegistry:
-    def __init__(self) -> None:
-        self._runs: dict[str, TrainingRun] = {}
-        # Paths reserved at submission, so two queued saves cannot claim one name.
-        self._sampler_paths: set[str] = set()
-
-    def add_run(self, run: TrainingRun) -> None:
-        self._runs[run.model_id] = run
-
-    def remove_run(self, model_id: str) -> None:
-        self._runs.pop(model_id, None)
+class Runs:
+    def __init__(self, store: Store, data_dir: Path) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        # Runs whose adapter the current worker holds; others need a checkpoint to go on.
+        self._live: set[str] = set()
+        # Checkpoints being saved: reserved at submission so two saves cannot claim a name.
+        self._saving: set[CheckpointPath] = set()
 
     def run(self, model_id: str) -> TrainingRun | None:
-        return self._runs.get(model_id)
+        return self.store.run(model_id)
 
-    def reserve_sampler_path(self, path: str) -> bool:
-        if path in self._sampler_paths:
-            return False
-        self._sampler_paths.add(path)
-        return True
+    def is_live(self, model_id: str) -> bool:
+        return model_id in self._live
 
-    def release_sampler_path(self, path: str) -> None:
-        self._sampler_paths.discard(path)
+    def add_live(self, run: TrainingRun) -> None:
+        self.store.add_run(run)
+        self._live.add(run.model_id)
 
-    def has_sampler_path(self, path: str) -> bool:
-        return path in self._sampler_paths
+    def drop(self, model_id: str) -> None:
+        self._live.discard(model_id)
+        self.store.remove_run(model_id)
+
+    def checkpoint_exists(self, path: CheckpointPath) -> bool:
+        return path in self._saving or self.store.checkpoint(path) is not None
+
+    def reserve(self, path: CheckpointPath) -> None:
+        self._saving.add(path)
+
+    def release(self, path: CheckpointPath) -> None:
+        self._saving.discard(path)
+
+    def checkpoint(self, path: CheckpointPath) -> Checkpoint | None:
+        return self.store.checkpoint(path)
+
+    def directory(self, path: CheckpointPath) -> Path:
+        return path.directory(self.data_dir)

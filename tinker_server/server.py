@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from tinker_rpc.v1 import service_pb2_grpc
+from tinker_rpc.v1 import runs_pb2_grpc, service_pb2_grpc
+from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import RequestParser
+from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.config import ServerConfig
-from tinker_server.runs import RunRegistry
+from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
+from tinker_server.store import Store
 from tinker_server.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -25,46 +28,65 @@ class TinkerServer:
         self.config = config
         self._worker = WorkerClient(config.base_model)
         self._grpc: grpc.aio.Server | None = None
-        self._clock: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store: Store | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self._store = Store(config.data_dir / "tinker.db")
         model = await self._worker.start()
         scheduler = Scheduler(self._worker.run_cycle, config.cycle)
-        self._clock = asyncio.create_task(scheduler.run(), name="scheduler-clock")
-        registry = RunRegistry()
-        parser = RequestParser(model, registry, config.limits, config.data_dir)
-        servicer = TinkerServicer(model, registry, parser, scheduler, config.limits)
+        runs = Runs(self._store, config.data_dir)
+        dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
+        parser = RequestParser(model, runs, config.limits)
+        self._tasks = [
+            asyncio.create_task(scheduler.run(), name="scheduler-clock"),
+            asyncio.create_task(_every(config.sweep_interval_seconds, dispatcher.sweep), name="checkpoint-sweeper"),
+        ]
         options = [
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options)
-        service_pb2_grpc.add_TinkerServiceServicer_to_server(servicer, self._grpc)
+        service_pb2_grpc.add_TinkerServiceServicer_to_server(
+            TinkerServicer(model, runs, parser, dispatcher, config.limits), self._grpc
+        )
+        runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
         self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot bind {config.host}:{config.port}")
         await self._grpc.start()
         log.info(
-            "serving %s on %s:%d (cycle=%s, data dir %s)",
+            "serving %s on %s:%d (cycle=%s, data dir %s, store schema v%d)",
             model.name,
             config.host,
             self.port,
             config.cycle,
             config.data_dir,
+            self._store.schema_version,
         )
 
     async def stop(self) -> None:
         if self._grpc is not None:
             await self._grpc.stop(self.config.shutdown_grace_seconds)
-        if self._clock is not None:
-            self._clock.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._clock
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._worker.stop()
+        if self._store is not None:
+            self._store.close()
         log.info("server stopped")
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:  # a failed sweep is retried next time; it must not stop the loop
+            log.exception("periodic %s failed", job.__name__)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -10,7 +10,6 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,7 +18,8 @@ from tinker_client.tensor_codec import TensorDecodeError, decode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
-from tinker_server.runs import RunRegistry, TrainingRun, sampler_path
+from tinker_server.runs import Runs
+from tinker_server.store import CheckpointPath, CheckpointType, TrainingRun
 
 LORA_ALPHA = 32.0
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
@@ -52,15 +52,16 @@ class ParsedRequest:
     item: ops.WorkItem
     run: TrainingRun | None = None
     """A run this request creates; registered when it is queued."""
-    reserved_sampler_path: str | None = None
+    checkpoint: CheckpointPath | None = None
+    """A checkpoint this request saves; recorded when it succeeds."""
+    ttl_seconds: int | None = None
 
 
 class RequestParser:
-    def __init__(self, model: ops.ModelInfo, registry: RunRegistry, limits: Limits, data_dir: Path) -> None:
+    def __init__(self, model: ops.ModelInfo, runs: Runs, limits: Limits) -> None:
         self._model = model
-        self._registry = registry
+        self._runs = runs
         self._limits = limits
-        self._data_dir = data_dir
 
     def parse(self, request: service_pb2.SessionRequest) -> ParsedRequest:
         kind = request.WhichOneof("request")
@@ -68,6 +69,8 @@ class RequestParser:
             raise invalid("request: no operation set (expected one of create_model, forward, ...)")
         if kind == "create_model":
             return self._create_model(request.create_model)
+        if kind == "create_model_from_state":
+            return self._create_model_from_state(request.create_model_from_state)
         if kind == "sample":
             return self._sample(request.sample)
         model_id = self._existing_model(request.model_id)
@@ -75,8 +78,16 @@ class RequestParser:
             operation = self._forward_backward(kind, getattr(request, kind), backward=kind == "forward_backward")
         elif kind == "optim_step":
             operation = self._optim_step(request.optim_step)
+        elif kind == "load_state":
+            operation = self._load_state(request.load_state)
         elif kind == "save_weights_for_sampler":
-            return self._save_for_sampler(model_id, request.save_weights_for_sampler)
+            save = request.save_weights_for_sampler
+            ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
+            return self._save(kind, model_id, "sampler", save.name, ttl, overwrite=False)
+        elif kind == "save_state":
+            save = request.save_state
+            ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
+            return self._save(kind, model_id, "training", save.name, ttl, save.overwrite)
         else:  # a newer client's operation this server does not know
             raise invalid(f"request: unsupported operation {kind!r}")
         return ParsedRequest(model_id, ops.WorkItem("", model_id, operation))
@@ -86,8 +97,16 @@ class RequestParser:
     def _existing_model(self, model_id: str) -> str:
         if not model_id:
             raise invalid("model_id: required for this operation")
-        if self._registry.run(model_id) is None:
+        if self._runs.run(model_id) is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such training run")
+        if not self._runs.is_live(model_id):
+            saved = [c for c in self._runs.store.checkpoints(model_id) if c.path.checkpoint_type == "training"]
+            hint = f"its last checkpoint is {saved[-1].path}" if saved else "it has no saved checkpoint"
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model_id {model_id!r}: the server restarted since this run last trained and its unsaved "
+                f"state is gone; {hint}: continue with create_training_client_from_state",
+            )
         return model_id
 
     def _check_base_model(self, field: str, name: str) -> None:
@@ -108,9 +127,38 @@ class RequestParser:
             raise invalid("create_model.lora_config: at least one of train_mlp, train_attn, train_unembed must be true")
         seed = lora.seed if lora.HasField("seed") else secrets.randbits(31)
         spec = ops.LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed, LORA_ALPHA)
-        model_id = f"run-{secrets.token_hex(8)}"
-        run = TrainingRun(model_id, request.base_model, spec, dict(request.user_metadata))
+        model_id = new_model_id()
+        run = TrainingRun(model_id, "", request.base_model, spec, dict(request.user_metadata))
         return ParsedRequest(model_id, ops.WorkItem("", model_id, ops.CreateAdapter(spec)), run=run)
+
+    def _create_model_from_state(self, request: training_pb2.CreateModelFromStateRequest) -> ParsedRequest:
+        path, source = self._checkpoint_source(
+            "create_model_from_state.path", request.path, training_only=request.with_optimizer
+        )
+        model_id = new_model_id()
+        run = TrainingRun(model_id, "", source.base_model, source.lora, dict(request.user_metadata))
+        operation = ops.CreateAdapter(source.lora, str(self._runs.directory(path)), request.with_optimizer)
+        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), run=run)
+
+    def _checkpoint_source(self, field: str, text: str, training_only: bool) -> tuple[CheckpointPath, TrainingRun]:
+        """A saved checkpoint to load from, and the run that saved it."""
+        try:
+            path = CheckpointPath.parse(text)
+        except ValueError as error:
+            raise invalid(f"{field}: {error}") from error
+        source = self._runs.run(path.model_id)
+        if source is None or self._runs.checkpoint(path) is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no checkpoint {text}")
+        if training_only and path.checkpoint_type != "training":
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{field}: {text} holds no optimizer state; use a tinker://<run>/weights/<name> checkpoint",
+            )
+        return path, source
+
+    def _load_state(self, request: training_pb2.LoadStateRequest) -> ops.LoadState:
+        path, _ = self._checkpoint_source("load_state.path", request.path, training_only=request.with_optimizer)
+        return ops.LoadState(str(self._runs.directory(path)), request.with_optimizer)
 
     # -- forward / backward ----------------------------------------------------------
 
@@ -241,18 +289,23 @@ class RequestParser:
 
     # -- sampler snapshots and sampling ----------------------------------------------
 
-    def _save_for_sampler(self, model_id: str, request: training_pb2.SaveWeightsForSamplerRequest) -> ParsedRequest:
-        if not _NAME_PATTERN.match(request.name):
-            raise invalid(
-                f"save_weights_for_sampler.name: {request.name!r}; use 1-128 characters from "
-                "[A-Za-z0-9._-], not starting with '.'"
-            )
-        path = sampler_path(model_id, request.name)
-        if self._registry.has_sampler_path(path):
-            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"save_weights_for_sampler.name: {path} already exists")
-        directory = self._data_dir / "runs" / model_id / "sampler_weights" / request.name
-        operation = ops.SaveForSampler(path, str(directory))
-        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), reserved_sampler_path=path)
+    def _save(
+        self, kind: str, model_id: str, checkpoint_type: CheckpointType, name: str, ttl: int | None, overwrite: bool
+    ) -> ParsedRequest:
+        if not _NAME_PATTERN.match(name):
+            raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
+        if ttl is not None and ttl < 1:
+            raise invalid(f"{kind}.ttl_seconds: {ttl}; must be >= 1 (leave it unset to keep the checkpoint)")
+        path = CheckpointPath(model_id, checkpoint_type, name)
+        if not overwrite and self._runs.checkpoint_exists(path):
+            hint = "; pass overwrite=True to replace it" if kind == "save_state" else ""
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"{kind}.name: {path} already exists{hint}")
+        directory = str(self._runs.directory(path))
+        if checkpoint_type == "training":
+            operation: ops.Operation = ops.SaveState(str(path), directory)
+        else:
+            operation = ops.SaveForSampler(str(path), directory)
+        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), checkpoint=path, ttl_seconds=ttl)
 
     def _sample(self, request: sampling_pb2.SampleRequest) -> ParsedRequest:
         source = request.WhichOneof("weights")
@@ -260,11 +313,10 @@ class RequestParser:
             raise invalid("sample: set one of model_path or base_model")
         if source == "base_model":
             self._check_base_model("sample.base_model", request.base_model)
-            adapter = None
+            adapter = adapter_dir = None
         else:
-            adapter = request.model_path
-            if not self._registry.has_sampler_path(adapter):
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"sample.model_path {adapter!r}: no such sampler weights")
+            path, _ = self._checkpoint_source("sample.model_path", request.model_path, training_only=False)
+            adapter, adapter_dir = str(path), str(self._runs.directory(path))
         prompt = self._tokens("sample.prompt.tokens", request.prompt.tokens, self._model.max_context_length)
         if not 1 <= request.num_samples <= self._limits.max_num_samples:
             raise invalid(f"sample.num_samples: {request.num_samples}; expected 1..{self._limits.max_num_samples}")
@@ -276,6 +328,7 @@ class RequestParser:
             )
         operation = ops.Sample(
             adapter,
+            adapter_dir,
             prompt,
             request.num_samples,
             params,
@@ -310,3 +363,7 @@ class RequestParser:
             stop_token_ids=tuple(int(token) for token in stop_ids),
             ignore_eos=params.ignore_eos,
         )
+
+
+def new_model_id() -> str:
+    return f"run-{secrets.token_hex(8)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tinker_client.tensor_codec import encode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, training_pb2
 from tinker_server import ops
+from tinker_server.store import CheckpointPath
 
 
 def error_result(code: int, message: str, future_id: str = "", cycle_id: int = 0) -> service_pb2.Result:
@@ -25,8 +26,12 @@ def outcome_result(outcome: ops.Outcome) -> service_pb2.Result:
             result.forward_backward.CopyFrom(_forward_backward(payload))
         case ops.OptimStepResult():
             result.optim_step.metrics.update(payload.metrics)
-        case ops.SaveForSamplerResult():
+        case ops.SaveCheckpointResult() if CheckpointPath.parse(payload.path).checkpoint_type == "sampler":
             result.save_weights_for_sampler.path = payload.path
+        case ops.SaveCheckpointResult():
+            result.save_state.path = payload.path
+        case ops.LoadStateResult():
+            result.load_state.SetInParent()
         case ops.SampleResult():
             result.sample.CopyFrom(_sample(payload))
         case _:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
 from tinker_server import ops
-from tinker_server.api.requests import Limits, ParsedRequest, RequestError, RequestParser
-from tinker_server.api.responses import error_result, outcome_result
-from tinker_server.runs import RunRegistry
-from tinker_server.scheduler import Scheduler
+from tinker_server.api.dispatch import Dispatcher
+from tinker_server.api.requests import Limits, RequestError, RequestParser
+from tinker_server.api.responses import error_result
+from tinker_server.runs import Runs
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,15 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     def __init__(
         self,
         model: ops.ModelInfo,
-        registry: RunRegistry,
+        runs: Runs,
         parser: RequestParser,
-        scheduler: Scheduler,
+        dispatcher: Dispatcher,
         limits: Limits,
     ) -> None:
         self._model = model
-        self._registry = registry
+        self._runs = runs
         self._parser = parser
-        self._scheduler = scheduler
+        self._dispatcher = dispatcher
         self._limits = limits
 
     # -- the session stream ----------------------------------------------------------
@@ -82,43 +83,33 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             parsed = self._parser.parse(request)
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)
-            outbox.put_nowait(
-                service_pb2.SessionResponse(request_id=request_id, result=error_result(error.code.value[0], str(error)))
-            )
+            result = error_result(error.code.value[0], str(error))
+            outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
             return
         seen.add(request_id)
-        ticket = self._submit(parsed)
+        submitted = self._dispatcher.submit(parsed, owner="")
         pending.add(request_id)
-        outbox.put_nowait(
-            service_pb2.SessionResponse(
-                request_id=request_id, ack=service_pb2.Ack(future_id=ticket.future_id, seq=ticket.seq)
-            )
-        )
+        ack = service_pb2.Ack(future_id=submitted.future_id, seq=submitted.seq)
+        outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, ack=ack))
 
-        def deliver(done: asyncio.Future[ops.Outcome]) -> None:
+        def deliver(done: asyncio.Future[service_pb2.Result]) -> None:
             pending.discard(request_id)
-            outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=outcome_result(done.result())))
+            outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=done.result()))
 
-        ticket.outcome.add_done_callback(deliver)
+        submitted.result.add_done_callback(deliver)
 
-    def _submit(self, parsed: ParsedRequest):
-        """Queues the request and keeps the registry in step with its outcome."""
-        if parsed.run is not None:
-            self._registry.add_run(parsed.run)
-        if parsed.reserved_sampler_path is not None:
-            self._registry.reserve_sampler_path(parsed.reserved_sampler_path)
-        ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
-
-        def undo_on_error(done: asyncio.Future[ops.Outcome]) -> None:
-            if done.result().error is None:
-                return
-            if parsed.run is not None:
-                self._registry.remove_run(parsed.run.model_id)
-            if parsed.reserved_sampler_path is not None:
-                self._registry.release_sampler_path(parsed.reserved_sampler_path)
-
-        ticket.outcome.add_done_callback(undo_on_error)
-        return ticket
+    async def GetFutureResult(
+        self, request: service_pb2.GetFutureResultRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.GetFutureResultResponse:
+        stored = self._runs.store.result(request.future_id)
+        if stored is None or stored[2] <= time.time():
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"future_id {request.future_id!r}: no result retained (unknown, or expired after "
+                f"{self._dispatcher.retention_seconds:g}s)",
+            )
+        _, payload, _ = stored
+        return service_pb2.GetFutureResultResponse(result=service_pb2.Result.FromString(payload))
 
     # -- unary calls -----------------------------------------------------------------
 
@@ -141,7 +132,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetInfo(
         self, request: service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetInfoResponse:
-        run = self._registry.run(request.model_id)
+        run = self._runs.run(request.model_id)
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model_id {request.model_id!r}: no such training run")
         lora = run.lora

@@ -6,7 +6,9 @@ for every tenant's rows, optimizer steps, sampler snapshots, then batched sampli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +17,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
 
 from tinker_server import ops
+from tinker_server.worker.checkpoints import (
+    CheckpointError,
+    directory_size,
+    read_adapter,
+    read_optimizer_state,
+    write_adapter,
+    write_optimizer_state,
+)
 from tinker_server.worker.lora import (
     LoraPair,
     RowRouting,
@@ -91,18 +99,24 @@ class Engine:
             ops.Phase.FORWARD: self._forward_backward,
             ops.Phase.SAMPLE: self._sample,
         }
-        single: dict[ops.Phase, Callable[[ops.WorkItem], ops.OpResult]] = {
-            ops.Phase.CREATE: self._create_adapter,
-            ops.Phase.OPTIM: self._optim_step,
-            ops.Phase.SAVE: self._save_for_sampler,
+        single: dict[type, Callable[[ops.WorkItem], ops.OpResult]] = {
+            ops.CreateAdapter: self._create_adapter,
+            ops.LoadState: self._load_state,
+            ops.OptimStep: self._optim_step,
+            ops.SaveForSampler: self._save_for_sampler,
+            ops.SaveState: self._save_state,
+            ops.DeleteCheckpoint: self._delete_checkpoint,
         }
         for phase in sorted(by_phase):
             items = by_phase[phase]
             groups = [items] if phase in batched else [[item] for item in items]
             for group in groups:
                 try:
-                    outputs = batched[phase](group) if phase in batched else [single[phase](group[0])]
-                except OperationError as error:
+                    if phase in batched:
+                        outputs = batched[phase](group)
+                    else:
+                        outputs = [single[type(group[0].operation)](group[0])]
+                except (OperationError, CheckpointError) as error:
                     outputs = [ops.OpError(error.code.value[0], str(error))] * len(group)
                 except Exception as error:  # a bug must fail its requests, not the worker
                     log.exception("cycle %d: %s failed", cycle.cycle_id, phase.name)
@@ -129,14 +143,46 @@ class Engine:
         for path, pair in pairs.items():
             self.layers[path].adapters[name] = pair
 
-    def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
-        spec = item.operation.lora
-        pairs = init_lora_pairs(self.layers, spec)
-        adapter = Adapter(item.model_id, spec, pairs, optimizer=None)
+    def _unregister(self, name: str) -> None:
+        for layer in self.layers.values():
+            layer.adapters.pop(name, None)
+
+    def _install(self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> Adapter:
+        """Makes `pairs` the adapter `name` with a fresh AdamW (no gradients, no moments)."""
+        self._unregister(name)
+        adapter = Adapter(name, spec, pairs, optimizer=None)
         adapter.optimizer = torch.optim.AdamW(adapter.parameters())
-        self.adapters[item.model_id] = adapter
-        self._register(item.model_id, pairs)
-        return ops.CreateAdapterResult(item.model_id)
+        self.adapters[name] = adapter
+        self._register(name, pairs)
+        return adapter
+
+    def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
+        operation: ops.CreateAdapter = item.operation
+        if operation.source_dir is None:
+            spec, pairs = operation.lora, init_lora_pairs(self.layers, operation.lora)
+        else:
+            spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
+            spec = dataclasses.replace(spec, seed=operation.lora.seed)
+        adapter = self._install(item.model_id, spec, pairs)
+        if operation.with_optimizer:
+            read_optimizer_state(Path(operation.source_dir), pairs, adapter.optimizer)
+        return ops.CreateAdapterResult(item.model_id, spec)
+
+    def _load_state(self, item: ops.WorkItem) -> ops.LoadStateResult:
+        operation: ops.LoadState = item.operation
+        current = self._adapter(item.model_id)
+        spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
+        if spec.rank != current.spec.rank or set(pairs) != set(current.pairs):
+            raise OperationError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"load_state.path: the checkpoint's adapter (rank {spec.rank}, {len(pairs)} layers) does not fit "
+                f"this run's (rank {current.spec.rank}, {len(current.pairs)} layers); use "
+                "create_training_client_from_state to start a run from it",
+            )
+        adapter = self._install(item.model_id, current.spec, pairs)
+        if operation.with_optimizer:
+            read_optimizer_state(Path(operation.source_dir), pairs, adapter.optimizer)
+        return ops.LoadStateResult()
 
     # -- forward / backward ----------------------------------------------------------
 
@@ -217,9 +263,9 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         return ops.OptimStepResult({"grad_norm": float(grad_norm), "learning_rate": adam.learning_rate})
 
-    # -- sampler snapshots -----------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------
 
-    def _save_for_sampler(self, item: ops.WorkItem) -> ops.SaveForSamplerResult:
+    def _save_for_sampler(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveForSampler = item.operation
         snapshot = {
@@ -228,39 +274,48 @@ class Engine:
         }
         self._register(operation.path, snapshot)
         self.snapshots.add(operation.path)
-        write_peft_adapter(Path(operation.directory), adapter.spec, snapshot, self.loaded.name)
-        return ops.SaveForSamplerResult(operation.path)
+        directory = Path(operation.directory)
+        write_adapter(directory, adapter.spec, snapshot, self.loaded.name)
+        return ops.SaveCheckpointResult(operation.path, directory_size(directory))
+
+    def _save_state(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
+        adapter = self._adapter(item.model_id)
+        operation: ops.SaveState = item.operation
+        directory = Path(operation.directory)
+        write_adapter(directory, adapter.spec, adapter.pairs, self.loaded.name)
+        write_optimizer_state(directory, adapter.pairs, adapter.optimizer)
+        return ops.SaveCheckpointResult(operation.path, directory_size(directory))
+
+    def _delete_checkpoint(self, item: ops.WorkItem) -> ops.DeleteCheckpointResult:
+        operation: ops.DeleteCheckpoint = item.operation
+        shutil.rmtree(operation.directory, ignore_errors=True)
+        if operation.path in self.snapshots:
+            self.snapshots.discard(operation.path)
+            self._unregister(operation.path)
+        return ops.DeleteCheckpointResult()
+
+    def _ensure_snapshot(self, request: ops.Sample) -> None:
+        """Sampler weights saved by an earlier server process are loaded on first use."""
+        if request.adapter is None or request.adapter in self.snapshots:
+            return
+        if request.adapter_dir is None:
+            raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_path {request.adapter!r}: not loaded")
+        _, pairs = read_adapter(Path(request.adapter_dir), self.layers, self.device)
+        for pair in pairs.values():
+            pair.A.requires_grad_(False)
+            pair.B.requires_grad_(False)
+        self._register(request.adapter, pairs)
+        self.snapshots.add(request.adapter)
 
     # -- sampling --------------------------------------------------------------------
 
     def _sample(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
         requests: list[ops.Sample] = [item.operation for item in items]
         for request in requests:
-            if request.adapter is not None and request.adapter not in self.snapshots:
-                raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_path {request.adapter!r}: not loaded")
+            self._ensure_snapshot(request)
         rows = [
             SampleRow(request_index, sample_index, request)
             for request_index, request in enumerate(requests)
             for sample_index in range(request.num_samples)
         ]
         return generate(self.model, self.routing, self.loaded.tokenizer, self.device, requests, rows)
-
-
-def write_peft_adapter(directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str) -> None:
-    """peft's saved format: adapter_config.json + adapter_model.safetensors."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        target_modules=sorted({path.rsplit(".", 1)[-1] for path in pairs}),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
-    config.save_pretrained(str(directory))
-    tensors = {}
-    for path, pair in pairs.items():
-        tensors[f"base_model.model.{path}.lora_A.weight"] = pair.A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = pair.B.detach().cpu().contiguous()
-    save_file(tensors, str(directory / "adapter_model.safetensors"))

@@ -1,0 +1,101 @@
+"""Between the servicers and the scheduler: queue parsed requests, and keep the durable
+record (runs, checkpoints, futures' results) in step with what the worker did."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from tinker_rpc.v1 import service_pb2
+from tinker_server import ops
+from tinker_server.api.requests import ParsedRequest, RequestError
+from tinker_server.api.responses import outcome_result
+from tinker_server.runs import Runs
+from tinker_server.scheduler import Scheduler
+from tinker_server.store import Checkpoint, CheckpointPath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Submitted:
+    future_id: str
+    seq: int
+    result: asyncio.Future[service_pb2.Result]
+
+
+class Dispatcher:
+    def __init__(self, scheduler: Scheduler, runs: Runs, result_retention_seconds: float) -> None:
+        self._scheduler = scheduler
+        self._runs = runs
+        self.retention_seconds = result_retention_seconds
+
+    def submit(self, parsed: ParsedRequest, owner: str) -> Submitted:
+        if parsed.run is not None:
+            self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
+        if parsed.checkpoint is not None:
+            self._runs.reserve(parsed.checkpoint)
+        ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
+        result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[ops.Outcome]) -> None:
+            outcome = done.result()
+            self._record(parsed, outcome)
+            message = outcome_result(outcome)
+            self._runs.store.put_result(
+                ticket.future_id, owner, message.SerializeToString(), time.time() + self.retention_seconds
+            )
+            result.set_result(message)
+
+        ticket.outcome.add_done_callback(settle)
+        return Submitted(ticket.future_id, ticket.seq, result)
+
+    def _record(self, parsed: ParsedRequest, outcome: ops.Outcome) -> None:
+        """The store follows the outcome: failed creations vanish, saved checkpoints appear."""
+        now = time.time()
+        if parsed.checkpoint is not None:
+            self._runs.release(parsed.checkpoint)
+        if outcome.error is not None:
+            if parsed.run is not None:
+                self._runs.drop(parsed.run.model_id)
+            return
+        payload = outcome.result
+        if isinstance(payload, ops.CreateAdapterResult):
+            self._runs.store.set_lora(payload.model_id, payload.lora)
+        if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
+            expires = None if parsed.ttl_seconds is None else now + parsed.ttl_seconds
+            self._runs.store.put_checkpoint(Checkpoint(parsed.checkpoint, now, payload.size_bytes, expires))
+        if parsed.item.model_id:
+            self._runs.store.touch_run(parsed.item.model_id, now)
+
+    # -- checkpoint lifecycle --------------------------------------------------------
+
+    async def delete_checkpoint(self, path: CheckpointPath) -> None:
+        """Deleted in the run's order (after any save queued before it), then forgotten."""
+        directory = str(self._runs.directory(path))
+        item = ops.WorkItem("", path.model_id, ops.DeleteCheckpoint(str(path), directory))
+        outcome = await self._scheduler.submit(path.model_id, item).outcome
+        if outcome.error is not None:
+            raise RequestError(status_code(outcome.error.code), outcome.error.message)
+        self._runs.store.delete_checkpoint(path)
+
+    async def sweep(self) -> None:
+        """Deletes expired checkpoints and forgets expired results."""
+        now = time.time()
+        for checkpoint in self._runs.store.expired_checkpoints(now):
+            log.info("checkpoint %s expired; deleting it", checkpoint.path)
+            await self.delete_checkpoint(checkpoint.path)
+        self._runs.store.purge_results(now)
+
+    def discard_files(self, path: CheckpointPath) -> None:
+        shutil.rmtree(self._runs.directory(path), ignore_errors=True)
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
