@@ -20,6 +20,7 @@ from tinker_client.errors import (
     TinkerError,
 )
 from tinker_client.futures import APIFuture
+from tinker_client.rest_client import RestClient
 from tinker_client.sampling_client import SamplingClient
 from tinker_client.service_client import ServiceClient
 from tinker_client.training_client import TrainingClient
@@ -52,6 +53,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RestClient",
     "SampleResponse",
     "SamplingClient",
     "SamplingParams",

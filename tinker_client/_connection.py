@@ -21,7 +21,7 @@ import grpc
 
 from tinker_client.errors import APIConnectionError, error_for_status, error_from_rpc
 from tinker_client.futures import APIFuture
-from tinker_rpc.v1 import service_pb2, service_pb2_grpc
+from tinker_rpc.v1 import runs_pb2_grpc, service_pb2, service_pb2_grpc
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 256 << 20
@@ -82,15 +82,16 @@ class Connection:
         self._outgoing: asyncio.Queue[service_pb2.SessionRequest | None] | None = None
         self._stream_task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
-        self.stub: service_pb2_grpc.TinkerServiceStub = self.run(self._open_channel())
+        self.run(self._open_channel())
 
-    async def _open_channel(self) -> service_pb2_grpc.TinkerServiceStub:
+    async def _open_channel(self) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         self._channel = grpc.aio.insecure_channel(self.target, options=options)
-        return service_pb2_grpc.TinkerServiceStub(self._channel)
+        self.stub = service_pb2_grpc.TinkerServiceStub(self._channel)
+        self.runs = runs_pb2_grpc.RunsServiceStub(self._channel)
 
     # -- running coroutines on the loop ----------------------------------------------
 
@@ -102,19 +103,22 @@ class Connection:
         """Runs a coroutine on the loop thread, awaited from the caller's own loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
-    async def unary(self, method: str, request: Any) -> Any:
-        """Calls a unary RPC on the loop thread, mapping gRPC errors to SDK errors."""
+    async def _call_unary(self, call: Callable[..., Any], request: Any) -> Any:
+        try:
+            return await call(request, metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
 
-        async def call() -> Any:
-            try:
-                return await getattr(self.stub, method)(request, metadata=self.metadata)
-            except grpc.aio.AioRpcError as error:
-                raise error_from_rpc(error) from None
+    def unary_future(self, call: Callable[..., Any], request: Any) -> concurrent.futures.Future[Any]:
+        """Starts a unary RPC (e.g. `connection.stub.GetInfo`) on the loop thread; gRPC errors
+        become SDK errors."""
+        return asyncio.run_coroutine_threadsafe(self._call_unary(call, request), self.loop)
 
-        return await self.run_async(call())
+    def unary_sync(self, call: Callable[..., Any], request: Any) -> Any:
+        return self.unary_future(call, request).result()
 
-    def unary_sync(self, method: str, request: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(self.unary(method, request), self.loop).result()
+    async def unary(self, call: Callable[..., Any], request: Any) -> Any:
+        return await asyncio.wrap_future(self.unary_future(call, request))
 
     # -- the session stream ----------------------------------------------------------
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from tinker_client import types
 from tinker_client._connection import Connection, submit_acked
 from tinker_client._tokenizer import tokenizer_from_files
+from tinker_client.rest_client import RestClient
 from tinker_client.sampling_client import SamplingClient
 from tinker_client.training_client import TrainingClient
-from tinker_rpc.v1 import service_pb2, training_pb2
+from tinker_rpc.v1 import runs_pb2, service_pb2, training_pb2
 
 DEFAULT_BASE_URL = "localhost:50051"
 
@@ -52,11 +54,11 @@ class ServiceClient:
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         request = service_pb2.GetServerCapabilitiesRequest()
-        return self._capabilities(self._connection.unary_sync("GetServerCapabilities", request))
+        return self._capabilities(self._connection.unary_sync(self._connection.stub.GetServerCapabilities, request))
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
         request = service_pb2.GetServerCapabilitiesRequest()
-        return self._capabilities(await self._connection.unary("GetServerCapabilities", request))
+        return self._capabilities(await self._connection.unary(self._connection.stub.GetServerCapabilities, request))
 
     # -- training --------------------------------------------------------------------
 
@@ -96,9 +98,15 @@ class ServiceClient:
                 base_model=base_model, lora_config=lora, user_metadata=dict(user_metadata or {})
             )
         )
+        return await self._create_training_client(request)
+
+    async def _create_training_client(self, request: service_pb2.SessionRequest) -> TrainingClient:
         future = await submit_acked(self._connection, request, lambda result: result.create_model.model_id)
-        model_id = await future
+        return await self._training_client(await future)
+
+    async def _training_client(self, model_id: str) -> TrainingClient:
         capabilities = await self.get_server_capabilities_async()
+        base_model = _served_model_name(capabilities)
         return TrainingClient(
             self._connection,
             model_id,
@@ -106,6 +114,56 @@ class ServiceClient:
             functools.partial(self._tokenizer, base_model),
             max_request_bytes=int(capabilities.max_message_bytes * 0.9),
         )
+
+    def create_training_client_from_state(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run starting from a checkpoint's weights (and LoRA config); fresh optimizer state."""
+        return self._connection.run(self.create_training_client_from_state_async(path, user_metadata))
+
+    async def create_training_client_from_state_async(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        return await self._from_state(path, user_metadata, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run resuming a `save_state` checkpoint exactly: weights and optimizer state."""
+        return self._connection.run(self.create_training_client_from_state_with_optimizer_async(path, user_metadata))
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, path: str, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        return await self._from_state(path, user_metadata, with_optimizer=True)
+
+    async def _from_state(
+        self, path: str, user_metadata: Mapping[str, str] | None, with_optimizer: bool
+    ) -> TrainingClient:
+        create = training_pb2.CreateModelFromStateRequest(
+            path=path, with_optimizer=with_optimizer, user_metadata=dict(user_metadata or {})
+        )
+        return await self._create_training_client(service_pb2.SessionRequest(create_model_from_state=create))
+
+    def create_training_client_from_peft_adapter(
+        self, adapter_dir: str | Path, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run starting from a local peft adapter for the served base model (its
+        adapter_config.json and adapter_model.safetensors are uploaded and checked)."""
+        return self._connection.run(self.create_training_client_from_peft_adapter_async(adapter_dir, user_metadata))
+
+    async def create_training_client_from_peft_adapter_async(
+        self, adapter_dir: str | Path, user_metadata: Mapping[str, str] | None = None
+    ) -> TrainingClient:
+        directory = Path(adapter_dir)
+        files = {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+        request = runs_pb2.ImportPeftAdapterRequest(files=files, user_metadata=dict(user_metadata or {}))
+        response = await self._connection.unary(self._connection.runs.ImportPeftAdapter, request)
+        return await self._training_client(response.model_id)
+
+    def create_rest_client(self) -> RestClient:
+        """Lists, inspects, deletes and downloads training runs and checkpoints."""
+        return RestClient(self._connection)
 
     # -- sampling --------------------------------------------------------------------
 
@@ -137,7 +195,7 @@ class ServiceClient:
     def _tokenizer(self, base_model: str) -> PreTrainedTokenizerBase:
         if base_model not in self._tokenizers:
             response = self._connection.unary_sync(
-                "GetTokenizer", service_pb2.GetTokenizerRequest(base_model=base_model)
+                self._connection.stub.GetTokenizer, service_pb2.GetTokenizerRequest(base_model=base_model)
             )
             self._tokenizers[base_model] = tokenizer_from_files(dict(response.files))
         return self._tokenizers[base_model]

@@ -71,6 +71,10 @@ def _done(value: T) -> APIFuture[T]:
     return APIFuture(future, lambda result: result)
 
 
+def _save_state_response(result: service_pb2.Result) -> types.SaveWeightsResponse:
+    return types.SaveWeightsResponse(path=result.save_state.path)
+
+
 def _optim_step_response(result: service_pb2.Result) -> types.OptimStepResponse:
     return types.OptimStepResponse(metrics=dict(result.optim_step.metrics))
 
@@ -194,15 +198,24 @@ class TrainingClient:
 
     # -- sampling --------------------------------------------------------------------
 
-    def _save_request(self, name: str) -> service_pb2.SessionRequest:
-        return self._request(save_weights_for_sampler=training_pb2.SaveWeightsForSamplerRequest(name=name))
+    def _save_request(self, name: str, ttl_seconds: int | None) -> service_pb2.SessionRequest:
+        save = training_pb2.SaveWeightsForSamplerRequest(name=name, ttl_seconds=ttl_seconds)
+        return self._request(save_weights_for_sampler=save)
 
-    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        """Snapshots the current adapter; the result's `path` is a tinker:// sampler path."""
-        return submit(self._connection, self._save_request(name), _save_for_sampler_response)
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Snapshots the current adapter; the result's `path` is a tinker:// sampler path.
 
-    async def save_weights_for_sampler_async(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
-        return await submit_acked(self._connection, self._save_request(name), _save_for_sampler_response)
+        Later training does not change the snapshot. With `ttl_seconds` the server deletes it then.
+        """
+        return submit(self._connection, self._save_request(name, ttl_seconds), _save_for_sampler_response)
+
+    async def save_weights_for_sampler_async(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        request = self._save_request(name, ttl_seconds)
+        return await submit_acked(self._connection, request, _save_for_sampler_response)
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         return SamplingClient(
@@ -221,6 +234,47 @@ class TrainingClient:
         future = await self.save_weights_for_sampler_async(name or f"sampler-{uuid.uuid4().hex[:12]}")
         return self.create_sampling_client((await future).path)
 
+    # -- checkpoints -----------------------------------------------------------------
+
+    def _save_state_request(self, name: str, ttl_seconds: int | None, overwrite: bool) -> service_pb2.SessionRequest:
+        return self._request(
+            save_state=training_pb2.SaveStateRequest(name=name, ttl_seconds=ttl_seconds, overwrite=overwrite)
+        )
+
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False
+    ) -> APIFuture[types.SaveWeightsResponse]:
+        """Saves weights and optimizer state as tinker://<run>/weights/<name> (peft format +
+        optimizer.safetensors). An existing name needs `overwrite=True`."""
+        request = self._save_state_request(name, ttl_seconds, overwrite)
+        return submit(self._connection, request, _save_state_response)
+
+    async def save_state_async(
+        self, name: str, ttl_seconds: int | None = None, overwrite: bool = False
+    ) -> APIFuture[types.SaveWeightsResponse]:
+        request = self._save_state_request(name, ttl_seconds, overwrite)
+        return await submit_acked(self._connection, request, _save_state_response)
+
+    def _load_request(self, path: str, with_optimizer: bool) -> service_pb2.SessionRequest:
+        return self._request(load_state=training_pb2.LoadStateRequest(path=path, with_optimizer=with_optimizer))
+
+    def _loaded(self, path: str) -> Callable[[service_pb2.Result], types.LoadWeightsResponse]:
+        return lambda _: types.LoadWeightsResponse(path=path)
+
+    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Replaces this run's weights with a checkpoint's; the optimizer state starts afresh."""
+        return submit(self._connection, self._load_request(path, False), self._loaded(path))
+
+    async def load_state_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        return await submit_acked(self._connection, self._load_request(path, False), self._loaded(path))
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Replaces this run's weights and optimizer state with a `weights` checkpoint's."""
+        return submit(self._connection, self._load_request(path, True), self._loaded(path))
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        return await submit_acked(self._connection, self._load_request(path, True), self._loaded(path))
+
     # -- description -----------------------------------------------------------------
 
     @staticmethod
@@ -238,11 +292,15 @@ class TrainingClient:
         )
 
     def get_info(self) -> types.GetInfoResponse:
-        return self._info(self._connection.unary_sync("GetInfo", service_pb2.GetInfoRequest(model_id=self.model_id)))
+        return self._info(
+            self._connection.unary_sync(
+                self._connection.stub.GetInfo, service_pb2.GetInfoRequest(model_id=self.model_id)
+            )
+        )
 
     async def get_info_async(self) -> types.GetInfoResponse:
         request = service_pb2.GetInfoRequest(model_id=self.model_id)
-        return self._info(await self._connection.unary("GetInfo", request))
+        return self._info(await self._connection.unary(self._connection.stub.GetInfo, request))
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer_loader()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
@@ -294,3 +295,63 @@ class SampleResponse:
 @dataclass(frozen=True)
 class SaveWeightsForSamplerResponse:
     path: str
+
+
+@dataclass(frozen=True)
+class SaveWeightsResponse:
+    """Result of `save_state`: the tinker://<run>/weights/<name> path."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class LoadWeightsResponse:
+    path: str
+
+
+CheckpointType: TypeAlias = Literal["training", "sampler"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    checkpoint_id: str
+    """"weights/<name>" or "sampler_weights/<name>"."""
+    checkpoint_type: CheckpointType
+    time: datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    expires_at: datetime | None = None
+    """When the server deletes it (a TTL was given); None: kept until deleted."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    last_request_time: datetime
+    lora_rank: int | None = None
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+    size_bytes: int = 0
+    """Disk space used by all of the run's checkpoints."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    offset: int
+    limit: int
+    total_count: int
+
+
+@dataclass(frozen=True)
+class TrainingRunsResponse:
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+@dataclass(frozen=True)
+class CheckpointsListResponse:
+    checkpoints: list[Checkpoint]
