@@ -15,29 +15,46 @@ from pathlib import Path
 _LISTENING = re.compile(r"tinker-server listening on (\S+):(\d+)")
 
 
+def start_server(
+    data_dir: Path, extra_args: Sequence[str] = (), startup_timeout: float = 120.0, log_path: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Starts a server; returns the process and its address ('127.0.0.1:PORT') once it listens."""
+    log_path = log_path or data_dir / "server.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        return process, _wait_for_address(process, startup_timeout, log_path)
+    except BaseException:
+        stop_server(process)
+        raise
+
+
+def stop_server(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
 @contextmanager
 def running_server(
     data_dir: Path, extra_args: Sequence[str] = (), startup_timeout: float = 120.0, log_path: Path | None = None
 ) -> Iterator[str]:
-    """Yields the server's address ('127.0.0.1:PORT'); SIGTERM and wait on exit."""
-    log_path = log_path or data_dir / "server.log"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
-    with (
-        open(log_path, "w") as log,
-        subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        ) as process,
-    ):
-        try:
-            yield _wait_for_address(process, startup_timeout, log_path)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """Yields the server's address; stops the server on exit."""
+    process, address = start_server(data_dir, extra_args, startup_timeout, log_path)
+    try:
+        yield address
+    finally:
+        stop_server(process)
 
 
 def _wait_for_address(process: subprocess.Popen[str], timeout: float, log_path: Path) -> str:

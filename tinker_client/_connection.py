@@ -82,6 +82,7 @@ class Connection:
         self._outgoing: asyncio.Queue[service_pb2.SessionRequest | None] | None = None
         self._stream_task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
+        self._closed = False
         self.run(self._open_channel())
 
     async def _open_channel(self) -> None:
@@ -130,6 +131,9 @@ class Connection:
         return pending
 
     def _enqueue(self, request: service_pb2.SessionRequest, pending: Pending) -> None:
+        if self._closed:
+            pending.fail(APIConnectionError("this client was closed", code=grpc.StatusCode.CANCELLED))
+            return
         if self._stream_task is None or self._stream_task.done():
             self._outgoing = asyncio.Queue()
             self._stream_task = self.loop.create_task(self._run_stream(self._outgoing))
@@ -173,6 +177,7 @@ class Connection:
 
     def close(self) -> None:
         async def shutdown() -> None:
+            self._closed = True
             if self._outgoing is not None:
                 self._outgoing.put_nowait(None)  # ends the request stream: a clean half-close
             if self._call is not None:
