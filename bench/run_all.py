@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from bench import sampling
+from bench import sampling, training
 
 
 def main() -> None:
+    training.main([])
     sampling.main([])
 
 

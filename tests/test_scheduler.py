@@ -111,7 +111,7 @@ def test_a_failed_worker_fails_the_cycle_with_unavailable():
     assert "worker process exited" in outcome.error.message
 
 
-@pytest.mark.parametrize("text", ["fixed", "fixed:0", "fixed:-1", "fixed:abc", "sometimes"])
+@pytest.mark.parametrize("text", ["fixed", "fixed:0", "fixed:-1", "fixed:abc", "sometimes", "continuous:-1"])
 def test_bad_cycle_policies_are_rejected(text):
     with pytest.raises(ValueError, match="--cycle"):
         CyclePolicy.parse(text)
@@ -119,4 +119,25 @@ def test_bad_cycle_policies_are_rejected(text):
 
 def test_cycle_policies_parse():
     assert CyclePolicy.parse("continuous") == CyclePolicy()
+    assert CyclePolicy.parse("continuous:0") == CyclePolicy(coalesce=0.0)
     assert CyclePolicy.parse("fixed:2.5") == CyclePolicy(period=2.5)
+
+
+def test_continuous_waits_briefly_for_the_tenants_it_just_served():
+    """Tenants training in lock-step share a cycle instead of splitting into two groups."""
+
+    async def scenario() -> list[dict[str, list[str]]]:
+        worker = RecordingWorker(delay=0.01)
+        scheduler = Scheduler(worker.run_cycle, CyclePolicy(coalesce=0.2))
+        clock = asyncio.create_task(scheduler.run())
+        await asyncio.gather(*(scheduler.submit(key, forward(key)).outcome for key in ("a", "b")))
+        # a comes back at once, b 30 ms later: both still make the same cycle.
+        first = scheduler.submit("a", forward("a"))
+        await asyncio.sleep(0.03)
+        second = scheduler.submit("b", forward("b"))
+        await asyncio.gather(first.outcome, second.outcome)
+        clock.cancel()
+        return [per_model(cycle) for cycle in worker.cycles]
+
+    cycles = asyncio.run(scenario())
+    assert cycles[-1] == {"a": ["ForwardBackward"], "b": ["ForwardBackward"]}

@@ -35,33 +35,42 @@ class Ticket:
     outcome: asyncio.Future[ops.Outcome]
 
 
+DEFAULT_COALESCE_SECONDS = 0.02
+
+
 @dataclass(frozen=True)
 class CyclePolicy:
-    """`continuous`: a cycle starts as soon as the worker is free and work is queued.
-    `fixed`: a cycle starts every `period` seconds (like the hosted service)."""
+    """`continuous[:COALESCE]`: a cycle starts as soon as the worker is free and work is
+    queued. Right after a cycle it waits up to COALESCE seconds (default 20 ms) for the
+    models that were just served to send their next request, so tenants that train in
+    lock-step share one batch instead of splitting into groups that alternate.
+    `fixed:PERIOD`: a cycle starts every PERIOD seconds (like the hosted service)."""
 
     period: float | None = None
+    coalesce: float = DEFAULT_COALESCE_SECONDS
 
     @classmethod
     def parse(cls, text: str) -> CyclePolicy:
-        if text == "continuous":
-            return cls()
         kind, _, seconds = text.partition(":")
-        if kind == "fixed":
-            try:
-                period = float(seconds)
-            except ValueError:
-                period = -1.0
-            if period > 0:
-                return cls(period)
-        raise ValueError(f"--cycle {text!r}: expected 'continuous' or 'fixed:SECONDS' with SECONDS > 0")
+        try:
+            value = float(seconds) if seconds else None
+        except ValueError:
+            value = -1.0
+        if kind == "continuous" and (value is None or value >= 0):
+            return cls(coalesce=DEFAULT_COALESCE_SECONDS if value is None else value)
+        if kind == "fixed" and value is not None and value > 0:
+            return cls(period=value)
+        raise ValueError(
+            f"--cycle {text!r}: expected 'continuous', 'continuous:COALESCE_SECONDS' (>= 0) or 'fixed:SECONDS' (> 0)"
+        )
 
     def __str__(self) -> str:
-        return "continuous" if self.period is None else f"fixed:{self.period:g}"
+        return f"continuous:{self.coalesce:g}" if self.period is None else f"fixed:{self.period:g}"
 
 
 @dataclass
 class _Queued:
+    queue_key: str
     ticket: Ticket
     item: ops.WorkItem
 
@@ -76,6 +85,7 @@ class Scheduler:
         self._queues: dict[str, deque[_Queued]] = {}
         self._seqs: dict[str, itertools.count[int]] = {}
         self._work_available = asyncio.Event()
+        self._submitted = asyncio.Event()  # pulses on every submission
         self._cycle_ids = itertools.count(1)
         self._fair_start = 0
 
@@ -85,8 +95,9 @@ class Scheduler:
         future_id = uuid.uuid4().hex
         item.future_id = future_id
         ticket = Ticket(future_id, seq, asyncio.get_running_loop().create_future())
-        self._queues.setdefault(queue_key, deque()).append(_Queued(ticket, item))
+        self._queues.setdefault(queue_key, deque()).append(_Queued(queue_key, ticket, item))
         self._work_available.set()
+        self._submitted.set()
         return ticket
 
     def queued(self) -> int:
@@ -96,16 +107,37 @@ class Scheduler:
         """The clock: forms and runs cycles until cancelled."""
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
+        just_served: set[str] = set()
         while True:
+            if self._policy.period is None and just_served:
+                await self._await_returning(just_served, loop.time() + self._policy.coalesce)
             await self._work_available.wait()
             if self._policy.period is not None:
                 next_tick = max(next_tick + self._policy.period, loop.time())
                 await asyncio.sleep(next_tick - loop.time())
+            else:
+                await asyncio.sleep(0)  # let requests already received join, e.g. an optim_step sent with its backward
             batch = self._take_cycle()
+            just_served = {queued.queue_key for queued in batch}
             if not any(self._queues.values()):
                 self._work_available.clear()
             if batch:
+                log.debug(
+                    "cycle of %d requests: %s",
+                    len(batch),
+                    " ".join(f"{q.queue_key[-4:]}:{type(q.item.operation).__name__[:3]}" for q in batch),
+                )
                 await self._execute(ops.Cycle(next(self._cycle_ids), [queued.item for queued in batch]), batch)
+
+    async def _await_returning(self, models: set[str], deadline: float) -> None:
+        """Waits until every model in `models` has queued work again, or the deadline."""
+        loop = asyncio.get_running_loop()
+        while not models <= self._queues.keys() and (remaining := deadline - loop.time()) > 0:
+            self._submitted.clear()
+            try:
+                await asyncio.wait_for(self._submitted.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _take_cycle(self) -> list[_Queued]:
         """Every queue's longest phase-ordered prefix; queues visited round-robin."""

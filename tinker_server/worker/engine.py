@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tinker_server import ops
+from tinker_server.worker.batching import length_buckets
 from tinker_server.worker.checkpoints import (
     CheckpointError,
     directory_size,
@@ -187,41 +188,51 @@ class Engine:
     # -- forward / backward ----------------------------------------------------------
 
     def _forward_backward(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
-        """Every datum of every item in one padded batch, rows grouped by adapter."""
+        """Every datum of every item, in length buckets (little padding); within a bucket
+        the rows of all adapters share one pass over the base model."""
         for item in items:
             self._adapter(item.model_id)
-        rows = sorted(
-            ((item_index, datum) for item_index, item in enumerate(items) for datum in item.operation.data),
-            key=lambda row: items[row[0]].model_id,
-        )
-        width = max(len(datum.tokens) for _, datum in rows)
+        rows = [
+            (item_index, datum_index, datum)
+            for item_index, item in enumerate(items)
+            for datum_index, datum in enumerate(item.operation.data)
+        ]
+        outputs: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [
+            [None] * len(item.operation.data) for item in items
+        ]
+        for bucket in length_buckets([len(datum.tokens) for _, _, datum in rows]):
+            self._forward_bucket(items, [rows[row] for row in bucket], outputs)
+        return [self._forward_result(item_outputs) for item_outputs in outputs]
+
+    def _forward_bucket(
+        self,
+        items: list[ops.WorkItem],
+        rows: list[tuple[int, int, ops.DatumArrays]],
+        outputs: list[list[tuple[torch.Tensor, torch.Tensor] | None]],
+    ) -> None:
+        """One padded pass; backward right away, so each bucket's graph is freed before the next."""
+        rows = sorted(rows, key=lambda row: items[row[0]].model_id)  # contiguous rows per adapter
+        width = max(len(datum.tokens) for _, _, datum in rows)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (_, datum) in enumerate(rows):
-            input_ids[row, : len(datum.tokens)] = torch.from_numpy(datum.tokens.astype(np.int64))
-        segments = contiguous_segments([items[item_index].model_id for item_index, _ in rows])
-        needs_grad = any(item.operation.backward for item in items)
+        for row, (_, _, datum) in enumerate(rows):
+            input_ids[row, : len(datum.tokens)] = torch.from_numpy(datum.tokens)
+        segments = contiguous_segments([items[item_index].model_id for item_index, _, _ in rows])
+        needs_grad = any(items[item_index].operation.backward for item_index, _, _ in rows)
 
         with torch.set_grad_enabled(needs_grad), self.routing.route(segments):
-            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()  # [B, T, V]
             log_normalizer = torch.logsumexp(logits, dim=-1)  # [B, T]
-            per_item: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in items]
-            for row, (item_index, datum) in enumerate(rows):
+            to_backward = []
+            for row, (item_index, datum_index, datum) in enumerate(rows):
                 operation: ops.ForwardBackward = items[item_index].operation
                 inputs = {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()}
                 logprobs = self._target_logprobs(logits[row], log_normalizer[row], inputs.pop("target_tokens"))
-                loss_fn = LOSS_FUNCTIONS[operation.loss_fn]
-                per_item[item_index].append((logprobs, loss_fn(logprobs, inputs, operation.loss_fn_config)))
-
-        # The sort was stable, so each item's outputs are still in its datums' order.
-        if needs_grad:
-            total = sum(
-                loss.sum()
-                for item, outputs in zip(items, per_item, strict=True)
-                if item.operation.backward
-                for _, loss in outputs
-            )
-            total.backward()
-        return [self._forward_result(outputs) for outputs in per_item]
+                loss = LOSS_FUNCTIONS[operation.loss_fn](logprobs, inputs, operation.loss_fn_config)
+                outputs[item_index][datum_index] = (logprobs.detach(), loss.detach())
+                if operation.backward:
+                    to_backward.append(loss.sum())
+        if to_backward:
+            torch.stack(to_backward).sum().backward()
 
     @staticmethod
     def _target_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

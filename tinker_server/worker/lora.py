@@ -19,6 +19,9 @@ from torch import nn
 from tinker_server.ops import LoraSpec
 
 ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
+GATHER_BUDGET = 1 << 24
+"""Most elements of per-row A and B copies a layer may gather (kept for backward); past it,
+rows go through their adapters segment by segment instead."""
 
 
 @dataclass
@@ -34,10 +37,13 @@ class RowRouting:
     """Shared by every MultiLoRALinear of a model; set around each forward pass."""
 
     segments: list[RowSegment] = field(default_factory=list)
+    generation: int = 0
+    """Bumped on every `route`, so layers know when per-routing caches are stale."""
 
     @contextmanager
     def route(self, segments: list[RowSegment]) -> Iterator[None]:
         self.segments = segments
+        self.generation += 1
         try:
             yield
         finally:
@@ -62,7 +68,7 @@ class LoraPair:
     scaling: float
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A.T) @ self.B.T * self.scaling
+        return ((x @ self.A.T) * self.scaling) @ self.B.T  # scale the rank-r intermediate: cheaper
 
 
 class MultiLoRALinear(nn.Module):
@@ -75,22 +81,60 @@ class MultiLoRALinear(nn.Module):
         self.kind = kind
         # Not registered as submodules: adapters stay out of the base model's parameters.
         self.adapters: dict[str, LoraPair] = {}
+        self._index_generation = -1
+        self._index = self._scaling = torch.empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [rows, ..., in_features]; each segment's rows go through their own adapter."""
         out = self.base(x)
-        deltas: list[torch.Tensor] = []
-        any_adapter = False
-        for segment in self.routing.segments:
-            pair = self.adapters.get(segment.adapter) if segment.adapter is not None else None
-            rows = slice(segment.start, segment.stop)
-            if pair is None:
-                deltas.append(out.new_zeros(out[rows].shape))
-            else:
-                deltas.append(pair.delta(x[rows]))
-                any_adapter = True
-        if not any_adapter:
+        pairs = [
+            (segment, self.adapters.get(segment.adapter) if segment.adapter is not None else None)
+            for segment in self.routing.segments
+        ]
+        if all(pair is None for _, pair in pairs):
             return out
-        return out + torch.cat(deltas, dim=0)
+        if len(pairs) == 1:
+            return out + pairs[0][1].delta(x)
+        ranks = {pair.A.shape[0] for _, pair in pairs if pair is not None}
+        gathered = x.shape[0] * max(ranks) * (self.base.in_features + self.base.out_features)
+        if all(pair is not None for _, pair in pairs) and len(ranks) == 1 and gathered <= GATHER_BUDGET:
+            return out + self._gathered_delta(x, pairs)
+        # Mixed ranks, or rows without this layer: one delta per segment, joined once.
+        deltas = [
+            pair.delta(x[segment.start : segment.stop])
+            if pair
+            else out.new_zeros(out[segment.start : segment.stop].shape)
+            for segment, pair in pairs
+        ]
+        return out + torch.cat(deltas)
+
+    def _gathered_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
+        """All rows through their own adapters in two batched matmuls, however many adapters:
+        each row gathers its adapter's A and B.          shapes: S adapters, R rows, r rank"""
+        a = torch.stack([pair.A for _, pair in pairs])  # [S, r, in]
+        b = torch.stack([pair.B for _, pair in pairs])  # [S, out, r]
+        lengths = {segment.stop - segment.start for segment, _ in pairs}
+        if len(lengths) == 1:  # equal segments: batch over adapters directly, nothing gathered
+            groups = x.reshape(len(pairs), -1, x.shape[-1])  # [S, R/S * T, in]
+            scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype, device=x.device)
+            hidden = torch.bmm(groups, a.transpose(1, 2)) * scales.view(-1, 1, 1)  # [S, R/S * T, r]
+            return torch.bmm(hidden, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+        index, scaling = self._row_index(pairs, x.device)  # [R], [R, 1, 1]
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [R, T, in]
+        hidden = torch.bmm(rows, a[index].transpose(1, 2)) * scaling  # [R, T, r]
+        return torch.bmm(hidden, b[index].transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+
+    def _row_index(
+        self, pairs: list[tuple[RowSegment, LoraPair]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's adapter and scaling; built once per routing (the whole forward pass)."""
+        if self._index_generation != self.routing.generation:
+            lengths = torch.tensor([segment.stop - segment.start for segment, _ in pairs])
+            self._index = torch.repeat_interleave(torch.arange(len(pairs)), lengths).to(device)
+            scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=pairs[0][1].A.dtype)
+            self._scaling = torch.repeat_interleave(scales, lengths).view(-1, 1, 1).to(device)
+            self._index_generation = self.routing.generation
+        return self._index, self._scaling
 
 
 def layer_kind(module_path: str, model: nn.Module) -> str | None:

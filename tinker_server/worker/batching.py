@@ -1,0 +1,27 @@
+"""Padding-aware batching: group rows of similar length so padding stays a small fraction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+PADDING_TOLERANCE = 0.25
+"""A bucket may hold at most 25% more tokens, padded, than its rows really have."""
+
+
+def length_buckets(lengths: Sequence[int], tolerance: float = PADDING_TOLERANCE) -> list[list[int]]:
+    """Row indices split into buckets, longest rows first; each bucket's padded size
+    (rows x its longest row) stays within (1 + tolerance) x its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    buckets: list[list[int]] = []
+    real = 0
+    for row in order:
+        if buckets:
+            bucket = buckets[-1]
+            padded = lengths[bucket[0]] * (len(bucket) + 1)
+            if padded <= (1 + tolerance) * (real + lengths[row]):
+                bucket.append(row)
+                real += lengths[row]
+                continue
+        buckets.append([row])
+        real = lengths[row]
+    return buckets
