@@ -40,8 +40,10 @@ test: install lint
 demo: install
 	$(PY) examples/demo.py
 
+# Not part of `make test`. The public Tinker SDK is installed only to compare wire formats.
 bench: install
-	$(PY) -m bench.run_all
+	$(PY) -m pip install -q "tinker==0.38.0"
+	$(PY) -m bench.run_all $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m ruff check tinker_client tinker_server tests examples bench

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from bench import sampling, training
+import sys
+
+from bench import latency, sampling, training, wire
 
 
 def main() -> None:
-    training.main([])
-    sampling.main([])
+    """Extra arguments (e.g. --base-model PATH for a GPU run) go to every benchmark that takes them."""
+    extra = sys.argv[1:]
+    training.main(extra)
+    latency.main(extra)
+    wire.main([])
+    sampling.main(extra)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from tinker_server.scheduler import CyclePolicy, Scheduler
 ADAM = ops.AdamConfig(1e-3, 0.9, 0.95, 1e-12, 0.0, 0.0)
 
 
-def forward(model_id: str) -> ops.WorkItem:
-    datum = ops.DatumArrays(np.zeros(2, dtype=np.int64), {"target_tokens": np.zeros(2, dtype=np.int64)})
+def forward(model_id: str, tokens: int = 2) -> ops.WorkItem:
+    datum = ops.DatumArrays(np.zeros(tokens, dtype=np.int64), {"target_tokens": np.zeros(tokens, dtype=np.int64)})
     return ops.WorkItem("", model_id, ops.ForwardBackward([datum], "cross_entropy", {}, backward=True))
 
 
@@ -141,3 +141,28 @@ def test_continuous_waits_briefly_for_the_tenants_it_just_served():
 
     cycles = asyncio.run(scenario())
     assert cycles[-1] == {"a": ["ForwardBackward"], "b": ["ForwardBackward"]}
+
+
+def test_a_flooding_tenant_delays_another_tenants_request_by_at_most_one_cycle():
+    async def scenario() -> tuple[list[int], int, int]:
+        worker = RecordingWorker(delay=0.005)
+        scheduler = Scheduler(worker.run_cycle, CyclePolicy(coalesce=0.0), max_cycle_tokens=4000)
+        clock = asyncio.create_task(scheduler.run())
+        flood = [scheduler.submit("flooder", forward("flooder", tokens=1000)) for _ in range(40)]
+        await asyncio.sleep(0)  # the first cycle is under way
+        running = len(worker.cycles) + 1
+        single = scheduler.submit("other", forward("other", tokens=10))
+        outcome = await single.outcome
+        await asyncio.gather(*(ticket.outcome for ticket in flood))
+        clock.cancel()
+        return [len(cycle) for cycle in worker.cycles], outcome.cycle_id, running
+
+    sizes, cycle_of_single, running = asyncio.run(scenario())
+    assert cycle_of_single <= running + 1
+    assert max(sizes) <= 5  # 4 x 1000 flooder tokens + the 10-token request, never the whole backlog
+
+
+def test_a_request_larger_than_the_cycle_cap_still_runs_alone():
+    scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy(), max_cycle_tokens=100)
+    outcomes = asyncio.run(run_all(scheduler, [("a", forward("a", tokens=500)), ("b", forward("b", tokens=50))]))
+    assert sorted(outcome.cycle_id for outcome in outcomes) == [1, 2]

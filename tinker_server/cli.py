@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tinker_server.api.requests import Limits
 from tinker_server.config import ServerConfig
-from tinker_server.scheduler import CyclePolicy
+from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
 
 
@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         type=CyclePolicy.parse,
         default=CyclePolicy(),
         help="'continuous' (default) or 'fixed:SECONDS'",
+    )
+    parser.add_argument(
+        "--max-cycle-tokens",
+        type=int,
+        default=DEFAULT_MAX_CYCLE_TOKENS,
+        help="tokens one cycle may take across all tenants (default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes", type=int, default=256 << 20, help="largest gRPC message accepted (default 256 MiB)"
@@ -55,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         base_model=args.base_model,
         data_dir=args.data_dir,
         cycle=args.cycle,
+        max_cycle_tokens=args.max_cycle_tokens,
         limits=Limits(max_message_bytes=args.max_message_bytes),
         result_retention_seconds=args.result_retention_seconds,
         sweep_interval_seconds=args.sweep_interval,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinker_server.api.requests import Limits
-from tinker_server.scheduler import CyclePolicy
+from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,8 @@ class ServerConfig:
     """A local Hugging Face model directory; None serves the embedded default model."""
     data_dir: Path = Path("tinker-data")
     cycle: CyclePolicy = field(default_factory=CyclePolicy)
+    max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
+    """A cycle's size cap, so one tenant's backlog cannot stall everyone's next cycle."""
     limits: Limits = field(default_factory=Limits)
     shutdown_grace_seconds: float = 10.0
     result_retention_seconds: float = 3600.0

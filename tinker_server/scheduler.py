@@ -36,6 +36,16 @@ class Ticket:
 
 
 DEFAULT_COALESCE_SECONDS = 0.02
+DEFAULT_MAX_CYCLE_TOKENS = 32768
+
+
+def operation_tokens(operation: ops.Operation) -> int:
+    """What an operation costs a cycle, in tokens through the model."""
+    if isinstance(operation, ops.ForwardBackward):
+        return sum(len(datum.tokens) for datum in operation.data)
+    if isinstance(operation, ops.Sample):
+        return operation.num_samples * (len(operation.prompt) + operation.params.max_tokens)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,12 @@ RunCycle = Callable[[ops.Cycle], Awaitable[list[ops.Outcome]]]
 
 
 class Scheduler:
-    def __init__(self, run_cycle: RunCycle, policy: CyclePolicy) -> None:
+    def __init__(
+        self, run_cycle: RunCycle, policy: CyclePolicy, max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
+    ) -> None:
         self._run_cycle = run_cycle
         self._policy = policy
+        self._max_cycle_tokens = max_cycle_tokens
         self._queues: dict[str, deque[_Queued]] = {}
         self._seqs: dict[str, itertools.count[int]] = {}
         self._work_available = asyncio.Event()
@@ -140,22 +153,40 @@ class Scheduler:
                 return
 
     def _take_cycle(self) -> list[_Queued]:
-        """Every queue's longest phase-ordered prefix; queues visited round-robin."""
+        """Round-robin over the queues, one request at a time, so a tenant with a long queue
+        cannot crowd out one with a single request; each queue contributes a prefix whose
+        phases fit the cycle's order, and the cycle stops at `max_cycle_tokens` (a single
+        request larger than that still runs, alone)."""
         keys = list(self._queues)
         if not keys:
             return []
         self._fair_start = (self._fair_start + 1) % len(keys)
+        order = keys[self._fair_start :] + keys[: self._fair_start]
         taken: list[_Queued] = []
-        for key in keys[self._fair_start :] + keys[: self._fair_start]:
-            queue = self._queues[key]
-            last_phase: ops.Phase | None = None
-            while queue:
-                phase = queue[0].item.operation.phase
-                if last_phase is not None and (phase < last_phase or (phase == last_phase and phase not in _BATCHABLE)):
-                    break
+        budget = self._max_cycle_tokens
+        last_phase: dict[str, ops.Phase] = {}
+        progress = True
+        while progress:
+            progress = False
+            for key in order:
+                queue = self._queues[key]
+                if not queue:
+                    continue
+                operation = queue[0].item.operation
+                previous = last_phase.get(key)
+                if previous is not None and (
+                    operation.phase < previous or (operation.phase == previous and operation.phase not in _BATCHABLE)
+                ):
+                    continue
+                cost = operation_tokens(operation)
+                if taken and cost > budget:
+                    continue
                 taken.append(queue.popleft())
-                last_phase = phase
-            if not queue:
+                budget -= cost
+                last_phase[key] = operation.phase
+                progress = True
+        for key in keys:
+            if not self._queues[key]:
                 del self._queues[key]
         return taken
 

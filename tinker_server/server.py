@@ -37,7 +37,7 @@ class TinkerServer:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._store = Store(config.data_dir / "tinker.db")
         model = await self._worker.start()
-        scheduler = Scheduler(self._worker.run_cycle, config.cycle)
+        scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         runs = Runs(self._store, config.data_dir)
         dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
         parser = RequestParser(model, runs, config.limits)
