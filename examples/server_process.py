@@ -22,6 +22,8 @@ def start_server(
     log_path = log_path or data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
+    if "--api-keys-file" not in extra_args and "TINKER_API_KEYS" not in os.environ:
+        command.append("--allow-unauthenticated")  # a local, single-user server
     with open(log_path, "a") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}

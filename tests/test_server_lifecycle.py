@@ -17,7 +17,16 @@ from tinker_client import ServiceClient
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
-    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "tinker_server",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--allow-unauthenticated",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()

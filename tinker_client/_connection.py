@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
+import uuid
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,12 +22,13 @@ from urllib.parse import urlparse
 
 import grpc
 
-from tinker_client.errors import APIConnectionError, error_for_status, error_from_rpc
+from tinker_client.errors import APIConnectionError, APIError, error_for_status, error_from_rpc
 from tinker_client.futures import APIFuture
 from tinker_rpc.v1 import runs_pb2_grpc, service_pb2, service_pb2_grpc
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 256 << 20
+log = logging.getLogger(__name__)
 
 
 class _LoopThread:
@@ -46,22 +50,23 @@ class _LoopThread:
             return cls._instance
 
 
-def parse_target(base_url: str) -> str:
-    """'host:port', 'grpc://host:port' or 'http://host:port' → 'host:port'."""
+def parse_target(base_url: str) -> tuple[str, bool]:
+    """'host:port', 'grpc://host:port', 'http://...' → ('host:port', plaintext);
+    'grpcs://host:port' or 'https://...' → ('host:port', TLS)."""
     if "://" not in base_url:
-        return base_url
+        return base_url, False
     parsed = urlparse(base_url)
     if not parsed.hostname:
         raise ValueError(f"base_url {base_url!r}: no host")
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-    return f"{host}:{parsed.port or 50051}"
+    return f"{host}:{parsed.port or 50051}", parsed.scheme in ("grpcs", "https")
 
 
 @dataclass
 class Pending:
-    """The two answers a queued request gets: its ack, then its result."""
+    """A request until its result: sent (again, after a reconnect) until it is answered."""
 
-    request_id: str
+    request: service_pb2.SessionRequest
     ack: concurrent.futures.Future[service_pb2.Ack] = field(default_factory=concurrent.futures.Future)
     result: concurrent.futures.Future[service_pb2.Result] = field(default_factory=concurrent.futures.Future)
 
@@ -70,19 +75,41 @@ class Pending:
             if not future.done():
                 future.set_exception(error)
 
+    def on_the_wire(self) -> service_pb2.SessionRequest:
+        """What to send on a (new) stream: the request, or once acked, a resume by future_id."""
+        if not self.ack.done() or self.ack.exception() is not None:
+            return self.request
+        resume = service_pb2.ResumeRequest(future_id=self.ack.result().future_id)
+        return service_pb2.SessionRequest(request_id=self.request.request_id, resume=resume)
+
 
 class Connection:
-    def __init__(self, base_url: str, api_key: str | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        tls_root_certificates: bytes | None = None,
+        reconnect_timeout: float = 60.0,
+    ) -> None:
         self._loop_thread = _LoopThread.get()
         self.loop = self._loop_thread.loop
-        self.target = parse_target(base_url)
+        self.target, self._tls = parse_target(base_url)
+        self._tls = self._tls or tls_root_certificates is not None
+        self._root_certificates = tls_root_certificates
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._reconnect_timeout = reconnect_timeout
         self._request_ids = itertools.count(1)
+        # Loop-thread state of the session: every unanswered request in submission order,
+        # those not yet sent on the current stream, and how many are out on it.
         self._pending: dict[str, Pending] = {}
+        self._backlog: deque[Pending] = deque()
         self._outgoing: asyncio.Queue[service_pb2.SessionRequest | None] | None = None
+        self._window = 0
+        self._unanswered = 0
         self._stream_task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         self._closed = False
+        self._answered_since_reconnect = False
         self.run(self._open_channel())
 
     async def _open_channel(self) -> None:
@@ -90,7 +117,11 @@ class Connection:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        if self._tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
         self.stub = service_pb2_grpc.TinkerServiceStub(self._channel)
         self.runs = runs_pb2_grpc.RunsServiceStub(self._channel)
 
@@ -126,54 +157,96 @@ class Connection:
     def submit(self, request: service_pb2.SessionRequest) -> Pending:
         """Queues a request on the stream, in call order; thread-safe and non-blocking."""
         request.request_id = f"r{next(self._request_ids)}"
-        pending = Pending(request.request_id)
-        self.loop.call_soon_threadsafe(self._enqueue, request, pending)
+        request.idempotency_key = uuid.uuid4().hex
+        pending = Pending(request)
+        self.loop.call_soon_threadsafe(self._enqueue, pending)
         return pending
 
-    def _enqueue(self, request: service_pb2.SessionRequest, pending: Pending) -> None:
+    def _enqueue(self, pending: Pending) -> None:
         if self._closed:
             pending.fail(APIConnectionError("this client was closed", code=grpc.StatusCode.CANCELLED))
             return
+        self._pending[pending.request.request_id] = pending
+        self._backlog.append(pending)
         if self._stream_task is None or self._stream_task.done():
-            self._outgoing = asyncio.Queue()
-            self._stream_task = self.loop.create_task(self._run_stream(self._outgoing))
-        self._pending[request.request_id] = pending
-        self._outgoing.put_nowait(request)
+            self._stream_task = self.loop.create_task(self._keep_session())
+        self._pump()
 
-    async def _run_stream(self, outgoing: asyncio.Queue[service_pb2.SessionRequest | None]) -> None:
+    def _pump(self) -> None:
+        """Sends from the backlog while the server's window allows (flow control: a client
+        never has more requests in flight than the server accepts; the rest wait here)."""
+        while self._outgoing is not None and self._backlog and self._unanswered < self._window:
+            pending = self._backlog.popleft()
+            if pending.request.request_id in self._pending:
+                self._outgoing.put_nowait(pending.on_the_wire())
+                self._unanswered += 1
+
+    async def _keep_session(self) -> None:
+        """Runs the stream; after a break, reconnects with backoff and resends what is
+        unanswered: unacked requests as they were (same request_id and idempotency key,
+        so the server never runs one twice), acked ones as resumes by future_id."""
+        delay, deadline = 0.05, None
+        while self._pending and not self._closed:
+            if self._answered_since_reconnect:  # the last reconnect worked: start afresh
+                delay, deadline, self._answered_since_reconnect = 0.05, None, False
+            try:
+                await self._run_stream()
+                error: APIError = APIConnectionError("the server closed the session", code=grpc.StatusCode.UNAVAILABLE)
+            except grpc.aio.AioRpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+            self._outgoing, self._unanswered = None, 0
+            if error.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or self._closed:
+                break
+            deadline = deadline or self.loop.time() + self._reconnect_timeout
+            if self.loop.time() + delay > deadline:
+                break
+            log.warning("session stream broke (%s); reconnecting in %.2fs", error.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            self._backlog = deque(self._pending.values())  # insertion order: submission order
+        else:
+            return
+        for pending in self._pending.values():
+            pending.fail(error)
+        self._pending.clear()
+        self._backlog.clear()
+
+    async def _run_stream(self) -> None:
+        capabilities = await self.stub.GetServerCapabilities(
+            service_pb2.GetServerCapabilitiesRequest(), metadata=self.metadata, timeout=30
+        )
+        self._window = capabilities.max_inflight_requests or 64
+        outgoing: asyncio.Queue[service_pb2.SessionRequest | None] = asyncio.Queue()
+
         async def requests():
             while (request := await outgoing.get()) is not None:
                 yield request
 
-        call = self.stub.Session(requests(), metadata=self.metadata)
-        self._call = call
-        try:
-            async for response in call:
-                self._dispatch(response)
-            error: Exception = APIConnectionError(
-                "the server closed the session stream", code=grpc.StatusCode.UNAVAILABLE
-            )
-        except grpc.aio.AioRpcError as rpc_error:
-            error = error_from_rpc(rpc_error)
-        for pending in self._pending.values():
-            pending.fail(error)
-        self._pending.clear()
+        self._call = call = self.stub.Session(requests(), metadata=self.metadata)
+        self._outgoing = outgoing
+        self._pump()
+        async for response in call:
+            self._dispatch(response)
 
     def _dispatch(self, response: service_pb2.SessionResponse) -> None:
         pending = self._pending.get(response.request_id)
         if pending is None:
             return
         if response.HasField("ack"):
-            pending.ack.set_result(response.ack)
+            if not pending.ack.done():
+                pending.ack.set_result(response.ack)
             return
         del self._pending[response.request_id]
+        self._unanswered -= 1
+        self._answered_since_reconnect = True
         result = response.result
         if result.HasField("error"):
             pending.fail(error_for_status(result.error.code, result.error.message, response.request_id))
         else:
-            if not pending.ack.done():  # a server never does this, but do not hang on it
+            if not pending.ack.done():  # a resumed request's ack came on an earlier stream
                 pending.ack.set_result(service_pb2.Ack(future_id=result.future_id))
             pending.result.set_result(result)
+        self._pump()
 
     def close(self) -> None:
         async def shutdown() -> None:

@@ -27,10 +27,19 @@ class ServiceClient:
     >>> training = service.create_lora_training_client("embedded/tiny-llama", rank=16)
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        tls_root_certificates: bytes | None = None,
+        reconnect_timeout: float = 60.0,
+    ) -> None:
+        """`base_url`: host:port (plaintext) or grpcs://host:port (TLS; pass
+        `tls_root_certificates` for a private CA). After a dropped connection the client
+        reconnects for up to `reconnect_timeout` seconds, and no request is lost or run twice."""
         base_url = base_url or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL
         api_key = api_key or os.environ.get("TINKER_API_KEY")
-        self._connection = Connection(base_url, api_key)
+        self._connection = Connection(base_url, api_key, tls_root_certificates, reconnect_timeout)
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
 
     # -- server ----------------------------------------------------------------------

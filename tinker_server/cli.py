@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from tinker_server.api.requests import Limits
+from tinker_server.auth import ApiKeys
 from tinker_server.config import ServerConfig
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
@@ -52,8 +54,34 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=10.0,
         help="seconds between deletions of expired checkpoints and results (default %(default)s)",
     )
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        help="file of 'KEY OWNER' lines; keys may also come from $TINKER_API_KEYS as KEY=OWNER,...",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve without API keys (everyone is one anonymous owner); logged loudly",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain; with --tls-key enables TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    parser.add_argument("--max-adapters", type=int, default=Limits.max_adapters, help="training runs held at once")
+    parser.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        default=Limits.max_inflight_requests,
+        help="acked, unanswered requests per session stream (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        api_keys = ApiKeys.load(args.api_keys_file, os.environ.get("TINKER_API_KEYS"), args.allow_unauthenticated)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return ServerConfig(
         host=args.host,
@@ -62,7 +90,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         data_dir=args.data_dir,
         cycle=args.cycle,
         max_cycle_tokens=args.max_cycle_tokens,
-        limits=Limits(max_message_bytes=args.max_message_bytes),
+        limits=Limits(
+            max_message_bytes=args.max_message_bytes,
+            max_adapters=args.max_adapters,
+            max_inflight_requests=args.max_inflight_requests,
+        ),
+        api_keys=api_keys,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         result_retention_seconds=args.result_retention_seconds,
         sweep_interval_seconds=args.sweep_interval,
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinker_server.api.requests import Limits
+from tinker_server.auth import ApiKeys
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 
 
@@ -20,6 +21,9 @@ class ServerConfig:
     max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
     """A cycle's size cap, so one tenant's backlog cannot stall everyone's next cycle."""
     limits: Limits = field(default_factory=Limits)
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys({}, open=True))
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     shutdown_grace_seconds: float = 10.0
     result_retention_seconds: float = 3600.0
     """How long completed requests' results stay retrievable by future_id."""

@@ -20,6 +20,14 @@ class Runs:
     def run(self, model_id: str) -> TrainingRun | None:
         return self.store.run(model_id)
 
+    def owned_run(self, model_id: str, owner: str) -> TrainingRun | None:
+        """The run, if `owner` owns it: another owner's run does not exist for them."""
+        run = self.store.run(model_id)
+        return run if run is not None and run.owner == owner else None
+
+    def live_count(self) -> int:
+        return len(self._live)
+
     def is_live(self, model_id: str) -> bool:
         return model_id in self._live
 

@@ -14,6 +14,7 @@ from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import RequestParser
 from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
+from tinker_server.auth import AuthInterceptor
 from tinker_server.config import ServerConfig
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
@@ -49,24 +50,37 @@ class TinkerServer:
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
-        self._grpc = grpc.aio.server(options=options)
+        self._grpc = grpc.aio.server(options=options, interceptors=[AuthInterceptor(config.api_keys)])
         service_pb2_grpc.add_TinkerServiceServicer_to_server(
             TinkerServicer(model, runs, parser, dispatcher, config.limits), self._grpc
         )
         runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {config.host}:{config.port}")
         await self._grpc.start()
         log.info(
-            "serving %s on %s:%d (cycle=%s, data dir %s, store schema v%d)",
+            "serving %s on %s:%d (%s, cycle=%s, data dir %s, store schema v%d)",
             model.name,
             config.host,
             self.port,
+            "TLS" if config.tls_cert else "plaintext",
             config.cycle,
             config.data_dir,
             self._store.schema_version,
         )
+        if config.api_keys.open:
+            log.warning(
+                "AUTHENTICATION IS OFF (--allow-unauthenticated): anyone who can reach this port "
+                "can train, sample, and read or delete every run and checkpoint"
+            )
+        else:
+            log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
 
     async def stop(self) -> None:
         if self._grpc is not None:

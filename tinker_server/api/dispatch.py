@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Submitted:
     future_id: str
     seq: int
+    owner: str
     result: asyncio.Future[service_pb2.Result]
 
 
@@ -35,26 +36,49 @@ class Dispatcher:
         self._scheduler = scheduler
         self._runs = runs
         self.retention_seconds = result_retention_seconds
+        self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
+        # (owner, idempotency key) -> the request it first named, for as long as results are kept.
+        self._by_key: dict[tuple[str, str], tuple[Submitted, float]] = {}
 
-    def submit(self, parsed: ParsedRequest, owner: str) -> Submitted:
+    def previous(self, owner: str, idempotency_key: str) -> Submitted | None:
+        """The request an idempotency key already named, if any (a resend after a reconnect)."""
+        found = self._by_key.get((owner, idempotency_key)) if idempotency_key else None
+        return None if found is None else found[0]
+
+    async def result_of(self, future_id: str, owner: str) -> service_pb2.Result | None:
+        """The Result of an acked request, waiting for it if it is still running; None if
+        unknown, expired, or another owner's."""
+        submitted = self._inflight.get(future_id)
+        if submitted is not None:
+            return await asyncio.shield(submitted.result) if submitted.owner == owner else None
+        stored = self._runs.store.result(future_id)
+        if stored is None or stored[0] != owner or stored[2] <= time.time():
+            return None
+        return service_pb2.Result.FromString(stored[1])
+
+    def submit(self, parsed: ParsedRequest, owner: str, idempotency_key: str = "") -> Submitted:
         if parsed.run is not None:
             self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
         if parsed.checkpoint is not None:
             self._runs.reserve(parsed.checkpoint)
         ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
+        submitted = Submitted(ticket.future_id, ticket.seq, owner, result)
+        self._inflight[ticket.future_id] = submitted
+        if idempotency_key:
+            self._by_key[(owner, idempotency_key)] = (submitted, time.time())
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
             outcome = done.result()
             self._record(parsed, outcome)
             message = outcome_result(outcome)
-            self._runs.store.put_result(
-                ticket.future_id, owner, message.SerializeToString(), time.time() + self.retention_seconds
-            )
+            expires = time.time() + self.retention_seconds
+            self._runs.store.put_result(ticket.future_id, owner, message.SerializeToString(), expires)
+            del self._inflight[ticket.future_id]
             result.set_result(message)
 
         ticket.outcome.add_done_callback(settle)
-        return Submitted(ticket.future_id, ticket.seq, result)
+        return submitted
 
     def _record(self, parsed: ParsedRequest, outcome: ops.Outcome) -> None:
         """The store follows the outcome: failed creations vanish, saved checkpoints appear."""
@@ -92,6 +116,8 @@ class Dispatcher:
             log.info("checkpoint %s expired; deleting it", checkpoint.path)
             await self.delete_checkpoint(checkpoint.path)
         self._runs.store.purge_results(now)
+        cutoff = now - self.retention_seconds
+        self._by_key = {key: entry for key, entry in self._by_key.items() if entry[1] > cutoff}
 
     def discard_files(self, path: CheckpointPath) -> None:
         shutil.rmtree(self._runs.directory(path), ignore_errors=True)

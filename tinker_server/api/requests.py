@@ -17,6 +17,7 @@ import numpy as np
 from tinker_client.tensor_codec import TensorDecodeError, decode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
+from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
 from tinker_server.store import CheckpointPath, CheckpointType, TrainingRun
@@ -44,6 +45,10 @@ class Limits:
     max_topk_prompt_logprobs: int = 64
     max_batch_tokens: int = 1 << 20
     max_message_bytes: int = 256 << 20
+    max_adapters: int = 256
+    """Training runs the worker holds at once."""
+    max_inflight_requests: int = 512
+    """Requests acked but not yet answered, per session stream."""
 
 
 @dataclass
@@ -97,7 +102,7 @@ class RequestParser:
     def _existing_model(self, model_id: str) -> str:
         if not model_id:
             raise invalid("model_id: required for this operation")
-        if self._runs.run(model_id) is None:
+        if self._runs.owned_run(model_id, current_owner.get()) is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such training run")
         if not self._runs.is_live(model_id):
             saved = [c for c in self._runs.store.checkpoints(model_id) if c.path.checkpoint_type == "training"]
@@ -116,8 +121,16 @@ class RequestParser:
                 f"{field} {name!r} is not served here; served: [{self._model.name!r}]",
             )
 
+    def _check_capacity(self) -> None:
+        if self._runs.live_count() >= self._limits.max_adapters:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server holds {self._limits.max_adapters} training runs, its limit; try again later",
+            )
+
     def _create_model(self, request: training_pb2.CreateModelRequest) -> ParsedRequest:
         self._check_base_model("create_model.base_model", request.base_model)
+        self._check_capacity()
         lora = request.lora_config
         if not 1 <= lora.rank <= self._limits.max_lora_rank:
             raise invalid(
@@ -132,6 +145,7 @@ class RequestParser:
         return ParsedRequest(model_id, ops.WorkItem("", model_id, ops.CreateAdapter(spec)), run=run)
 
     def _create_model_from_state(self, request: training_pb2.CreateModelFromStateRequest) -> ParsedRequest:
+        self._check_capacity()
         path, source = self._checkpoint_source(
             "create_model_from_state.path", request.path, training_only=request.with_optimizer
         )
@@ -146,7 +160,7 @@ class RequestParser:
             path = CheckpointPath.parse(text)
         except ValueError as error:
             raise invalid(f"{field}: {error}") from error
-        source = self._runs.run(path.model_id)
+        source = self._runs.owned_run(path.model_id, current_owner.get())
         if source is None or self._runs.checkpoint(path) is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no checkpoint {text}")
         if training_only and path.checkpoint_type != "training":

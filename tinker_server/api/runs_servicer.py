@@ -16,6 +16,7 @@ from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc
 from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher, status_code
 from tinker_server.api.requests import LORA_ALPHA, ParsedRequest, RequestError, new_model_id
+from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 from tinker_server.store import Checkpoint, CheckpointPath, TrainingRun
 
@@ -65,7 +66,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         return message
 
     async def _run_or_abort(self, model_id: str, context: grpc.aio.ServicerContext) -> TrainingRun:
-        run = self._runs.run(model_id)
+        run = self._runs.owned_run(model_id, current_owner.get())
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"training_run_id {model_id!r}: no such training run")
         return run
@@ -75,7 +76,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             path = CheckpointPath.parse(text)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tinker_path: {error}")
-        if self._runs.checkpoint(path) is None:
+        if self._runs.owned_run(path.model_id, current_owner.get()) is None or self._runs.checkpoint(path) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"tinker_path: no checkpoint {text}")
         return path
 
@@ -88,7 +89,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"limit {request.limit} / offset {request.offset}: need 1..1000 / >= 0",
             )
-        runs, total = self._runs.store.runs("", limit, request.offset)
+        runs, total = self._runs.store.runs(current_owner.get(), limit, request.offset)
         return runs_pb2.ListTrainingRunsResponse(
             training_runs=[self._run_message(run) for run in runs], total_count=total
         )
@@ -157,9 +158,10 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         for name, content in request.files.items():
             (directory / name).write_bytes(content)
         lora = ops.LoraSpec(rank, 0, False, False, False, alpha)  # the worker reports the real layers
-        run = TrainingRun(model_id, "", self._model.name, lora, dict(request.user_metadata))
+        owner = current_owner.get()
+        run = TrainingRun(model_id, owner, self._model.name, lora, dict(request.user_metadata))
         item = ops.WorkItem("", model_id, ops.CreateAdapter(lora, str(directory)))
-        result = await self._dispatcher.submit(ParsedRequest(model_id, item, run=run), owner="").result
+        result = await self._dispatcher.submit(ParsedRequest(model_id, item, run=run), owner=owner).result
         if result.HasField("error"):
             self._dispatcher.discard_files(path)
             await context.abort(status_code(result.error.code), f"files: {result.error.message}")

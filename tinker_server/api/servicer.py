@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -18,6 +17,7 @@ from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.api.responses import error_result
+from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         outbox: asyncio.Queue[service_pb2.SessionResponse | None],
     ) -> None:
         request_id = request.request_id
+        owner = current_owner.get()
         try:
             if not request_id:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
@@ -80,36 +81,55 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r}: already used on this stream"
                 )
-            parsed = self._parser.parse(request)
+            if len(pending) >= self._limits.max_inflight_requests:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{len(pending)} requests in flight on this stream, the limit; wait for results, then resend",
+                )
+            previous = self._dispatcher.previous(owner, request.idempotency_key)
+            parsed = None if previous is not None or request.HasField("resume") else self._parser.parse(request)
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)
             result = error_result(error.code.value[0], str(error))
             outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
             return
         seen.add(request_id)
-        submitted = self._dispatcher.submit(parsed, owner="")
         pending.add(request_id)
+
+        def deliver(result: service_pb2.Result) -> None:
+            pending.discard(request_id)
+            outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
+
+        if request.HasField("resume"):
+            asyncio.create_task(self._resume(request.resume.future_id, owner, deliver))
+            return
+        # A resend after a reconnect is answered with the original request: never run twice.
+        submitted = previous or self._dispatcher.submit(parsed, owner, request.idempotency_key)
         ack = service_pb2.Ack(future_id=submitted.future_id, seq=submitted.seq)
         outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, ack=ack))
+        submitted.result.add_done_callback(lambda done: deliver(done.result()))
 
-        def deliver(done: asyncio.Future[service_pb2.Result]) -> None:
-            pending.discard(request_id)
-            outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=done.result()))
-
-        submitted.result.add_done_callback(deliver)
+    async def _resume(self, future_id: str, owner: str, deliver: Callable[[service_pb2.Result], None]) -> None:
+        result = await self._dispatcher.result_of(future_id, owner)
+        if result is None:
+            message = (
+                f"resume.future_id {future_id!r}: no result retained (unknown, or expired after "
+                f"{self._dispatcher.retention_seconds:g}s)"
+            )
+            result = error_result(grpc.StatusCode.NOT_FOUND.value[0], message)
+        deliver(result)
 
     async def GetFutureResult(
         self, request: service_pb2.GetFutureResultRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetFutureResultResponse:
-        stored = self._runs.store.result(request.future_id)
-        if stored is None or stored[2] <= time.time():
+        result = await self._dispatcher.result_of(request.future_id, current_owner.get())
+        if result is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"future_id {request.future_id!r}: no result retained (unknown, or expired after "
                 f"{self._dispatcher.retention_seconds:g}s)",
             )
-        _, payload, _ = stored
-        return service_pb2.GetFutureResultResponse(result=service_pb2.Result.FromString(payload))
+        return service_pb2.GetFutureResultResponse(result=result)
 
     # -- unary calls -----------------------------------------------------------------
 
@@ -127,12 +147,16 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             supported_models=[model],
             max_lora_rank=self._limits.max_lora_rank,
             max_message_bytes=self._limits.max_message_bytes,
+            max_adapters=self._limits.max_adapters,
+            max_inflight_requests=self._limits.max_inflight_requests,
+            max_batch_tokens=self._limits.max_batch_tokens,
+            max_num_samples=self._limits.max_num_samples,
         )
 
     async def GetInfo(
         self, request: service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetInfoResponse:
-        run = self._runs.run(request.model_id)
+        run = self._runs.owned_run(request.model_id, current_owner.get())
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model_id {request.model_id!r}: no such training run")
         lora = run.lora
