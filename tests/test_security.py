@@ -1,0 +1,175 @@
+"""API keys isolate owners; a flood meets RESOURCE_EXHAUSTED while others go on; TLS works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from server_process import running_server
+
+from tinker_client import AuthenticationError, NotFoundError, ServiceClient, types
+from tinker_client._convert import forward_backward_input
+from tinker_rpc.v1 import service_pb2, service_pb2_grpc
+
+from .conftest import BASE_MODEL
+from .helpers import ragged_batch
+
+DATA = ragged_batch(seed=60, lengths=[6])
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("keyed")
+    keys = data_dir / "keys.txt"
+    keys.write_text("# key owner\nalice-key alice\nbob-key bob\n")
+    with running_server(data_dir, ["--api-keys-file", str(keys), "--max-inflight-requests", "8"]) as address:
+        yield address
+
+
+def session(address: str, key: str | None) -> tuple[grpc.Channel, object]:
+    channel = grpc.insecure_channel(address)
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    return channel, (service_pb2_grpc.TinkerServiceStub(channel), metadata)
+
+
+def test_another_key_cannot_see_or_touch_a_runs_state(keyed_server, tmp_path):
+    alice = ServiceClient(base_url=keyed_server, api_key="alice-key")
+    bob = ServiceClient(base_url=keyed_server, api_key="bob-key")
+    training = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    state = training.save_state("mine").result().path
+    sampler = training.save_weights_and_get_sampling_client("mine")
+    alice_rest, bob_rest = alice.create_rest_client(), bob.create_rest_client()
+    assert training.model_id in [run.training_run_id for run in alice_rest.list_training_runs().result().training_runs]
+
+    assert training.model_id not in [
+        run.training_run_id for run in bob_rest.list_training_runs().result().training_runs
+    ]
+    for attempt in (
+        lambda: bob_rest.get_training_run(training.model_id).result(),
+        lambda: bob_rest.list_checkpoints(training.model_id).result(),
+        lambda: bob_rest.delete_checkpoint_from_tinker_path(state).result(),
+        lambda: bob_rest.download_checkpoint_archive_from_tinker_path(state, tmp_path / "stolen.tar").result(),
+        lambda: bob.create_training_client_from_state(state),
+        lambda: (
+            bob.create_sampling_client(model_path=sampler.model_path)
+            .sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
+            .result(timeout=30)
+        ),
+    ):
+        with pytest.raises(NotFoundError):
+            attempt()
+    assert not (tmp_path / "stolen.tar").exists()
+
+    # Through the raw protocol too: Bob names Alice's model_id and Alice's future.
+    channel, (stub, metadata) = session(keyed_server, "bob-key")
+    responses = stub.Session(
+        iter(
+            [
+                service_pb2.SessionRequest(
+                    request_id="x",
+                    model_id=training.model_id,
+                    forward=forward_backward_input(DATA, "cross_entropy", None),
+                )
+            ]
+        ),
+        metadata=metadata,
+    )
+    assert next(responses).result.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    with pytest.raises(NotFoundError):
+        bob.create_rest_client().get_training_run_by_tinker_path(state).result()
+    channel.close()
+
+    # Alice's things are intact.
+    assert [c.tinker_path for c in alice_rest.list_checkpoints(training.model_id).result().checkpoints] == [
+        state,
+        sampler.model_path,
+    ]
+    alice.close()
+    bob.close()
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_no_or_unknown_key_is_unauthenticated(keyed_server, key):
+    client = ServiceClient(base_url=keyed_server, api_key=key)
+    with pytest.raises(AuthenticationError, match="API key"):
+        client.get_server_capabilities()
+    with pytest.raises(AuthenticationError):
+        client.create_lora_training_client(BASE_MODEL, rank=4)
+    client.close()
+
+
+def test_a_server_without_keys_refuses_to_start_unless_told_to_run_open(tmp_path):
+    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert finished.returncode != 0 and "no API keys configured" in finished.stderr
+
+
+def test_a_flood_gets_resource_exhausted_while_another_client_completes(keyed_server):
+    channel, (stub, metadata) = session(keyed_server, "alice-key")
+    alice = ServiceClient(base_url=keyed_server, api_key="alice-key")
+    flooder = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    big = ragged_batch(seed=61, lengths=[400] * 4)
+    requests = [
+        service_pb2.SessionRequest(
+            request_id=f"f{i}", model_id=flooder.model_id, forward=forward_backward_input(big, "cross_entropy", None)
+        )
+        for i in range(40)
+    ]
+    responses = stub.Session(iter(requests), metadata=metadata)
+
+    bob = ServiceClient(base_url=keyed_server, api_key="bob-key")
+    training = bob.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+    # More requests than the server's window of 8, all at once: the SDK queues the excess.
+    futures = [training.forward(DATA, "cross_entropy") for _ in range(20)]
+    losses = [future.result(timeout=120).metrics["loss:sum"] for future in futures]
+    assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-5)  # all 20 ran, none was turned away
+
+    codes = [response.result.error.code for response in responses if response.HasField("result")]
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]) >= 40 - 8 - 8  # most were turned away
+    assert codes.count(0) >= 8  # the first ones ran
+    assert alice.get_server_capabilities().max_inflight_requests == 8
+    channel.close()
+    alice.close()
+    bob.close()
+
+
+def test_tls_serves_with_a_certificate_and_refuses_plaintext(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with running_server(tmp_path / "data", ["--tls-cert", str(cert), "--tls-key", str(key)]) as address:
+        port = address.rsplit(":", 1)[1]
+        secure = ServiceClient(base_url=f"grpcs://localhost:{port}", tls_root_certificates=cert.read_bytes())
+        training = secure.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        assert np.isfinite(training.forward(DATA, "cross_entropy").result().metrics["loss:sum"])
+        secure.close()
+        plaintext = ServiceClient(base_url=f"localhost:{port}", reconnect_timeout=0.5)
+        with pytest.raises(Exception, match="UNAVAILABLE|unavailable|closed"):
+            plaintext.get_server_capabilities()
+        plaintext.close()
+    assert Path(cert).exists()
