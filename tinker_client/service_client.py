@@ -59,6 +59,10 @@ class ServiceClient:
             ],
             max_lora_rank=response.max_lora_rank,
             max_message_bytes=response.max_message_bytes,
+            max_adapters=response.max_adapters,
+            max_inflight_requests=response.max_inflight_requests,
+            max_batch_tokens=response.max_batch_tokens,
+            max_num_samples=response.max_num_samples,
         )
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:

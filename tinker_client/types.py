@@ -248,6 +248,11 @@ class GetServerCapabilitiesResponse:
     supported_models: list[SupportedModel]
     max_lora_rank: int | None = None
     max_message_bytes: int | None = None
+    max_adapters: int | None = None
+    max_inflight_requests: int | None = None
+    """Requests one client may have in flight; the SDK queues the rest (flow control)."""
+    max_batch_tokens: int | None = None
+    max_num_samples: int | None = None
 
 
 @dataclass(frozen=True)

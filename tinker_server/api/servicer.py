@@ -58,7 +58,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while not (reader_done.is_set() and not pending):
+            while not (reader_done.is_set() and not pending and outbox.empty()):
                 response = await outbox.get()
                 if response is not None:
                     yield response
