@@ -28,6 +28,17 @@ class Runs:
     def live_count(self) -> int:
         return len(self._live)
 
+    def live_runs(self) -> list[TrainingRun]:
+        return [run for model_id in sorted(self._live) if (run := self.store.run(model_id)) is not None]
+
+    def mark_lost(self, model_id: str) -> None:
+        """Its adapter is gone from the worker (a crash); the record and checkpoints stay."""
+        self._live.discard(model_id)
+
+    def last_checkpoint(self, model_id: str, checkpoint_type: str) -> Checkpoint | None:
+        kept = [c for c in self.store.checkpoints(model_id) if c.path.checkpoint_type == checkpoint_type]
+        return kept[-1] if kept else None
+
     def is_live(self, model_id: str) -> bool:
         return model_id in self._live
 

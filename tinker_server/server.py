@@ -16,10 +16,10 @@ from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.auth import AuthInterceptor
 from tinker_server.config import ServerConfig
+from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
 from tinker_server.store import Store
-from tinker_server.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class TinkerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._worker = WorkerClient(config.base_model)
+        self._worker: SupervisedWorker | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._store: Store | None = None
@@ -37,9 +37,10 @@ class TinkerServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._store = Store(config.data_dir / "tinker.db")
+        runs = Runs(self._store, config.data_dir)
+        self._worker = SupervisedWorker(config.base_model, runs)
         model = await self._worker.start()
         scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
-        runs = Runs(self._store, config.data_dir)
         dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
         parser = RequestParser(model, runs, config.limits)
         self._tasks = [
@@ -88,7 +89,8 @@ class TinkerServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._worker.stop()
+        if self._worker is not None:
+            await self._worker.stop()
         if self._store is not None:
             self._store.close()
         log.info("server stopped")

@@ -105,12 +105,12 @@ class RequestParser:
         if self._runs.owned_run(model_id, current_owner.get()) is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such training run")
         if not self._runs.is_live(model_id):
-            saved = [c for c in self._runs.store.checkpoints(model_id) if c.path.checkpoint_type == "training"]
-            hint = f"its last checkpoint is {saved[-1].path}" if saved else "it has no saved checkpoint"
+            saved = self._runs.last_checkpoint(model_id, "training")
+            hint = f"its last checkpoint is {saved.path}" if saved else "it has no saved checkpoint"
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model_id {model_id!r}: the server restarted since this run last trained and its unsaved "
-                f"state is gone; {hint}: continue with create_training_client_from_state",
+                f"model_id {model_id!r}: the server restarted (or its worker crashed) since this run last "
+                f"trained and its unsaved state is gone; {hint}: continue with create_training_client_from_state",
             )
         return model_id
 
