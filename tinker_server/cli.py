@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=Limits.max_inflight_requests,
         help="acked, unanswered requests per session stream (default %(default)s)",
     )
+    parser.add_argument(
+        "--shutdown-grace", type=float, default=10.0,
+        help="seconds SIGTERM waits for queued requests and the final saves (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -98,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         api_keys=api_keys,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        shutdown_grace_seconds=args.shutdown_grace,
         result_retention_seconds=args.result_retention_seconds,
         sweep_interval_seconds=args.sweep_interval,
     )

@@ -101,6 +101,7 @@ class Scheduler:
         self._submitted = asyncio.Event()  # pulses on every submission
         self._cycle_ids = itertools.count(1)
         self._fair_start = 0
+        self._running_cycle = False
 
     def submit(self, queue_key: str, item: ops.WorkItem) -> Ticket:
         """Queues an operation; its order among `queue_key`'s requests is fixed now."""
@@ -190,7 +191,22 @@ class Scheduler:
                 del self._queues[key]
         return taken
 
+    async def drain(self, timeout: float) -> None:
+        """Waits, up to `timeout`, until every queued request has run; fails those left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._queues or self._running_cycle) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        code = grpc.StatusCode.UNAVAILABLE.value[0]
+        message = f"the server shut down before this request ran (it waited {timeout:g}s)"
+        for queue in self._queues.values():
+            for queued in queue:
+                outcome = ops.Outcome(queued.item.future_id, 0, error=ops.OpError(code, message))
+                queued.ticket.outcome.set_result(outcome)
+        self._queues.clear()
+
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
+        self._running_cycle = True
         try:
             outcomes = await self._run_cycle(cycle)
         except Exception as error:  # the worker died or the pipe broke: fail this cycle only
@@ -200,6 +216,8 @@ class Scheduler:
             outcomes = [
                 ops.Outcome(item.future_id, cycle.cycle_id, error=ops.OpError(code, message)) for item in cycle.items
             ]
+        finally:
+            self._running_cycle = False
         for queued, outcome in zip(batch, outcomes, strict=True):
             if not queued.ticket.outcome.done():
                 queued.ticket.outcome.set_result(outcome)

@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from tinker_rpc.v1 import runs_pb2_grpc, service_pb2_grpc
+from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
-from tinker_server.api.requests import RequestParser
+from tinker_server.api.requests import ParsedRequest, RequestParser
 from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.auth import AuthInterceptor
@@ -19,15 +20,17 @@ from tinker_server.config import ServerConfig
 from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
-from tinker_server.store import Store
+from tinker_server.store import CheckpointPath, Store
 
 log = logging.getLogger(__name__)
+AUTOSAVE_NAME = "autosave-shutdown"
 
 
 class TinkerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._worker: SupervisedWorker | None = None
+        self._servicer: TinkerServicer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._store: Store | None = None
@@ -43,6 +46,8 @@ class TinkerServer:
         scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
         parser = RequestParser(model, runs, config.limits)
+        self._scheduler, self._runs, self._dispatcher = scheduler, runs, dispatcher
+        self._servicer = TinkerServicer(model, runs, parser, dispatcher, config.limits)
         self._tasks = [
             asyncio.create_task(scheduler.run(), name="scheduler-clock"),
             asyncio.create_task(_every(config.sweep_interval_seconds, dispatcher.sweep), name="checkpoint-sweeper"),
@@ -52,9 +57,7 @@ class TinkerServer:
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
         self._grpc = grpc.aio.server(options=options, interceptors=[AuthInterceptor(config.api_keys)])
-        service_pb2_grpc.add_TinkerServiceServicer_to_server(
-            TinkerServicer(model, runs, parser, dispatcher, config.limits), self._grpc
-        )
+        service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
         runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None and config.tls_key is not None:
@@ -84,8 +87,15 @@ class TinkerServer:
             log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
 
     async def stop(self) -> None:
+        """Graceful: refuse new requests, run what was queued, save every live run's state,
+        then close. Bounded by shutdown_grace_seconds (plus the worker's own stop)."""
+        grace = self.config.shutdown_grace_seconds
+        if self._servicer is not None:
+            self._servicer.draining = True
+            await self._scheduler.drain(grace)
+            await self._autosave(grace)
         if self._grpc is not None:
-            await self._grpc.stop(self.config.shutdown_grace_seconds)
+            await self._grpc.stop(1.0)  # results already queued on the streams go out first
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -94,6 +104,17 @@ class TinkerServer:
         if self._store is not None:
             self._store.close()
         log.info("server stopped")
+
+    async def _autosave(self, timeout: float) -> None:
+        """Saves every live run as tinker://<run>/weights/autosave-shutdown, so none loses work."""
+        saves = []
+        for run in self._runs.live_runs():
+            path = CheckpointPath(run.model_id, "training", AUTOSAVE_NAME)
+            item = ops.WorkItem("", run.model_id, ops.SaveState(str(path), str(self._runs.directory(path))))
+            saves.append(self._dispatcher.submit(ParsedRequest(run.model_id, item, checkpoint=path), run.owner).result)
+        if saves:
+            done, _ = await asyncio.wait(saves, timeout=timeout)
+            log.info("saved %d of %d live run(s) as %s", len(done), len(saves), AUTOSAVE_NAME)
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:

@@ -37,6 +37,8 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         self._parser = parser
         self._dispatcher = dispatcher
         self._limits = limits
+        self.draining = False
+        """Set at shutdown: new requests are refused, queued ones still run."""
 
     # -- the session stream ----------------------------------------------------------
 
@@ -77,6 +79,8 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         try:
             if not request_id:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+            if self.draining and not request.HasField("resume"):
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send this elsewhere")
             if request_id in seen:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r}: already used on this stream"

@@ -1,0 +1,53 @@
+"""SIGTERM: queued requests still run, new ones are refused, every live run is saved, and
+the process exits within its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+from server_process import start_server, stop_server
+
+from tinker_client import ServiceClient, types
+
+from .conftest import BASE_MODEL
+from .helpers import ragged_batch
+
+DATA = ragged_batch(seed=80, lengths=[9, 13])
+
+
+def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
+    process, address = start_server(tmp_path, ["--shutdown-grace", "20"])
+    service = ServiceClient(base_url=address, reconnect_timeout=1.0)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+
+    async def queue_steps():
+        futures = []
+        for _ in range(4):
+            futures.append(await training.forward_backward_async(DATA, "cross_entropy"))
+            futures.append(await training.optim_step_async(types.AdamParams(learning_rate=1e-2)))
+        futures.append(await training.forward_async(DATA, "cross_entropy"))
+        return futures
+
+    futures = asyncio.run(queue_steps())  # all acked: queued and ordered
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    results = [future.result(timeout=60) for future in futures]
+    final_logprobs = results[-1].loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert process.wait(timeout=60) == 0
+    assert time.monotonic() - started < 30
+    service.close()
+
+    process, address = start_server(tmp_path)
+    try:
+        service = ServiceClient(base_url=address)
+        checkpoints = service.create_rest_client().list_checkpoints(training.model_id).result().checkpoints
+        assert [c.checkpoint_id for c in checkpoints] == ["weights/autosave-shutdown"]
+        resumed = service.create_training_client_from_state_with_optimizer(checkpoints[0].tinker_path)
+        logprobs = resumed.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        np.testing.assert_array_equal(logprobs, final_logprobs)  # nothing lost
+        service.close()
+    finally:
+        stop_server(process)
