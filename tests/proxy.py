@@ -54,5 +54,11 @@ class CuttableProxy:
         self.cuts += 1
 
     def close(self) -> None:
-        self.cut()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        def shutdown() -> None:
+            for writer in self._writers:
+                writer.transport.abort()
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.call_soon(self._loop.stop)  # after the cancelled tasks had their turn
+
+        self._loop.call_soon_threadsafe(shutdown)

@@ -75,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="acked, unanswered requests per session stream (default %(default)s)",
     )
     parser.add_argument(
-        "--shutdown-grace", type=float, default=10.0,
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
         help="seconds SIGTERM waits for queued requests and the final saves (default %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

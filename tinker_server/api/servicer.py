@@ -49,23 +49,32 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         pending: set[str] = set()  # request ids acked but not yet answered
         seen: set[str] = set()
         reader_done = asyncio.Event()
+        unreadable: list[Exception] = []
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     self._accept(request, seen, pending, outbox)
+            except Exception as error:  # an undecodable message ends this stream, nothing else
+                unreadable.append(error)
             finally:
                 reader_done.set()
                 outbox.put_nowait(None)  # wake the writer to re-check whether it is done
 
         reader = asyncio.create_task(read())
         try:
-            while not (reader_done.is_set() and not pending and outbox.empty()):
+            while not (reader_done.is_set() and outbox.empty() and (unreadable or not pending)):
                 response = await outbox.get()
                 if response is not None:
                     yield response
         finally:
             reader.cancel()
+        if unreadable:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unreadable message on this stream ({unreadable[0]}); requests acked before it still "
+                "complete: resume them by future_id",
+            )
 
     def _accept(
         self,
