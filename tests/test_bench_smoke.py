@@ -38,3 +38,10 @@ def test_wire_benchmark_counts_our_bytes_against_the_raw_tensors():
     for row in wire.run(rows=2, length=128)["results"]:
         # Our framing costs a little; int64 targets sent as int32 save more than that.
         assert 0.5 < row["ours_vs_raw"] < 1.0
+
+
+def test_load_benchmark_counts_every_result_once():
+    from bench import load
+
+    (result,) = load.run(None, clients=2, seconds=1.0, rows=1, length=8)["results"]
+    assert result["errors"] == 0 and result["steps_completed"] > 0 and result["every_ack_got_one_result"]
