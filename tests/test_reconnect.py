@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from tinker_client import ServiceClient, types
@@ -55,3 +56,35 @@ def test_training_through_cut_connections_equals_an_uninterrupted_run(server, se
     actual = adapter_tensors(sampler_dir(server.data_dir, path))
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+def test_an_expired_result_fails_clearly(tmp_path):
+    from server_process import running_server
+
+    from tinker_client import NotFoundError
+    from tinker_client._convert import forward_backward_input
+    from tinker_rpc.v1 import service_pb2
+
+    from .helpers import RawSession
+
+    with running_server(tmp_path, ["--result-retention-seconds", "0.5", "--sweep-interval", "0.2"]) as address:
+        service = ServiceClient(base_url=address)
+        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        session = RawSession(address)
+        session.send(
+            service_pb2.SessionRequest(
+                request_id="a", model_id=training.model_id, forward=forward_backward_input(DATA, "cross_entropy", None)
+            )
+        )
+        future_id = session.receive().ack.future_id
+        session.receive()
+        time.sleep(1.0)
+        session.send(service_pb2.SessionRequest(request_id="b", resume=service_pb2.ResumeRequest(future_id=future_id)))
+        expired = session.receive().result.error
+        session.close()
+        assert expired.code == 5 and "expired after 0.5s" in expired.message
+        with pytest.raises(NotFoundError, match="expired"):
+            service._connection.unary_sync(
+                service._connection.stub.GetFutureResult, service_pb2.GetFutureResultRequest(future_id=future_id)
+            )
+        service.close()

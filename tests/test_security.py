@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from server_process import running_server
 
-from tinker_client import AuthenticationError, NotFoundError, ServiceClient, types
+from tinker_client import AuthenticationError, NotFoundError, RateLimitError, ServiceClient, types
 from tinker_client._convert import forward_backward_input
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc
 
@@ -173,3 +173,14 @@ def test_tls_serves_with_a_certificate_and_refuses_plaintext(tmp_path):
             plaintext.get_server_capabilities()
         plaintext.close()
     assert Path(cert).exists()
+
+
+def test_the_adapter_limit_is_enforced_and_reported(tmp_path):
+    with running_server(tmp_path, ["--max-adapters", "2"]) as address:
+        service = ServiceClient(base_url=address)
+        assert service.get_server_capabilities().max_adapters == 2
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+        with pytest.raises(RateLimitError, match="holds 2 training runs, its limit"):
+            service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+        service.close()
