@@ -26,8 +26,7 @@ $(DEPS_STAMP): | $(PY)
 proto: $(GEN_STAMP)
 $(GEN_STAMP): $(PROTOS) $(DEPS_STAMP)
 	rm -rf tinker_rpc
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
-	find tinker_rpc -type d -exec touch {}/__init__.py \;
+	$(PY) scripts/generate_protos.py
 	touch $@
 
 $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)

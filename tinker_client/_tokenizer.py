@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer  # heavy: only when a tokenizer is asked for
+
     with tempfile.TemporaryDirectory() as directory:
         for name, content in files.items():
             if Path(name).name != name:  # only plain file names, never paths

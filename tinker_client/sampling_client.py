@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from tinker_client import _convert, types
 from tinker_client._connection import Connection, submit, submit_acked
 from tinker_client.futures import APIFuture
 from tinker_rpc.v1 import sampling_pb2, service_pb2
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # imported when a tokenizer is asked for
 
 
 class SamplingClient:

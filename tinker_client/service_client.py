@@ -6,8 +6,7 @@ import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from tinker_client import types
 from tinker_client._connection import Connection, submit_acked
@@ -18,6 +17,9 @@ from tinker_client.training_client import TrainingClient
 from tinker_rpc.v1 import runs_pb2, service_pb2, training_pb2
 
 DEFAULT_BASE_URL = "localhost:50051"
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # imported when a tokenizer is asked for
 
 
 class ServiceClient:

@@ -7,8 +7,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from transformers import PreTrainedTokenizerBase
-
 from tinker_client import _convert, types
 from tinker_client._connection import Connection, submit, submit_acked, submit_all, submit_all_acked
 from tinker_client.futures import APIFuture
@@ -17,6 +15,7 @@ from tinker_rpc.v1 import service_pb2, training_pb2
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
