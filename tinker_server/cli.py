@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=10.0,
         help="seconds SIGTERM waits for queued requests and the final saves (default %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free port)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -105,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         shutdown_grace_seconds=args.shutdown_grace,
+        metrics_port=args.metrics_port,
         result_retention_seconds=args.result_retention_seconds,
         sweep_interval_seconds=args.sweep_interval,
     )

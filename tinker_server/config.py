@@ -25,6 +25,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     shutdown_grace_seconds: float = 10.0
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0 picks a free one); None: off."""
     result_retention_seconds: float = 3600.0
     """How long completed requests' results stay retrievable by future_id."""
     sweep_interval_seconds: float = 10.0

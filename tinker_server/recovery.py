@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
-from tinker_server import ops
+from tinker_server import metrics, ops
 from tinker_server.runs import Runs
 from tinker_server.worker.client import WorkerClient, WorkerDied
 
@@ -14,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 class SupervisedWorker:
-    def __init__(self, base_model: str | None, runs: Runs) -> None:
+    def __init__(self, base_model: str | None, runs: Runs, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         self._base_model = base_model
         self._runs = runs
+        self._set_serving = set_serving
         self._worker = WorkerClient(base_model)
         self.restarts = 0
 
@@ -35,10 +37,12 @@ class SupervisedWorker:
             raise WorkerDied(f"{error}; a new worker {report}") from error
 
     async def _restart(self) -> str:
+        await self._set_serving(False)  # health: NOT_SERVING until the runs are back
         await self._worker.stop()
         self._worker = WorkerClient(self._base_model)
         await self._worker.start()
         self.restarts += 1
+        metrics.WORKER_RESTARTS.inc()
         restored, lost = [], []
         for run in self._runs.live_runs():
             checkpoint = self._runs.last_checkpoint(run.model_id, "training")
@@ -53,6 +57,7 @@ class SupervisedWorker:
                 self._runs.mark_lost(run.model_id)
                 lost.append(run.model_id)
         log.warning("worker restarted: restored %s; lost (no checkpoint) %s", restored or "none", lost or "none")
+        await self._set_serving(True)
         return f"restored {len(restored)} run(s) from their last checkpoints (steps after those are lost)" + (
             f"; runs without a checkpoint lost their training: {', '.join(lost)}" if lost else ""
         )

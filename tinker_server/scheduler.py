@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from tinker_server import ops
+from tinker_server import metrics, ops
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class Scheduler:
         self._cycle_ids = itertools.count(1)
         self._fair_start = 0
         self._running_cycle = False
+        metrics.QUEUE_DEPTH.set_function(self.queued)
 
     def submit(self, queue_key: str, item: ops.WorkItem) -> Ticket:
         """Queues an operation; its order among `queue_key`'s requests is fixed now."""
@@ -207,6 +208,7 @@ class Scheduler:
 
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
         self._running_cycle = True
+        started = asyncio.get_running_loop().time()
         try:
             outcomes = await self._run_cycle(cycle)
         except Exception as error:  # the worker died or the pipe broke: fail this cycle only
@@ -218,6 +220,9 @@ class Scheduler:
             ]
         finally:
             self._running_cycle = False
+            metrics.CYCLE_SECONDS.observe(asyncio.get_running_loop().time() - started)
+            metrics.CYCLE_REQUESTS.observe(len(cycle.items))
+            metrics.TOKENS.inc(sum(operation_tokens(item.operation) for item in cycle.items))
         for queued, outcome in zip(batch, outcomes, strict=True):
             if not queued.ticket.outcome.done():
                 queued.ticket.outcome.set_result(outcome)

@@ -8,8 +8,10 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from tinker_rpc.v1 import runs_pb2_grpc, service_pb2_grpc
+from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc, service_pb2, service_pb2_grpc
 from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import ParsedRequest, RequestParser
@@ -17,6 +19,7 @@ from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.auth import AuthInterceptor
 from tinker_server.config import ServerConfig
+from tinker_server.metrics import serve_metrics
 from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
@@ -24,6 +27,10 @@ from tinker_server.store import CheckpointPath, Store
 
 log = logging.getLogger(__name__)
 AUTOSAVE_NAME = "autosave-shutdown"
+SERVED = (
+    service_pb2.DESCRIPTOR.services_by_name["TinkerService"].full_name,
+    runs_pb2.DESCRIPTOR.services_by_name["RunsService"].full_name,
+)
 
 
 class TinkerServer:
@@ -41,7 +48,8 @@ class TinkerServer:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._store = Store(config.data_dir / "tinker.db")
         runs = Runs(self._store, config.data_dir)
-        self._worker = SupervisedWorker(config.base_model, runs)
+        self._health = health.aio.HealthServicer()
+        self._worker = SupervisedWorker(config.base_model, runs, self._set_serving)
         model = await self._worker.start()
         scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
@@ -59,6 +67,9 @@ class TinkerServer:
         self._grpc = grpc.aio.server(options=options, interceptors=[AuthInterceptor(config.api_keys)])
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
         runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection([*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
+        await self._set_serving(True)
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None and config.tls_key is not None:
             credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
@@ -86,11 +97,17 @@ class TinkerServer:
         else:
             log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
 
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", *SERVED):
+            await self._health.set(service, status)
+
     async def stop(self) -> None:
         """Graceful: refuse new requests, run what was queued, save every live run's state,
         then close. Bounded by shutdown_grace_seconds (plus the worker's own stop)."""
         grace = self.config.shutdown_grace_seconds
         if self._servicer is not None:
+            await self._set_serving(False)
             self._servicer.draining = True
             await self._scheduler.drain(grace)
             await self._autosave(grace)
@@ -135,6 +152,9 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(signum, stop_requested.set)
     try:
         await server.start()
+        if config.metrics_port is not None:
+            port = serve_metrics(config.host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", config.host, port)
         # One machine-readable line, so scripts and tests can find an ephemeral port.
         print(f"tinker-server listening on {config.host}:{server.port}", flush=True)
         await stop_requested.wait()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from tinker_rpc.v1 import service_pb2
-from tinker_server import ops
+from tinker_server import metrics, ops
 from tinker_server.api.requests import ParsedRequest, RequestError
 from tinker_server.api.responses import outcome_result
 from tinker_server.runs import Runs
@@ -75,6 +75,8 @@ class Dispatcher:
             expires = time.time() + self.retention_seconds
             self._runs.store.put_result(ticket.future_id, owner, message.SerializeToString(), expires)
             del self._inflight[ticket.future_id]
+            status = status_code(outcome.error.code).name if outcome.error else "OK"
+            metrics.REQUESTS.labels(type(parsed.item.operation).__name__, status).inc()
             result.set_result(message)
 
         ticket.outcome.add_done_callback(settle)

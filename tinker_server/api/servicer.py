@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
-from tinker_server import ops
+from tinker_server import metrics, ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.api.responses import error_result
@@ -103,6 +103,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             parsed = None if previous is not None or request.HasField("resume") else self._parser.parse(request)
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)
+            metrics.REQUESTS.labels(request.WhichOneof("request") or "none", error.code.name).inc()
             result = error_result(error.code.value[0], str(error))
             outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
             return
