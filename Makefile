@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := tinker_rpc/.generated
 INSTALL_STAMP := $(VENV)/.project-installed
 
-.PHONY: install proto test demo bench lint clean
+.PHONY: install proto proto-lint proto-release test demo bench lint clean
 
 install: $(INSTALL_STAMP)
 
@@ -33,7 +33,7 @@ $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
-test: install lint
+test: install lint proto-lint
 	$(PY) -m pytest -q tests
 
 demo: install
@@ -43,6 +43,19 @@ demo: install
 bench: install
 	$(PY) -m pip install -q "tinker==0.38.0"
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+# buf (from the npm registry) checks the protos: style, and no breaking change against
+# the last released contract (buf/released.binpb; refresh it with `make proto-release`).
+BUF := .tools/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+proto-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against buf/released.binpb
+
+proto-release: $(BUF)
+	$(BUF) build -o buf/released.binpb
 
 lint: install
 	$(PY) -m ruff check tinker_client tinker_server tests examples bench

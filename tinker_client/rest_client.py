@@ -91,7 +91,7 @@ class RestClient:
 
     def get_training_run(self, training_run_id: str) -> APIFuture[types.TrainingRun]:
         request = runs_pb2.GetTrainingRunRequest(training_run_id=training_run_id)
-        return self._future(self._runs.GetTrainingRun, request, _training_run)
+        return self._future(self._runs.GetTrainingRun, request, lambda response: _training_run(response.training_run))
 
     async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
         return await self.get_training_run(training_run_id)

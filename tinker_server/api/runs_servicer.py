@@ -96,8 +96,9 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
 
     async def GetTrainingRun(
         self, request: runs_pb2.GetTrainingRunRequest, context: grpc.aio.ServicerContext
-    ) -> runs_pb2.TrainingRun:
-        return self._run_message(await self._run_or_abort(request.training_run_id, context))
+    ) -> runs_pb2.GetTrainingRunResponse:
+        run = await self._run_or_abort(request.training_run_id, context)
+        return runs_pb2.GetTrainingRunResponse(training_run=self._run_message(run))
 
     async def ListCheckpoints(
         self, request: runs_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext
@@ -130,13 +131,13 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
 
     async def DownloadCheckpointArchive(
         self, request: runs_pb2.DownloadCheckpointArchiveRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[runs_pb2.CheckpointArchiveChunk]:
+    ) -> AsyncIterator[runs_pb2.DownloadCheckpointArchiveResponse]:
         path = await self._checkpoint_or_abort(request.tinker_path, context)
         with tempfile.TemporaryFile() as archive:
             total = await asyncio.to_thread(_write_tar, self._runs.directory(path), archive)
             archive.seek(0)
             while chunk := await asyncio.to_thread(archive.read, ARCHIVE_CHUNK_BYTES):
-                yield runs_pb2.CheckpointArchiveChunk(data=chunk, total_bytes=total)
+                yield runs_pb2.DownloadCheckpointArchiveResponse(data=chunk, total_bytes=total)
 
     async def ImportPeftAdapter(
         self, request: runs_pb2.ImportPeftAdapterRequest, context: grpc.aio.ServicerContext
