@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := tinker_rpc/.generated
 INSTALL_STAMP := $(VENV)/.project-installed
 
-.PHONY: install proto proto-lint proto-release test demo bench lint clean
+.PHONY: install proto proto-lint proto-release test test-node demo bench lint clean
 
 install: $(INSTALL_STAMP)
 
@@ -33,8 +33,13 @@ $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
-test: install lint proto-lint
+# pytest runs last, so its summary closes the output.
+test: install lint proto-lint test-node
 	$(PY) -m pytest -q tests
+
+# The second-language client (clients/node), end to end against a real server.
+test-node: install
+	cd clients/node && npm ci --silent --no-audit --no-fund && npm test
 
 demo: install
 	$(PY) examples/demo.py
