@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -14,6 +15,48 @@ from tinker_server.auth import ApiKeys
 from tinker_server.config import ServerConfig
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
+
+ENV_PREFIX = "TINKER_SERVER_"
+
+
+def apply_environment(parser: argparse.ArgumentParser) -> None:
+    """Every flag can come from the environment: --max-adapters from TINKER_SERVER_MAX_ADAPTERS,
+    and so on. A flag on the command line wins over the environment."""
+    for action in parser._actions:
+        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None or action.dest == "help":
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                action.default = action.type(value) if action.type else value
+            except (TypeError, ValueError) as error:
+                parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {error}")
+
+
+class JsonFormatter(logging.Formatter):
+    """Structured logs: one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -68,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain; with --tls-key enables TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     parser.add_argument("--max-adapters", type=int, default=Limits.max_adapters, help="training runs held at once")
+    parser.add_argument("--max-lora-rank", type=int, default=Limits.max_lora_rank, help="largest LoRA rank accepted")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=Limits.max_batch_tokens, help="tokens one forward/backward may carry"
+    )
+    parser.add_argument(
+        "--max-num-samples", type=int, default=Limits.max_num_samples, help="samples one sample request may ask for"
+    )
     parser.add_argument(
         "--max-inflight-requests",
         type=int,
@@ -84,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free port)"
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    apply_environment(parser)
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -91,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         api_keys = ApiKeys.load(args.api_keys_file, os.environ.get("TINKER_API_KEYS"), args.allow_unauthenticated)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -102,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         limits=Limits(
             max_message_bytes=args.max_message_bytes,
             max_adapters=args.max_adapters,
+            max_lora_rank=args.max_lora_rank,
+            max_batch_tokens=args.max_batch_tokens,
+            max_num_samples=args.max_num_samples,
             max_inflight_requests=args.max_inflight_requests,
         ),
         api_keys=api_keys,

@@ -31,3 +31,14 @@ class ServerConfig:
     """How long completed requests' results stay retrievable by future_id."""
     sweep_interval_seconds: float = 10.0
     """How often expired checkpoints and results are deleted."""
+
+    def describe(self) -> str:
+        """Every setting, for the start-up log; API keys appear only as a count of owners."""
+        settings = {
+            name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("api_keys", "limits")
+        }
+        settings |= {f"limits.{name}": value for name, value in vars(self.limits).items()}
+        settings["api_keys"] = (
+            "open (no auth)" if self.api_keys.open else f"{len(set(self.api_keys.owners.values()))} owner(s)"
+        )
+        return ", ".join(f"{name}={value}" for name, value in settings.items())

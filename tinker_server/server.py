@@ -14,10 +14,10 @@ from grpc_reflection.v1alpha import reflection
 from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc, service_pb2, service_pb2_grpc
 from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
+from tinker_server.api.interceptors import AuthInterceptor, LoggingInterceptor
 from tinker_server.api.requests import ParsedRequest, RequestParser
 from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
-from tinker_server.auth import AuthInterceptor
 from tinker_server.config import ServerConfig
 from tinker_server.metrics import serve_metrics
 from tinker_server.recovery import SupervisedWorker
@@ -64,7 +64,9 @@ class TinkerServer:
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ]
-        self._grpc = grpc.aio.server(options=options, interceptors=[AuthInterceptor(config.api_keys)])
+        self._grpc = grpc.aio.server(
+            options=options, interceptors=[LoggingInterceptor(), AuthInterceptor(config.api_keys)]
+        )
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
         runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -150,6 +152,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
+    log.info("configuration: %s", config.describe())
     try:
         await server.start()
         if config.metrics_port is not None:

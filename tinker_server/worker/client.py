@@ -49,7 +49,7 @@ class WorkerClient:
         try:
             self._conn.send(cycle)
         except (BrokenPipeError, OSError) as error:
-            raise WorkerDied(f"worker process is gone: {error}") from error
+            raise WorkerDied(f"worker process exited ({error})") from error
         return self._receive()
 
     def _receive(self) -> object:
