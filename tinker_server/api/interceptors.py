@@ -8,6 +8,7 @@ id. Then the caller's API key is checked and its owner set for the handler.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
@@ -48,8 +49,12 @@ def rewrap(
             started, error = time.perf_counter(), None
             try:
                 await before(context)
-                async for response in behavior(request, context):
-                    yield response
+                responses = behavior(request, context)
+                if inspect.isasyncgen(responses):
+                    async for response in responses:
+                        yield response
+                else:  # a handler that writes with context.write() (e.g. grpc's health Watch)
+                    await responses
             except Exception as caught:
                 error = caught
                 raise
