@@ -11,7 +11,7 @@ import logging
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -52,10 +52,15 @@ class OperationError(Exception):
 
 @dataclass
 class Adapter:
+    """A training run's LoRA weights (one pair per adapted layer) and its own AdamW."""
+
     name: str
     spec: ops.LoraSpec
     pairs: dict[str, LoraPair]
-    optimizer: torch.optim.AdamW | None
+    optimizer: torch.optim.AdamW = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.parameters())
 
     def parameters(self) -> list[torch.Tensor]:
         return [tensor for pair in self.pairs.values() for tensor in (pair.A, pair.B)]
@@ -96,9 +101,9 @@ class Engine:
         for item in cycle.items:
             by_phase[item.operation.phase].append(item)
         results: dict[str, ops.Outcome] = {}
-        batched: dict[ops.Phase, Callable[[list[ops.WorkItem]], list[ops.OpResult]]] = {
-            ops.Phase.FORWARD: self._forward_backward,
-            ops.Phase.SAMPLE: self._sample,
+        batched: dict[ops.Phase, Callable[[list[ops.WorkItem]], list[ops.OpResult | ops.OpError]]] = {
+            ops.Phase.FORWARD: lambda group: self._per_item(group, self._check_adapter, self._forward_backward),
+            ops.Phase.SAMPLE: lambda group: self._per_item(group, self._ensure_snapshot, self._sample),
         }
         single: dict[type, Callable[[ops.WorkItem], ops.OpResult]] = {
             ops.CreateAdapter: self._create_adapter,
@@ -132,7 +137,30 @@ class Engine:
                     results[item.future_id] = outcome
         return [results[item.future_id] for item in cycle.items]
 
+    @staticmethod
+    def _per_item(
+        items: list[ops.WorkItem],
+        check: Callable[[ops.WorkItem], None],
+        run: Callable[[list[ops.WorkItem]], list[ops.OpResult]],
+    ) -> list[ops.OpResult | ops.OpError]:
+        """Runs the items that pass `check` as one batch; one that fails it fails alone."""
+        outputs: list[ops.OpResult | ops.OpError | None] = [None] * len(items)
+        ready = []
+        for index, item in enumerate(items):
+            try:
+                check(item)
+                ready.append(index)
+            except (OperationError, CheckpointError) as error:
+                outputs[index] = ops.OpError(error.code.value[0], str(error))
+        if ready:
+            for index, output in zip(ready, run([items[index] for index in ready]), strict=True):
+                outputs[index] = output
+        return outputs
+
     # -- adapters --------------------------------------------------------------------
+
+    def _check_adapter(self, item: ops.WorkItem) -> None:
+        self._adapter(item.model_id)
 
     def _adapter(self, model_id: str) -> Adapter:
         adapter = self.adapters.get(model_id)
@@ -151,8 +179,7 @@ class Engine:
     def _install(self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> Adapter:
         """Makes `pairs` the adapter `name` with a fresh AdamW (no gradients, no moments)."""
         self._unregister(name)
-        adapter = Adapter(name, spec, pairs, optimizer=None)
-        adapter.optimizer = torch.optim.AdamW(adapter.parameters())
+        adapter = Adapter(name, spec, pairs)
         self.adapters[name] = adapter
         self._register(name, pairs)
         return adapter
@@ -190,8 +217,6 @@ class Engine:
     def _forward_backward(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
         """Every datum of every item, in length buckets (little padding); within a bucket
         the rows of all adapters share one pass over the base model."""
-        for item in items:
-            self._adapter(item.model_id)
         rows = [
             (item_index, datum_index, datum)
             for item_index, item in enumerate(items)
@@ -305,8 +330,9 @@ class Engine:
             self._unregister(operation.path)
         return ops.DeleteCheckpointResult()
 
-    def _ensure_snapshot(self, request: ops.Sample) -> None:
+    def _ensure_snapshot(self, item: ops.WorkItem) -> None:
         """Sampler weights saved by an earlier server process are loaded on first use."""
+        request: ops.Sample = item.operation
         if request.adapter is None or request.adapter in self.snapshots:
             return
         if request.adapter_dir is None:
@@ -322,8 +348,6 @@ class Engine:
 
     def _sample(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
         requests: list[ops.Sample] = [item.operation for item in items]
-        for request in requests:
-            self._ensure_snapshot(request)
         rows = [
             SampleRow(request_index, sample_index, request)
             for request_index, request in enumerate(requests)
