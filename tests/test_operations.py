@@ -74,3 +74,32 @@ def test_health_goes_not_serving_then_serving_around_a_worker_restart(ops_server
         watcher.join(10)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert statuses[0] == serving and not_serving in statuses and statuses[-1] == serving
+
+
+def test_health_is_not_serving_while_the_worker_loads_and_serving_after(tmp_path):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "tinker_server",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--allow-unauthenticated",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = re.search(r"bound on (\S+)", process.stdout.readline()).group(1)
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            first = stub.Check(health_pb2.HealthCheckRequest(service="tinker_rpc.v1.TinkerService")).status
+            assert "listening on" in process.stdout.readline()
+            after = stub.Check(health_pb2.HealthCheckRequest(service="tinker_rpc.v1.TinkerService")).status
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert first == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert after == health_pb2.HealthCheckResponse.SERVING

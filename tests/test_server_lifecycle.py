@@ -29,8 +29,8 @@ def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = process.stdout.readline()
-        address = re.search(r"listening on (\S+)", line).group(1)
+        assert "bound on" in process.stdout.readline()  # up, health NOT_SERVING while the model loads
+        address = re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
         assert ServiceClient(base_url=address).get_server_capabilities().supported_models
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=30)

@@ -23,6 +23,7 @@ from tinker_server.metrics import serve_metrics
 from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
+from tinker_server.served import ServedModel
 from tinker_server.store import CheckpointPath, Store
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,20 @@ class TinkerServer:
         self.port: int | None = None
 
     async def start(self) -> None:
+        """Binds and starts the gRPC server, health NOT_SERVING; `boot` loads the model."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self._store = Store(config.data_dir / "tinker.db")
         runs = Runs(self._store, config.data_dir)
+        self._served = ServedModel()
         self._health = health.aio.HealthServicer()
+        await self._set_serving(False)
         self._worker = SupervisedWorker(config.base_model, runs, self._set_serving)
-        model = await self._worker.start()
-        scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
-        dispatcher = Dispatcher(scheduler, runs, config.result_retention_seconds)
-        parser = RequestParser(model, runs, config.limits)
-        self._scheduler, self._runs, self._dispatcher = scheduler, runs, dispatcher
-        self._servicer = TinkerServicer(model, runs, parser, dispatcher, config.limits)
-        self._tasks = [
-            asyncio.create_task(scheduler.run(), name="scheduler-clock"),
-            asyncio.create_task(_every(config.sweep_interval_seconds, dispatcher.sweep), name="checkpoint-sweeper"),
-        ]
+        self._scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
+        self._runs = runs
+        self._dispatcher = Dispatcher(self._scheduler, runs, config.result_retention_seconds)
+        parser = RequestParser(self._served, runs, config.limits)
+        self._servicer = TinkerServicer(self._served, runs, parser, self._dispatcher, config.limits)
         options = [
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
@@ -68,10 +67,9 @@ class TinkerServer:
             options=options, interceptors=[LoggingInterceptor(), AuthInterceptor(config.api_keys)]
         )
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
-        runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(model, runs, dispatcher), self._grpc)
+        runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(self._served, runs, self._dispatcher), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection([*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
-        await self._set_serving(True)
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None and config.tls_key is not None:
             credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
@@ -81,6 +79,26 @@ class TinkerServer:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {config.host}:{config.port}")
         await self._grpc.start()
+        if config.api_keys.open:
+            log.warning(
+                "AUTHENTICATION IS OFF (--allow-unauthenticated): anyone who can reach this port "
+                "can train, sample, and read or delete every run and checkpoint"
+            )
+        else:
+            log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
+
+    async def boot(self) -> None:
+        """Starts the worker (loading the base model), then serves: health SERVING."""
+        config = self.config
+        model = await self._worker.start()
+        self._served.set(model)
+        self._tasks = [
+            asyncio.create_task(self._scheduler.run(), name="scheduler-clock"),
+            asyncio.create_task(
+                _every(config.sweep_interval_seconds, self._dispatcher.sweep), name="checkpoint-sweeper"
+            ),
+        ]
+        await self._set_serving(True)
         log.info(
             "serving %s on %s:%d (%s, cycle=%s, data dir %s, store schema v%d)",
             model.name,
@@ -91,13 +109,6 @@ class TinkerServer:
             config.data_dir,
             self._store.schema_version,
         )
-        if config.api_keys.open:
-            log.warning(
-                "AUTHENTICATION IS OFF (--allow-unauthenticated): anyone who can reach this port "
-                "can train, sample, and read or delete every run and checkpoint"
-            )
-        else:
-            log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -108,7 +119,7 @@ class TinkerServer:
         """Graceful: refuse new requests, run what was queued, save every live run's state,
         then close. Bounded by shutdown_grace_seconds (plus the worker's own stop)."""
         grace = self.config.shutdown_grace_seconds
-        if self._servicer is not None:
+        if self._servicer is not None and self._tasks:
             await self._set_serving(False)
             self._servicer.draining = True
             await self._scheduler.drain(grace)
@@ -158,7 +169,10 @@ async def serve(config: ServerConfig) -> None:
         if config.metrics_port is not None:
             port = serve_metrics(config.host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.host, port)
-        # One machine-readable line, so scripts and tests can find an ephemeral port.
+        # Machine-readable lines, so scripts and tests can find an ephemeral port: the first
+        # while the model loads (health NOT_SERVING), the second once requests are served.
+        print(f"tinker-server bound on {config.host}:{server.port}", flush=True)
+        await server.boot()
         print(f"tinker-server listening on {config.host}:{server.port}", flush=True)
         await stop_requested.wait()
         log.info("shutting down")

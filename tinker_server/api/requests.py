@@ -20,6 +20,7 @@ from tinker_server import ops
 from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
+from tinker_server.served import ServedModel
 from tinker_server.store import CheckpointPath, CheckpointType, TrainingRun
 
 LORA_ALPHA = 32.0
@@ -63,10 +64,14 @@ class ParsedRequest:
 
 
 class RequestParser:
-    def __init__(self, model: ops.ModelInfo, runs: Runs, limits: Limits) -> None:
-        self._model = model
+    def __init__(self, served: ServedModel, runs: Runs, limits: Limits) -> None:
+        self._served = served
         self._runs = runs
         self._limits = limits
+
+    @property
+    def _model(self) -> ops.ModelInfo:
+        return self._served.info
 
     def parse(self, request: service_pb2.SessionRequest) -> ParsedRequest:
         kind = request.WhichOneof("request")

@@ -18,6 +18,7 @@ from tinker_server.api.dispatch import Dispatcher, status_code
 from tinker_server.api.requests import LORA_ALPHA, ParsedRequest, RequestError, new_model_id
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
+from tinker_server.served import ServedModel
 from tinker_server.store import Checkpoint, CheckpointPath, TrainingRun
 
 ARCHIVE_CHUNK_BYTES = 1 << 20
@@ -39,8 +40,8 @@ def checkpoint_message(checkpoint: Checkpoint) -> runs_pb2.Checkpoint:
 
 
 class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
-    def __init__(self, model: ops.ModelInfo, runs: Runs, dispatcher: Dispatcher) -> None:
-        self._model = model
+    def __init__(self, served: ServedModel, runs: Runs, dispatcher: Dispatcher) -> None:
+        self._served = served
         self._runs = runs
         self._dispatcher = dispatcher
 
@@ -160,7 +161,8 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             (directory / name).write_bytes(content)
         lora = ops.LoraSpec(rank, 0, False, False, False, alpha)  # the worker reports the real layers
         owner = current_owner.get()
-        run = TrainingRun(model_id, owner, self._model.name, lora, dict(request.user_metadata))
+        model = await self._served.wait()
+        run = TrainingRun(model_id, owner, model.name, lora, dict(request.user_metadata))
         item = ops.WorkItem("", model_id, ops.CreateAdapter(lora, str(directory)))
         result = await self._dispatcher.submit(ParsedRequest(model_id, item, run=run), owner=owner).result
         if result.HasField("error"):

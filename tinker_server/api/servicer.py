@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
-from tinker_server import metrics, ops
+from tinker_server import metrics
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.api.responses import error_result
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
+from tinker_server.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,13 @@ log = logging.getLogger(__name__)
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     def __init__(
         self,
-        model: ops.ModelInfo,
+        served: ServedModel,
         runs: Runs,
         parser: RequestParser,
         dispatcher: Dispatcher,
         limits: Limits,
     ) -> None:
-        self._model = model
+        self._served = served
         self._runs = runs
         self._parser = parser
         self._dispatcher = dispatcher
@@ -45,6 +46,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def Session(
         self, request_iterator: AsyncIterator[service_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[service_pb2.SessionResponse]:
+        await self._served.wait()  # requests sent while the worker loads wait for it
         outbox: asyncio.Queue[service_pb2.SessionResponse | None] = asyncio.Queue()
         pending: set[str] = set()  # request ids acked but not yet answered
         seen: set[str] = set()
@@ -150,10 +152,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetServerCapabilities(
         self, request: service_pb2.GetServerCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetServerCapabilitiesResponse:
+        model = await self._served.wait()
         model = service_pb2.SupportedModel(
-            model_name=self._model.name,
-            max_context_length=self._model.max_context_length,
-            vocab_size=self._model.vocab_size,
+            model_name=model.name,
+            max_context_length=model.max_context_length,
+            vocab_size=model.vocab_size,
             trainable=True,
             sampleable=True,
         )
@@ -170,6 +173,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetInfo(
         self, request: service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetInfoResponse:
+        model = await self._served.wait()
         run = self._runs.owned_run(request.model_id, current_owner.get())
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model_id {request.model_id!r}: no such training run")
@@ -177,7 +181,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         return service_pb2.GetInfoResponse(
             model_id=run.model_id,
             model_name=run.base_model,
-            arch=self._model.arch,
+            arch=model.arch,
             tokenizer_id=run.base_model,
             is_lora=True,
             lora_rank=lora.rank,
@@ -194,9 +198,10 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetTokenizer(
         self, request: service_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetTokenizerResponse:
-        if request.base_model != self._model.name:
+        model = await self._served.wait()
+        if request.base_model != model.name:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"base_model {request.base_model!r} is not served here; served: [{self._model.name!r}]",
+                f"base_model {request.base_model!r} is not served here; served: [{model.name!r}]",
             )
-        return service_pb2.GetTokenizerResponse(files=self._model.tokenizer_files)
+        return service_pb2.GetTokenizerResponse(files=model.tokenizer_files)
