@@ -127,7 +127,8 @@ def test_a_name_is_not_overwritten_unless_asked(service):
         ("tinker://run-nope/weights/x", NotFoundError, "no checkpoint"),
         ("tinker://run-nope/other/x", BadRequestError, "not a checkpoint path"),
         ("file:///etc/passwd", BadRequestError, "not a checkpoint path"),
-        ("tinker://../weights/x", NotFoundError, "no checkpoint"),
+        ("tinker://../weights/x", BadRequestError, "not a checkpoint path"),
+        ("tinker://run-1/weights/..", BadRequestError, "not a checkpoint path"),
     ],
 )
 def test_bad_checkpoint_paths_are_rejected_and_touch_nothing(service, path, error, message):

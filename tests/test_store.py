@@ -34,7 +34,16 @@ def test_a_store_from_a_newer_server_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "text",
-    ["tinker://r/weights", "tinker://r/weights/a/b", "tinker:///weights/a", "tinker://r/other/a", "s3://r/weights/a"],
+    [
+        "tinker://r/weights",
+        "tinker://r/weights/a/b",
+        "tinker:///weights/a",
+        "tinker://r/other/a",
+        "s3://r/weights/a",
+        "tinker://../weights/a",
+        "tinker://r/weights/..",
+        "tinker://r/weights/.hidden",
+    ],
 )
 def test_malformed_checkpoint_paths_are_rejected(text):
     with pytest.raises(ValueError, match="not a checkpoint path"):

@@ -8,6 +8,7 @@ thread only: every statement here is a short, indexed lookup or write.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ CheckpointType = Literal["training", "sampler"]
 TINKER_SCHEME = "tinker://"
 _PATH_SEGMENTS: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
 _SEGMENT_OF = {kind: segment for segment, kind in _PATH_SEGMENTS.items()}
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 
 # Each entry upgrades the schema by one version; never edit one that has shipped.
 MIGRATIONS = [
@@ -73,7 +75,8 @@ class CheckpointPath:
     def parse(cls, path: str) -> CheckpointPath:
         """Raises ValueError with the expected form."""
         parts = path.removeprefix(TINKER_SCHEME).split("/") if path.startswith(TINKER_SCHEME) else []
-        if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not parts[0] or not parts[2]:
+        # Both ends become directory names: never '..', separators or anything odd.
+        if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not all(map(_SAFE_SEGMENT.match, parts[::2])):
             raise ValueError(
                 f"{path!r} is not a checkpoint path; expected tinker://<run>/weights/<name> "
                 "or tinker://<run>/sampler_weights/<name>"
