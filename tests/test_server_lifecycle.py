@@ -43,3 +43,32 @@ def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{worker_pid}"), "the worker process outlived the server"
     assert "server stopped" in stderr
+
+
+def test_json_logs_are_one_object_per_line_from_server_and_worker(tmp_path: Path):
+    import json
+
+    command = [
+        sys.executable,
+        "-m",
+        "tinker_server",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--allow-unauthenticated",
+        "--log-format",
+        "json",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "listening on" not in process.stdout.readline():
+            pass
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    loggers = {record["logger"] for record in records}
+    assert "tinker_server.server" in loggers and "tinker_server.worker.main" in loggers
+    assert all({"time", "level", "logger", "message"} <= set(record) for record in records)

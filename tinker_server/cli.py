@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from tinker_server.api.requests import Limits
 from tinker_server.auth import ApiKeys
 from tinker_server.config import ServerConfig
+from tinker_server.logs import configure_logging
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
 
@@ -33,30 +33,6 @@ def apply_environment(parser: argparse.ArgumentParser) -> None:
                 action.default = action.type(value) if action.type else value
             except (TypeError, ValueError) as error:
                 parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {error}")
-
-
-class JsonFormatter(logging.Formatter):
-    """Structured logs: one JSON object per line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

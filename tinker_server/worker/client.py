@@ -10,6 +10,7 @@ import contextlib
 import logging
 import multiprocessing
 
+from tinker_server.logs import current_format
 from tinker_server.ops import Cycle, ModelInfo, Outcome
 from tinker_server.worker.main import WorkerStartupError, worker_main
 
@@ -27,7 +28,7 @@ class WorkerClient:
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
             target=worker_main,
-            args=(child_conn, base_model, logging.getLogger().getEffectiveLevel()),
+            args=(child_conn, base_model, logging.getLogger().getEffectiveLevel(), current_format()),
             name="tinker-worker",
             daemon=True,
         )

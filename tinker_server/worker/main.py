@@ -9,6 +9,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from tinker_server.logs import configure_logging
 from tinker_server.ops import Cycle
 
 
@@ -19,10 +20,10 @@ class WorkerStartupError:
     message: str
 
 
-def worker_main(conn: Connection, base_model: str | None, log_level: int) -> None:
+def worker_main(conn: Connection, base_model: str | None, log_level: int, log_format: str) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    configure_logging(log_level, log_format)
     # Imported here so the parent process never loads torch model code for the worker.
     from tinker_server.worker.engine import Engine
     from tinker_server.worker.models import load_base_model
