@@ -51,3 +51,11 @@ def test_adam_params_defaults_follow_the_tinker_sdk():
     assert types.AdamParams() == types.AdamParams(
         learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.0, grad_clip_norm=0.0
     )
+
+
+def test_model_input_keeps_numpy_tokens_as_arrays():
+    tokens = np.arange(5, dtype=np.int32)
+    model_input = types.ModelInput.from_ints(tokens).append_int(9)
+    assert model_input.chunks[0].tokens is tokens  # no per-token Python objects
+    assert model_input.to_numpy().dtype == np.int64 and model_input.to_ints() == [0, 1, 2, 3, 4, 9]
+    assert model_input.length == 6

@@ -26,7 +26,7 @@ def tokens_to_proto(tokens: np.ndarray | list[int]) -> training_pb2.ModelInput:
 
 def datum_to_proto(datum: types.Datum) -> training_pb2.Datum:
     return training_pb2.Datum(
-        model_input=tokens_to_proto(datum.model_input.to_ints()),
+        model_input=tokens_to_proto(datum.model_input.to_numpy()),
         loss_fn_inputs={key: encode_array(_compact(value.array)) for key, value in datum.loss_fn_inputs.items()},
     )
 

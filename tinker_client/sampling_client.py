@@ -47,7 +47,7 @@ class SamplingClient:
         topk_prompt_logprobs: int,
     ) -> service_pb2.SessionRequest:
         sample = sampling_pb2.SampleRequest(
-            prompt=_convert.tokens_to_proto(prompt.to_ints()),
+            prompt=_convert.tokens_to_proto(prompt.to_numpy()),
             num_samples=num_samples,
             sampling_params=_convert.sampling_params(sampling_params),
             include_prompt_logprobs=include_prompt_logprobs,

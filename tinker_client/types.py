@@ -127,15 +127,22 @@ class ModelInput:
     chunks: list[EncodedTextChunk]
 
     @classmethod
-    def from_ints(cls, tokens: Sequence[int]) -> ModelInput:
-        return cls(chunks=[EncodedTextChunk(tokens=list(tokens))])
+    def from_ints(cls, tokens: Sequence[int] | np.ndarray) -> ModelInput:
+        """A numpy array is kept as it is (no per-token Python objects on the way to the wire)."""
+        return cls(chunks=[EncodedTextChunk(tokens=tokens if isinstance(tokens, np.ndarray) else list(tokens))])
 
     @classmethod
     def empty(cls) -> ModelInput:
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
-        return [int(token) for chunk in self.chunks for token in chunk.tokens]
+        return self.to_numpy().tolist()
+
+    def to_numpy(self) -> np.ndarray:
+        """All tokens as one int64 array."""
+        if not self.chunks:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([np.asarray(chunk.tokens, dtype=np.int64) for chunk in self.chunks])
 
     @property
     def length(self) -> int:
