@@ -68,7 +68,7 @@ def torch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: l
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def seconds_per_call(step: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -17,7 +17,8 @@ class CuttableProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.cuts = 0
         started = threading.Event()
-        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self._thread.start()
         started.wait(10)
 
     def _serve(self, started: threading.Event) -> None:
@@ -54,11 +55,14 @@ class CuttableProxy:
         self.cuts += 1
 
     def close(self) -> None:
-        def shutdown() -> None:
+        async def shutdown() -> None:
             for writer in self._writers:
                 writer.transport.abort()
-            for task in asyncio.all_tasks(self._loop):
+            tasks = [task for task in asyncio.all_tasks(self._loop) if task is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            self._loop.call_soon(self._loop.stop)  # after the cancelled tasks had their turn
+            await asyncio.gather(*tasks, return_exceptions=True)  # let them finish cancelling
+            self._loop.stop()
 
-        self._loop.call_soon_threadsafe(shutdown)
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
+        self._thread.join(10)

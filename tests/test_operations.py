@@ -59,7 +59,14 @@ def test_health_goes_not_serving_then_serving_around_a_worker_restart(ops_server
         stub = health_pb2_grpc.HealthStub(channel)
         assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         watch = stub.Watch(health_pb2.HealthCheckRequest(service="tinker_rpc.v1.TinkerService"))
-        watcher = threading.Thread(target=lambda: [statuses.append(r.status) for r in watch], daemon=True)
+
+        def collect() -> None:
+            try:
+                statuses.extend(response.status for response in watch)
+            except grpc.RpcError as error:  # cancelled below, once the test has seen enough
+                assert error.code() == grpc.StatusCode.CANCELLED, error
+
+        watcher = threading.Thread(target=collect, daemon=True)
         watcher.start()
 
         pid = int(re.findall(r"worker pid (\d+)", (data_dir / "server.log").read_text())[-1])

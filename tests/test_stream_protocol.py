@@ -131,3 +131,33 @@ def test_unknown_model_is_not_found_through_the_sdk(service):
         ghost.forward(ragged_batch(seed=0, lengths=[2]), "cross_entropy").result(timeout=30)
     with pytest.raises(NotFoundError, match="run-ghost"):
         ghost.get_info()
+
+
+def test_a_resent_request_is_answered_by_the_original_and_never_runs_twice(server, service):
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7)
+    step = service_pb2.SessionRequest(
+        request_id="s",
+        model_id=training.model_id,
+        idempotency_key="step-1",
+        optim_step=training_pb2.OptimStepRequest(adam_params=adam_params(types.AdamParams(learning_rate=0.1))),
+    )
+    answers = []
+    for _ in range(2):  # the same request on two streams, as after a reconnect
+        session = RawSession(server.address)
+        session.send(step)
+        answers.append((session.receive(), session.receive()))
+        session.close()
+    (first_ack, first_result), (second_ack, second_result) = answers
+    assert first_ack.ack == second_ack.ack  # same future_id, same seq
+    assert first_result.result == second_result.result
+    session = RawSession(server.address)
+    session.send(
+        service_pb2.SessionRequest(
+            request_id="n",
+            model_id=training.model_id,
+            idempotency_key="step-2",
+            optim_step=training_pb2.OptimStepRequest(adam_params=adam_params(types.AdamParams(learning_rate=0.1))),
+        )
+    )
+    assert session.receive().ack.seq == first_ack.ack.seq + 1  # the resend took no place in the order
+    session.close()

@@ -37,13 +37,15 @@ class Dispatcher:
         self._runs = runs
         self.retention_seconds = result_retention_seconds
         self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
-        # (owner, idempotency key) -> the request it first named, for as long as results are kept.
-        self._by_key: dict[tuple[str, str], tuple[Submitted, float]] = {}
+        # (owner, idempotency key) -> (future_id, seq, when) of the request it first named, for
+        # as long as results are kept; the result itself is looked up by future_id.
+        self._by_key: dict[tuple[str, str], tuple[str, int, float]] = {}
 
-    def previous(self, owner: str, idempotency_key: str) -> Submitted | None:
-        """The request an idempotency key already named, if any (a resend after a reconnect)."""
+    def previous(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
+        """(future_id, seq) of the request an idempotency key already named, if any: the
+        request is being resent after a reconnect."""
         found = self._by_key.get((owner, idempotency_key)) if idempotency_key else None
-        return None if found is None else found[0]
+        return None if found is None else found[:2]
 
     async def result_of(self, future_id: str, owner: str) -> service_pb2.Result | None:
         """The Result of an acked request, waiting for it if it is still running; None if
@@ -66,7 +68,7 @@ class Dispatcher:
         submitted = Submitted(ticket.future_id, ticket.seq, owner, result)
         self._inflight[ticket.future_id] = submitted
         if idempotency_key:
-            self._by_key[(owner, idempotency_key)] = (submitted, time.time())
+            self._by_key[(owner, idempotency_key)] = (ticket.future_id, ticket.seq, time.time())
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
             outcome = done.result()
@@ -119,7 +121,7 @@ class Dispatcher:
             await self.delete_checkpoint(checkpoint.path)
         self._runs.store.purge_results(now)
         cutoff = now - self.retention_seconds
-        self._by_key = {key: entry for key, entry in self._by_key.items() if entry[1] > cutoff}
+        self._by_key = {key: entry for key, entry in self._by_key.items() if entry[2] > cutoff}
 
     def discard_files(self, path: CheckpointPath) -> None:
         shutil.rmtree(self._runs.directory(path), ignore_errors=True)

@@ -119,8 +119,14 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         if request.HasField("resume"):
             asyncio.create_task(self._resume(request.resume.future_id, owner, deliver))
             return
-        # A resend after a reconnect is answered with the original request: never run twice.
-        submitted = previous or self._dispatcher.submit(parsed, owner, request.idempotency_key)
+        if previous is not None:  # a resend after a reconnect: the original answers, never run twice
+            future_id, seq = previous
+            outbox.put_nowait(
+                service_pb2.SessionResponse(request_id=request_id, ack=service_pb2.Ack(future_id=future_id, seq=seq))
+            )
+            asyncio.create_task(self._resume(future_id, owner, deliver))
+            return
+        submitted = self._dispatcher.submit(parsed, owner, request.idempotency_key)
         ack = service_pb2.Ack(future_id=submitted.future_id, seq=submitted.seq)
         outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, ack=ack))
         submitted.result.add_done_callback(lambda done: deliver(done.result()))
