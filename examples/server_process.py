@@ -15,15 +15,21 @@ from pathlib import Path
 _LISTENING = re.compile(r"tinker-server listening on (\S+):(\d+)")
 
 
+def server_command(data_dir: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """`tinker-server` on a free port; open (no API keys) unless keys are configured."""
+    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
+    if "--api-keys-file" not in extra_args and "TINKER_API_KEYS" not in os.environ:
+        command.append("--allow-unauthenticated")  # a local, single-user server
+    return command
+
+
 def start_server(
     data_dir: Path, extra_args: Sequence[str] = (), startup_timeout: float = 120.0, log_path: Path | None = None
 ) -> tuple[subprocess.Popen[str], str]:
     """Starts a server; returns the process and its address ('127.0.0.1:PORT') once it listens."""
     log_path = log_path or data_dir / "server.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "tinker_server", "--port", "0", "--data-dir", str(data_dir), *extra_args]
-    if "--api-keys-file" not in extra_args and "TINKER_API_KEYS" not in os.environ:
-        command.append("--allow-unauthenticated")  # a local, single-user server
+    command = server_command(data_dir, extra_args)
     with open(log_path, "a") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}

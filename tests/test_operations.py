@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from server_process import running_server
+from server_process import running_server, server_command
 
 from tinker_client import APIConnectionError, ServiceClient
 
@@ -85,18 +85,8 @@ def test_health_goes_not_serving_then_serving_around_a_worker_restart(ops_server
 
 def test_health_is_not_serving_while_the_worker_loads_and_serving_after(tmp_path):
     import subprocess
-    import sys
 
-    command = [
-        sys.executable,
-        "-m",
-        "tinker_server",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--allow-unauthenticated",
-    ]
+    command = server_command(tmp_path)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         address = re.search(r"bound on (\S+)", process.stdout.readline()).group(1)

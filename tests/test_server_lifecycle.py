@@ -6,27 +6,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from server_process import server_command
 
 from tinker_client import ServiceClient
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
-    command = [
-        sys.executable,
-        "-m",
-        "tinker_server",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--allow-unauthenticated",
-    ]
+    command = server_command(tmp_path)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "bound on" in process.stdout.readline()  # up, health NOT_SERVING while the model loads
@@ -48,18 +39,7 @@ def test_signal_stops_server_and_worker(tmp_path: Path, signum: int):
 def test_json_logs_are_one_object_per_line_from_server_and_worker(tmp_path: Path):
     import json
 
-    command = [
-        sys.executable,
-        "-m",
-        "tinker_server",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--allow-unauthenticated",
-        "--log-format",
-        "json",
-    ]
+    command = server_command(tmp_path, ["--log-format", "json"])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while "listening on" not in process.stdout.readline():
