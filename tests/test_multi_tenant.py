@@ -77,3 +77,31 @@ def test_two_clients_share_one_batch_and_train_independently(service, server):
         assert not np.allclose(
             alice_after[0]["logprobs"].to_numpy(), reference_logprobs(model, alice_data[0]).numpy(), atol=1e-3
         )
+
+
+def test_fixed_cycles_batch_what_arrives_within_a_tick(tmp_path):
+    from server_process import running_server
+
+    from tinker_client import ServiceClient
+
+    with running_server(tmp_path, ["--cycle", "fixed:2.0"]) as address:
+        service = ServiceClient(base_url=address)
+        runs = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed) for seed in (1, 2, 3)]
+        sessions = [RawSession(address) for _ in runs]
+        try:
+            for session, training in zip(sessions, runs, strict=True):
+                session.send(
+                    service_pb2.SessionRequest(
+                        request_id="fb",
+                        model_id=training.model_id,
+                        forward=forward_backward_input(ragged_batch(seed=20, lengths=[8]), "cross_entropy", None),
+                    )
+                )
+            cycles = [[session.receive(), session.receive()][1].result.cycle_id for session in sessions]
+        finally:
+            for session in sessions:
+                session.close()
+        service.close()
+    # Sent within milliseconds of each other: at most one tick can fall between them, so at
+    # least two of the three tenants share a batch (nearly always all three do).
+    assert max(cycles.count(cycle) for cycle in cycles) >= 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -54,7 +55,8 @@ class CyclePolicy:
     queued. Right after a cycle it waits up to COALESCE seconds (default 20 ms) for the
     models that were just served to send their next request, so tenants that train in
     lock-step share one batch instead of splitting into groups that alternate.
-    `fixed:PERIOD`: a cycle starts every PERIOD seconds (like the hosted service)."""
+    `fixed:PERIOD`: cycles start on a fixed grid of PERIOD seconds (like the hosted service):
+    everything that arrives between two ticks shares the next cycle."""
 
     period: float | None = None
     coalesce: float = DEFAULT_COALESCE_SECONDS
@@ -121,14 +123,16 @@ class Scheduler:
     async def run(self) -> None:
         """The clock: forms and runs cycles until cancelled."""
         loop = asyncio.get_running_loop()
-        next_tick = loop.time()
+        clock_start = loop.time()
         just_served: set[str] = set()
         while True:
             if self._policy.period is None and just_served:
                 await self._await_returning(just_served, loop.time() + self._policy.coalesce)
             await self._work_available.wait()
             if self._policy.period is not None:
-                next_tick = max(next_tick + self._policy.period, loop.time())
+                # Ticks on a fixed grid: whatever arrives between two ticks shares a cycle.
+                period = self._policy.period
+                next_tick = clock_start + (math.floor((loop.time() - clock_start) / period) + 1) * period
                 await asyncio.sleep(next_tick - loop.time())
             else:
                 await asyncio.sleep(0)  # let requests already received join, e.g. an optim_step sent with its backward
