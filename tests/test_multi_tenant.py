@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ def test_two_clients_share_one_batch_and_train_independently(service, server):
 
     # Keep the worker busy so both requests queue up and go out in the same cycle.
     blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
-    busy = blocker.forward(ragged_batch(seed=12, lengths=[1000] * 6), "cross_entropy")
+    busy = blocker.forward_backward(ragged_batch(seed=12, lengths=[1000] * 12), "cross_entropy")
+    time.sleep(0.2)  # past the scheduler's coalescing window: the blocker is running
     sessions = [RawSession(server.address), RawSession(server.address)]
     try:
         for session, training, data in zip(sessions, (alice, bob), (alice_data, bob_data), strict=True):

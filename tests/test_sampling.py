@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 import numpy as np
 import pytest
@@ -200,7 +201,8 @@ def test_two_adapters_sampled_in_one_batch_match_each_sampled_alone(service, ser
     }
 
     blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
-    busy = blocker.forward(ragged_batch(seed=12, lengths=[1000] * 6), "cross_entropy")
+    busy = blocker.forward_backward(ragged_batch(seed=12, lengths=[1000] * 12), "cross_entropy")
+    time.sleep(0.2)  # past the scheduler's coalescing window: the blocker is running
     sessions = {path: RawSession(server.address) for path in prompts}
     try:
         for path, session in sessions.items():
