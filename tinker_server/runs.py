@@ -17,9 +17,6 @@ class Runs:
         # Checkpoints being saved: reserved at submission so two saves cannot claim a name.
         self._saving: set[CheckpointPath] = set()
 
-    def run(self, model_id: str) -> TrainingRun | None:
-        return self.store.run(model_id)
-
     def owned_run(self, model_id: str, owner: str) -> TrainingRun | None:
         """The run, if `owner` owns it: another owner's run does not exist for them."""
         run = self.store.run(model_id)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
 
@@ -38,6 +39,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         self._parser = parser
         self._dispatcher = dispatcher
         self._limits = limits
+        self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         """Set at shutdown: new requests are refused, queued ones still run."""
 
@@ -117,19 +119,25 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
 
         if request.HasField("resume"):
-            asyncio.create_task(self._resume(request.resume.future_id, owner, deliver))
+            self._spawn(self._resume(request.resume.future_id, owner, deliver))
             return
         if previous is not None:  # a resend after a reconnect: the original answers, never run twice
             future_id, seq = previous
             outbox.put_nowait(
                 service_pb2.SessionResponse(request_id=request_id, ack=service_pb2.Ack(future_id=future_id, seq=seq))
             )
-            asyncio.create_task(self._resume(future_id, owner, deliver))
+            self._spawn(self._resume(future_id, owner, deliver))
             return
         submitted = self._dispatcher.submit(parsed, owner, request.idempotency_key)
         ack = service_pb2.Ack(future_id=submitted.future_id, seq=submitted.seq)
         outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, ack=ack))
         submitted.result.add_done_callback(lambda done: deliver(done.result()))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """A background task, referenced until done (asyncio keeps only weak references)."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resume(self, future_id: str, owner: str, deliver: Callable[[service_pb2.Result], None]) -> None:
         result = await self._dispatcher.result_of(future_id, owner)
