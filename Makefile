@@ -33,8 +33,24 @@ $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
 	$(PY) -m pip install -q -e ".[server,dev]"
 	touch $@
 
+# What the Tinker 0.38 drop-in tests read: the official SDK's wheel (parsed, never installed) and
+# the tinker-cookbook with what its recipes import. The cookbook pins tml-renderers>=0.4.1, which the
+# registry lacks, and tinker itself, which the alias replaces: hence --no-deps and the names by hand.
+COOKBOOK_STAMP := $(VENV)/.cookbook-installed
+REFERENCE_WHEEL := $(VENV)/reference/tinker-0.38.0-py3-none-any.whl
+COOKBOOK_REQUIREMENTS := aiohttp anyio blobfile chz cloudpickle datasets huggingface-hub pillow pydantic \
+	pyrage rich termcolor tiktoken sympy pylatexenc math-verify
+
+$(COOKBOOK_STAMP): | $(PY)
+	$(PY) -m pip install -q --no-deps tinker-cookbook==0.6.1 tml-renderers==0.2.1
+	$(PY) -m pip install -q $(COOKBOOK_REQUIREMENTS)
+	touch $@
+
+$(REFERENCE_WHEEL): | $(PY)
+	$(PY) -m pip download -q --no-deps tinker==0.38.0 -d $(VENV)/reference
+
 # pytest runs last, so its summary closes the output.
-test: install lint proto-lint test-node
+test: install lint proto-lint test-node $(COOKBOOK_STAMP) $(REFERENCE_WHEEL)
 	$(PY) -m pytest -q tests
 
 # The second-language client (clients/node), end to end against a real server.

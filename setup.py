@@ -1,4 +1,8 @@
-"""`pip install .` generates the gRPC code from protos/ first, so a clean clone installs."""
+"""Generates the gRPC code from protos/ before setuptools reads the configuration, so a clean clone installs.
+
+This cannot wait for `build_py`: setuptools finds the packages (pyproject.toml) when setup() reads the
+configuration, and `egg_info`, which pip and build run first, already needs their directories.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,10 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 from generate_protos import generate  # noqa: E402
 
-
-class BuildWithProtos(build_py):
-    def run(self) -> None:
-        generate()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithProtos})
+generate()
+setup()

@@ -40,7 +40,7 @@ async def measure(training, calls: int, burst: int, window: int) -> dict:
 def run(base_model: str | None, calls: int, burst: int) -> dict:
     with server(base_model) as client:
         name = client.get_server_capabilities().supported_models[0].model_name
-        training = client.create_lora_training_client(name, rank=8, seed=0)
+        training = client.create_lora_training_client(name, rank=8, seed=0).result()
         window = client.get_server_capabilities().max_inflight_requests
         result = asyncio.run(measure(training, calls, burst, window))
     return {"benchmark": "latency", "results": [result]}

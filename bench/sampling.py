@@ -63,7 +63,7 @@ def run(concurrency: list[int], max_tokens: int, prompt_length: int, base_model:
             service = ServiceClient(base_url=address)
             sampler = service.create_sampling_client(
                 base_model=service.get_server_capabilities().supported_models[0].model_name
-            )
+            ).result()
             service_tokens_per_second(sampler, prompts(2, prompt_length), 4)  # warm-up
             for count in concurrency:
                 batch = prompts(count, prompt_length)

@@ -23,7 +23,7 @@ def service_overhead(base_model: str | None, rows: int, length: int, steps: int,
     model, optimizer = peft_trainer(base_model, rank)
     with server(base_model) as client:
         name = client.get_server_capabilities().supported_models[0].model_name
-        training = client.create_lora_training_client(name, rank=rank, seed=0)
+        training = client.create_lora_training_client(name, rank=rank, seed=0).result()
 
         def service_step() -> None:
             backward = training.forward_backward(data, "cross_entropy")
@@ -58,7 +58,7 @@ def multi_tenant(base_model: str | None, tenants: int, rows: int, length: int, s
 
     with server(base_model) as client:
         name = client.get_server_capabilities().supported_models[0].model_name
-        trainings = [client.create_lora_training_client(name, rank=rank, seed=t) for t in range(tenants)]
+        trainings = [client.create_lora_training_client(name, rank=rank, seed=t).result() for t in range(tenants)]
 
         def train(training, data) -> None:
             for _ in range(steps):

@@ -64,12 +64,12 @@ def main() -> int:
         print(f"server up at {address} ({time.monotonic() - started:.1f}s)")
         service = ServiceClient(base_url=address)
         base_model = service.get_server_capabilities().supported_models[0].model_name
-        training = service.create_lora_training_client(base_model, rank=16, seed=0)
+        training = service.create_lora_training_client(base_model, rank=16, seed=0).result()
         tokenizer = training.get_tokenizer()
         data = [make_datum(tokenizer, question, answer) for question, answer in QA_PAIRS]
         answer_tokens = sum(sum(datum.loss_fn_inputs["weights"].data) for datum in data)
 
-        before = completions(training.save_weights_and_get_sampling_client("before"), tokenizer)
+        before = completions(training.save_weights_and_get_sampling_client("before").result(), tokenizer)
         losses = []
         with tqdm(range(STEPS), desc="training", unit="step") as progress:
             for _ in progress:
@@ -78,7 +78,7 @@ def main() -> int:
                 training.optim_step(ADAM)
                 losses.append(backward.result().metrics["loss:sum"] / answer_tokens)
                 progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        after = completions(training.save_weights_and_get_sampling_client("after"), tokenizer)
+        after = completions(training.save_weights_and_get_sampling_client("after").result(), tokenizer)
         service.close()
 
     print(f"\nloss per answer token: {losses[0]:.3f} -> {losses[-1]:.3f} ({losses[-1] / losses[0]:.1%} of the start)")

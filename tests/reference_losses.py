@@ -52,4 +52,17 @@ def gspo(lp: Tensor, inputs: dict[str, Tensor], config: dict[str, float]) -> Ten
     return torch.maximum(-ratio * advantages, -ratio.clamp(low, high) * advantages)
 
 
-REFERENCE_LOSSES = {fn.__name__: fn for fn in (cross_entropy, importance_sampling, ppo, cispo, dro, gspo)}
+def stable_reinforce(lp: Tensor, inputs: dict[str, Tensor], config: dict[str, float]) -> Tensor:
+    """Our definition (docs/losses.md), with the sampler's logprobs `sampler_logprobs` and the
+    positions of sampled tokens `sampled_mask`."""
+    cap, kl_coeff = config.get("max_importance_weight", 2.0), config.get("kl_coeff", 0.0)
+    log_ratio = lp - inputs["sampler_logprobs"]
+    with torch.no_grad():
+        weight = log_ratio.exp().clamp(max=cap)
+    per_token = -(weight * inputs["advantages"] * lp) + kl_coeff * 0.5 * log_ratio**2
+    return torch.where(inputs["sampled_mask"] > 0, per_token, torch.zeros_like(per_token))
+
+
+REFERENCE_LOSSES = {
+    fn.__name__: fn for fn in (cross_entropy, importance_sampling, ppo, cispo, dro, gspo, stable_reinforce)
+}

@@ -37,7 +37,7 @@ def checkpoint_dir(data_dir: Path, path: str) -> Path:
 
 
 def test_a_downloaded_archive_loads_in_peft_with_the_servers_logits(service, tmp_path):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=1).result()
     train(training, 3)
     path = training.save_state("three-steps").result().path
     assert path == f"tinker://{training.model_id}/weights/three-steps"
@@ -64,25 +64,25 @@ def test_a_downloaded_archive_loads_in_peft_with_the_servers_logits(service, tmp
 
 
 def test_resuming_with_the_optimizer_is_bit_for_bit_and_without_it_is_not(service, server):
-    uninterrupted = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+    uninterrupted = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
     train(uninterrupted, 2)
     middle = uninterrupted.save_state("middle").result().path
     train(uninterrupted, 2)
     expected = adapter_tensors(checkpoint_dir(server.data_dir, uninterrupted.save_state("end").result().path))
 
-    resumed = service.create_training_client_from_state_with_optimizer(middle)
+    resumed = service.create_training_client_from_state_with_optimizer(middle).result()
     assert resumed.get_info().lora_config.seed == 2 and resumed.get_info().lora_rank == 4
     train(resumed, 2)
     actual = adapter_tensors(checkpoint_dir(server.data_dir, resumed.save_state("end").result().path))
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
 
-    fresh_moments = service.create_training_client_from_state(middle)
+    fresh_moments = service.create_training_client_from_state(middle).result()
     train(fresh_moments, 2)
     other = adapter_tensors(checkpoint_dir(server.data_dir, fresh_moments.save_state("end").result().path))
     assert any(not torch.equal(other[key], value) for key, value in expected.items())
 
-    reloaded = service.create_lora_training_client(BASE_MODEL, rank=4, seed=99)
+    reloaded = service.create_lora_training_client(BASE_MODEL, rank=4, seed=99).result()
     reloaded.load_state_with_optimizer(middle).result()
     train(reloaded, 2)
     again = adapter_tensors(checkpoint_dir(server.data_dir, reloaded.save_state("end").result().path))
@@ -91,9 +91,9 @@ def test_resuming_with_the_optimizer_is_bit_for_bit_and_without_it_is_not(servic
 
 
 def test_load_state_needs_a_matching_adapter(service):
-    small = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    small = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     path = small.save_state("small").result().path
-    big = service.create_lora_training_client(BASE_MODEL, rank=8, seed=1)
+    big = service.create_lora_training_client(BASE_MODEL, rank=8, seed=1).result()
     with pytest.raises(BadRequestError, match="does not fit this run's"):
         big.load_state(path).result(timeout=30)
     sampler_path = small.save_weights_for_sampler("s").result().path
@@ -103,14 +103,14 @@ def test_load_state_needs_a_matching_adapter(service):
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x" * 129, "sp ace"])
 def test_checkpoint_names_cannot_escape_or_be_odd(service, server, name):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     with pytest.raises(BadRequestError, match=r"save_state\.name"):
         training.save_state(name).result(timeout=30)
     assert not (server.data_dir / "runs" / training.model_id / "escape").exists()
 
 
 def test_a_name_is_not_overwritten_unless_asked(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     training.save_state("same").result()
     with pytest.raises(ConflictError, match="already exists; pass overwrite=True"):
         training.save_state("same").result(timeout=30)
@@ -136,11 +136,11 @@ def test_bad_checkpoint_paths_are_rejected_and_touch_nothing(service, path, erro
     with pytest.raises(error, match=message):
         rest.delete_checkpoint_from_tinker_path(path).result(timeout=30)
     with pytest.raises(error, match=message):
-        service.create_training_client_from_state(path)
+        service.create_training_client_from_state(path).result()
 
 
 def test_deleting_removes_files_and_record_and_listing_shows_disk_use(service, server):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     first = training.save_state("first").result().path
     second = training.save_weights_for_sampler("second").result().path
     rest = service.create_rest_client()
@@ -157,7 +157,7 @@ def test_deleting_removes_files_and_record_and_listing_shows_disk_use(service, s
     with pytest.raises(NotFoundError):
         rest.delete_checkpoint_from_tinker_path(first).result(timeout=30)
     with pytest.raises(NotFoundError):
-        service.create_sampling_client(model_path=first).sample(
+        service.create_sampling_client(model_path=first).result().sample(
             types.ModelInput.from_ints([1]), 1, types.SamplingParams(max_tokens=1)
         ).result(timeout=30)
 
@@ -165,14 +165,15 @@ def test_deleting_removes_files_and_record_and_listing_shows_disk_use(service, s
     assert rest.list_checkpoints(training.model_id).result().checkpoints == []
     assert rest.get_training_run(training.model_id).result().size_bytes == 0
     with pytest.raises(NotFoundError, match="sampler_weights/second"):
-        service.create_sampling_client(model_path=second).sample(
+        service.create_sampling_client(model_path=second).result().sample(
             types.ModelInput.from_ints([1]), 1, types.SamplingParams(max_tokens=1)
         ).result(timeout=30)
 
 
 def test_training_runs_are_listed_newest_first_in_pages(service):
     created = [
-        service.create_lora_training_client(BASE_MODEL, rank=4, seed=i, user_metadata={"i": str(i)}) for i in range(3)
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=i, user_metadata={"i": str(i)}).result()
+        for i in range(3)
     ]
     rest = service.create_rest_client()
     page = rest.list_training_runs(limit=2, offset=0).result()
@@ -182,7 +183,7 @@ def test_training_runs_are_listed_newest_first_in_pages(service):
 
 
 def test_many_concurrent_saves_and_deletes_leave_a_consistent_store(service, server):
-    clients = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=i) for i in range(3)]
+    clients = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=i).result() for i in range(3)]
     rest = service.create_rest_client()
     errors: list[BaseException] = []
 
@@ -210,7 +211,7 @@ def test_many_concurrent_saves_and_deletes_leave_a_consistent_store(service, ser
 def test_checkpoints_with_a_ttl_expire(tmp_path):
     with running_server(tmp_path, ["--sweep-interval", "0.2"]) as address:
         service = ServiceClient(base_url=address)
-        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
         short = training.save_state("short", ttl_seconds=1).result().path
         kept = training.save_state("kept").result().path
         rest = service.create_rest_client()
@@ -232,7 +233,9 @@ def test_a_peft_adapter_is_imported_and_checked_against_the_base_model(service, 
     model = get_peft_model(build_embedded_model(), config)
     model.save_pretrained(tmp_path / "adapter")
 
-    training = service.create_training_client_from_peft_adapter(tmp_path / "adapter", user_metadata={"from": "peft"})
+    training = service.create_training_client_from_peft_adapter(
+        tmp_path / "adapter", user_metadata={"from": "peft"}
+    ).result()
     info = training.get_info()
     assert (info.lora_rank, info.lora_config.train_attn, info.lora_config.train_mlp) == (4, True, False)
     output = training.forward(DATA, "cross_entropy").result()
@@ -258,11 +261,11 @@ def test_a_peft_adapter_is_imported_and_checked_against_the_base_model(service, 
     with pytest.raises(
         BadRequestError, match=r"q_proj\.lora_A\.weight: shape \[4, 99\]; this base model needs \[4, 256\]"
     ):
-        service.create_training_client_from_peft_adapter(wrong)
+        service.create_training_client_from_peft_adapter(wrong).result()
 
 
 def test_the_cli_lists_runs_and_checkpoints_and_downloads(service, server, tmp_path):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     path = training.save_state("for-cli").result().path
 
     def cli(*args: str) -> str:

@@ -115,7 +115,7 @@ def requests(draw, model_id: str) -> service_pb2.SessionRequest:
 
 @pytest.fixture(scope="module")
 def target_run(service):
-    return service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    return service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
 
 
 def worker_pid(server) -> list[str]:

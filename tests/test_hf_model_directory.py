@@ -46,7 +46,7 @@ def test_a_saved_model_directory_is_served_and_trained(qwen_directory: Path, tmp
         capabilities = service.get_server_capabilities()
         assert [model.model_name for model in capabilities.supported_models] == [str(qwen_directory)]
         assert capabilities.supported_models[0].max_context_length == 256
-        training = service.create_lora_training_client(str(qwen_directory), rank=4, seed=0)
+        training = service.create_lora_training_client(str(qwen_directory), rank=4, seed=0).result()
         assert training.get_info().model_data.arch == "Qwen2ForCausalLM"
         assert training.get_tokenizer().encode("hi", add_special_tokens=False) == [ord("h"), ord("i")]
 

@@ -15,7 +15,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def saved(service, server, name: str, **options) -> dict[str, torch.Tensor]:
-    training = service.create_lora_training_client(BASE_MODEL, **options)
+    training = service.create_lora_training_client(BASE_MODEL, **options).result()
     return adapter_tensors(sampler_dir(server.data_dir, training.save_weights_for_sampler(name).result().path))
 
 
@@ -47,7 +47,7 @@ def test_train_flags_choose_the_adapted_layers(service, server, flags, expected_
 def test_frozen_layers_do_not_move_in_training(service, server):
     training = service.create_lora_training_client(
         BASE_MODEL, rank=4, seed=2, train_attn=True, train_mlp=False, train_unembed=False
-    )
+    ).result()
     training.forward_backward(ragged_batch(seed=5, lengths=[8]), "cross_entropy")
     training.optim_step(types.AdamParams(learning_rate=1e-2))
     tensors = adapter_tensors(sampler_dir(server.data_dir, training.save_weights_for_sampler("x").result().path))
@@ -56,7 +56,7 @@ def test_frozen_layers_do_not_move_in_training(service, server):
 
 
 def test_get_info_reports_the_options_actually_used(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=6, seed=None, train_unembed=False)
+    training = service.create_lora_training_client(BASE_MODEL, rank=6, seed=None, train_unembed=False).result()
     info = training.get_info()
     assert info.model_id == training.model_id
     assert info.model_data.model_name == BASE_MODEL
@@ -80,4 +80,4 @@ def test_get_info_reports_the_options_actually_used(service):
 )
 def test_bad_lora_options_are_rejected_by_name(service, options, field):
     with pytest.raises(BadRequestError, match=field.replace(".", r"\.")):
-        service.create_lora_training_client(BASE_MODEL, **options)
+        service.create_lora_training_client(BASE_MODEL, **options).result()

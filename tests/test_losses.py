@@ -7,9 +7,21 @@ import pytest
 import torch
 
 from tinker_client import BadRequestError, types
+from tinker_client.tensor_codec import decode_array, encode_array
+from tinker_rpc.v1 import sampling_pb2, training_pb2
 
 from .conftest import BASE_MODEL
-from .helpers import peft_gradients, peft_model, ragged_batch, read_gradients
+from .helpers import (
+    RawSession,
+    create_run,
+    peft_gradients,
+    peft_model,
+    provenance_datum,
+    ragged_batch,
+    read_gradients,
+    read_gradients_raw,
+    record_sample,
+)
 from .reference_losses import REFERENCE_LOSSES
 
 LENGTHS = [5, 12, 8]
@@ -35,7 +47,7 @@ def rl_batch(seed: int, loss_fn: str) -> list[types.Datum]:
 
 def warmed_up_client(service):
     """A run whose B matrices are non-zero, so every LoRA weight gets a gradient."""
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=21)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=21).result()
     training.forward_backward(ragged_batch(99, [10]), "cross_entropy")
     training.optim_step(types.AdamParams(learning_rate=2e-2))
     return training
@@ -76,14 +88,104 @@ def test_loss_logprobs_and_gradients_equal_the_torch_reference(service, server, 
     assert output.metrics["loss:sum"] == pytest.approx(float(total.detach()), rel=1e-4, abs=1e-4)
 
     total.backward()
+    assert_gradients_equal(server_gradients, reference)
+
+
+def assert_gradients_equal(server_gradients: dict[str, torch.Tensor], reference: torch.nn.Module) -> None:
     expected = peft_gradients(reference)
     assert sorted(server_gradients) == sorted(expected)
     for key, gradient in expected.items():
         torch.testing.assert_close(server_gradients[key], gradient, rtol=1e-4, atol=1e-4, msg=key)
 
 
+STABLE_REINFORCE_PROMPT = [256, 72, 105, 33, 32]
+
+
+def warmed_up_run(session: RawSession) -> str:
+    """warmed_up_client over the raw protocol: a run whose B matrices are non-zero."""
+    model_id = create_run(session, seed=21)
+    tokens = np.random.default_rng(99).integers(0, 256, size=11)
+    datum = training_pb2.Datum(
+        model_input=training_pb2.ModelInput(tokens=encode_array(tokens[:-1])),
+        loss_fn_inputs={"target_tokens": encode_array(tokens[1:])},
+    )
+    session.call(
+        model_id=model_id, forward_backward=training_pb2.ForwardBackwardInput(loss_fn="cross_entropy", data=[datum])
+    )
+    adam = training_pb2.AdamParams(learning_rate=2e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    session.call(model_id=model_id, optim_step=training_pb2.OptimStepRequest(adam_params=adam))
+    return model_id
+
+
+def stable_reinforce_batch(sample: sampling_pb2.SampleResult) -> list[training_pb2.Datum]:
+    """A datum per sequence, with random advantages and deliberately wrong client `logprobs`."""
+    rng = np.random.default_rng(5)
+    data = []
+    for sequence in sample.sequences:
+        length = len(STABLE_REINFORCE_PROMPT) + len(decode_array(sequence.tokens)) - 1
+        advantages = rng.normal(size=length).astype(np.float32)
+        wrong = np.full(length, -9.0, np.float32)
+        data.append(provenance_datum(STABLE_REINFORCE_PROMPT, sequence, advantages=advantages, logprobs=wrong))
+    return data
+
+
+def tensor(data) -> torch.Tensor:
+    return torch.from_numpy(decode_array(data).copy())
+
+
+@pytest.mark.parametrize("config", [{}, {"max_importance_weight": 1.0, "kl_coeff": 0.5}], ids=["defaults", "capped+kl"])
+def test_stable_reinforce_equals_the_torch_reference_with_the_recorded_sampler_logprobs(server, config):
+    """The sampler is the bare base model and the trainer a warmed-up adapter, so the
+    importance weights spread around 1. The client's `logprobs` are wrong on purpose."""
+    session = RawSession(server.address)
+    try:
+        model_id = warmed_up_run(session)
+        sample = record_sample(session, STABLE_REINFORCE_PROMPT, num_samples=3, seed=len(config))
+        data = stable_reinforce_batch(sample)
+        request = training_pb2.ForwardBackwardInput(loss_fn="stable_reinforce", data=data, loss_fn_config=config)
+        result = session.call(model_id=model_id, forward_backward=request)
+        assert not result.HasField("error"), result.error.message
+        adapter_dir, server_gradients = read_gradients_raw(session, model_id, server.data_dir, "stable-reinforce")
+    finally:
+        session.close()
+
+    reference = peft_model(adapter_dir, trainable=True)
+    prompt_rows, cap = len(STABLE_REINFORCE_PROMPT) - 1, config.get("max_importance_weight", 2.0)
+    total, weights = torch.zeros(()), []
+    for datum, sequence, outputs in zip(data, sample.sequences, result.forward_backward.loss_fn_outputs, strict=True):
+        logits = reference(input_ids=tensor(datum.model_input.tokens)[None]).logits[0].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, tensor(datum.loss_fn_inputs["target_tokens"])[:, None])[:, 0]
+        recorded = torch.cat([torch.zeros(prompt_rows), tensor(sequence.logprobs)])
+        inputs = {
+            "advantages": tensor(datum.loss_fn_inputs["advantages"]),
+            "sampler_logprobs": recorded,
+            "sampled_mask": (torch.arange(len(lp)) >= prompt_rows).float(),
+        }
+        per_token = REFERENCE_LOSSES["stable_reinforce"](lp, inputs, config)
+        elementwise = decode_array(outputs.tensors["elementwise_loss"])
+        np.testing.assert_allclose(decode_array(outputs.tensors["logprobs"]), lp.detach().numpy(), atol=1e-4)
+        np.testing.assert_allclose(elementwise, per_token.detach().numpy(), atol=1e-4)
+        assert not elementwise[:prompt_rows].any()  # prompt positions contribute nothing
+        with_clients_copy = REFERENCE_LOSSES["stable_reinforce"](
+            lp, {**inputs, "sampler_logprobs": tensor(datum.loss_fn_inputs["logprobs"])}, config
+        )
+        assert not np.allclose(elementwise, with_clients_copy.detach().numpy(), atol=1e-2)
+        weights.append((lp - recorded).detach().exp()[prompt_rows:])
+        total = total + per_token.sum()
+    weights = torch.cat(weights)
+    if config:  # truncation bites: some weights are above the cap, some below
+        assert (weights > cap).any() and (weights < cap).any()
+    metrics = result.forward_backward.metrics
+    assert metrics["loss:sum"] == pytest.approx(float(total.detach()), rel=1e-4, abs=1e-4)
+    assert metrics["importance_weight:mean"] == pytest.approx(float(weights.clamp(max=cap).mean()), rel=1e-4)
+    assert metrics["importance_weight:max"] == pytest.approx(float(weights.clamp(max=cap).max()), rel=1e-4)
+
+    total.backward()
+    assert_gradients_equal(server_gradients, reference)
+
+
 def test_top_k_cross_entropy_takes_targets_and_weights_of_shape_n_by_k(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 256, size=6)
     targets = rng.integers(0, 256, size=(6, 3))
@@ -134,7 +236,7 @@ def test_top_k_cross_entropy_takes_targets_and_weights_of_shape_n_by_k(service):
     ],
 )
 def test_loss_inputs_and_config_are_checked_per_loss(service, loss_fn, inputs, config, message):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
     values = {
         "target_tokens": np.array([1, 2, 3]),
         "logprobs": np.full(3, -1.0, np.float32),
@@ -150,7 +252,7 @@ def test_loss_inputs_and_config_are_checked_per_loss(service, loss_fn, inputs, c
 
 
 def test_policy_input_shape_must_match_the_tokens(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
     datum = types.Datum(
         model_input=types.ModelInput.from_ints([5, 6, 7]),
         loss_fn_inputs={

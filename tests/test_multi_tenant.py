@@ -17,13 +17,13 @@ from .helpers import RawSession, adapter_tensors, ragged_batch, reference_logpro
 
 
 def test_two_clients_share_one_batch_and_train_independently(service, server):
-    alice = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
-    bob = service.create_lora_training_client(BASE_MODEL, rank=8, seed=2)
+    alice = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
+    bob = service.create_lora_training_client(BASE_MODEL, rank=8, seed=2).result()
     bob_initial = adapter_tensors(sampler_dir(server.data_dir, bob.save_weights_for_sampler("init").result().path))
     alice_data, bob_data = ragged_batch(seed=10, lengths=[6, 13]), ragged_batch(seed=11, lengths=[21])
 
     # Keep the worker busy so both requests queue up and go out in the same cycle.
-    blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
     busy = blocker.forward_backward(ragged_batch(seed=12, lengths=[1000] * 12), "cross_entropy")
     time.sleep(0.2)  # past the scheduler's coalescing window: the blocker is running
     sessions = [RawSession(server.address), RawSession(server.address)]
@@ -57,7 +57,7 @@ def test_two_clients_share_one_batch_and_train_independently(service, server):
     # end where she does: none of Bob's rows leaked into her gradients. A large eps makes
     # Adam's step linear in the gradient (about lr * g / eps), so float noise from different
     # batch paddings stays at noise level while a leaked gradient would not.
-    twin = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    twin = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     twin.forward_backward(alice_data, "cross_entropy")
     for training in (alice, twin):
         for _ in range(3):
@@ -89,7 +89,7 @@ def test_fixed_cycles_batch_what_arrives_within_a_tick(tmp_path):
 
     with running_server(tmp_path, ["--cycle", "fixed:2.0"]) as address:
         service = ServiceClient(base_url=address)
-        runs = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed) for seed in (1, 2, 3)]
+        runs = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed).result() for seed in (1, 2, 3)]
         sessions = [RawSession(address) for _ in runs]
         try:
             for session, training in zip(sessions, runs, strict=True):

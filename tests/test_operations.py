@@ -41,7 +41,7 @@ def test_reflection_lists_the_services(ops_server):
 def test_metrics_report_requests_after_they_are_made(ops_server):
     address, metrics_port, _ = ops_server
     service = ServiceClient(base_url=address)
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=0)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=0).result()
     training.forward_backward(DATA, "cross_entropy").result()
     service.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -73,8 +73,8 @@ def test_health_goes_not_serving_then_serving_around_a_worker_restart(ops_server
         os.kill(pid, signal.SIGKILL)
         service = ServiceClient(base_url=address)
         with pytest.raises(APIConnectionError, match="worker process exited"):  # the cycle that finds it dead
-            service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
-        fresh = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+            service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
+        fresh = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
         assert fresh.forward(DATA, "cross_entropy").result(timeout=120).metrics["loss:sum"] > 0
         service.close()
         watch.cancel()

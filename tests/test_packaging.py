@@ -1,20 +1,37 @@
-"""`pip install .` without extras: the client installs without torch and talks to a server."""
+"""Packaging from a clean clone: `python -m build`, `pip install .`, `pip install -e .`, and a client-only wheel.
+
+Each step clones HEAD afresh, since building generates tinker_rpc/ into the source tree, which would hide a clean
+clone's failure from the next step. Uncommitted changes are not covered (CI runs on a clean clone);
+PACKAGING_TEST_REPO points the test at another repository, e.g. a scratch clone with a work-in-progress commit.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE = os.environ.get("PACKAGING_TEST_REPO", str(ROOT))
+# A PYTHONPATH pointing at a checkout would let the venv import that instead of what it installed. Byte-compiling
+# every installed file (transformers has thousands) would be most of the installs' time, and is not under test.
+ENV = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"}, "PIP_COMPILE": "0"}
 
 CLIENT_SCRIPT = """
-import sys
+import importlib.resources, sys
+import tinker_client
 from tinker_client import ServiceClient, types
 assert "torch" not in sys.modules
+assert tinker_client.__file__.startswith(sys.prefix), tinker_client.__file__
+assert importlib.resources.files("tinker_client").joinpath("py.typed").is_file()
 service = ServiceClient(base_url=sys.argv[1])
 name = service.get_server_capabilities().supported_models[0].model_name
-training = service.create_lora_training_client(name, rank=4, seed=0)
+training = service.create_lora_training_client(name, rank=4, seed=0).result()
 tokens = types.ModelInput.from_ints([256, 72, 105])
 datum = types.Datum(model_input=tokens, loss_fn_inputs={"target_tokens": [72, 105, 33]})
 print(training.forward([datum], "cross_entropy").result().metrics["loss:sum"])
@@ -22,26 +39,75 @@ service.close()
 """
 
 
-def test_a_client_only_install_pulls_no_torch_and_talks_to_the_server(server, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=600)
-    installed = subprocess.run([str(python), "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
-    assert "tinker-grpc" in installed
+def run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(part) for part in command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def assert_no_deprecations(result: subprocess.CompletedProcess[str]) -> None:
+    output = result.stdout + result.stderr
+    assert [line for line in output.splitlines() if "deprecat" in line.lower()] == []
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("packaging")
+
+
+def fresh_clone(workdir: Path, name: str) -> Path:
+    run("git", "clone", "-q", SOURCE, workdir / name, cwd=workdir)
+    return workdir / name
+
+
+@pytest.fixture(scope="module")
+def dist(workdir: Path) -> Path:
+    """The sdist, and the wheel that build makes from it (so the sdist must carry protos/ and the generator)."""
+    clone = fresh_clone(workdir, "for-build")
+    assert_no_deprecations(run(sys.executable, "-m", "build", "--outdir", workdir / "dist", clone, cwd=workdir))
+    return workdir / "dist"
+
+
+def test_build_makes_an_sdist_with_the_protos_and_a_wheel_with_the_generated_code(dist):
+    (sdist,) = dist.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    assert {"scripts/generate_protos.py", "protos/tinker_rpc/v1/service.proto"} <= names
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert {f"tinker_rpc/v1/service_pb2{suffix}" for suffix in (".py", ".pyi", "_grpc.py")} <= names
+
+
+def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_installs_work(server, dist, workdir):
+    # One venv for the three installs, the wheel first so that it is installed alone; the outer pip installs into
+    # it (--python), which saves a pip per venv. Not --system-site-packages: it would see torch.
+    venv = workdir / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=workdir)
+    python, pip = venv / "bin" / "python", (sys.executable, "-m", "pip", "--python", venv / "bin" / "python")
+
+    def assert_installed_from(origin: Path) -> None:
+        where = run(python, "-c", "import tinker_rpc.v1.service_pb2 as m; print(m.__file__)", cwd=workdir).stdout
+        assert Path(where.strip()).is_relative_to(origin)
+        assert (venv / "bin" / "tinker-grpc").exists()
+        assert not (venv / "bin" / "tinker").exists(), "would overwrite the official tinker SDK's command"
+
+    (wheel,) = dist.glob("*.whl")
+    run(*pip, "install", "-q", wheel, cwd=workdir)
+    assert_installed_from(venv)
+    installed = run(*pip, "list", cwd=workdir).stdout
     assert not any(line.split()[0].lower() in ("torch", "peft") for line in installed.splitlines()[2:])
-    typed = subprocess.run(
-        [
-            str(python),
-            "-c",
-            "import importlib.resources as r; print(r.files('tinker_client').joinpath('py.typed').is_file())",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert typed.strip() == "True"
-    loss = subprocess.run(
-        [str(python), "-c", CLIENT_SCRIPT, server.address], capture_output=True, text=True, check=True, timeout=120
-    ).stdout
+    loss = run(python, "-c", CLIENT_SCRIPT, server.address, cwd=workdir).stdout
     assert float(loss) > 0
+    assert "usage: tinker-grpc" in run(venv / "bin" / "tinker-grpc", "--help", cwd=workdir).stdout
+
+    installing = run(*pip, "install", "-v", fresh_clone(workdir, "for-install"), cwd=workdir)
+    assert "Successfully installed tinker-grpc" in installing.stdout
+    assert_no_deprecations(installing)
+    assert_installed_from(venv)
+
+    editable = fresh_clone(workdir, "for-editable")
+    assert_no_deprecations(run(*pip, "install", "-v", "-e", editable, cwd=workdir))
+    assert_installed_from(editable)

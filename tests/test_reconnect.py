@@ -30,14 +30,14 @@ def train(training, cut=lambda step: None) -> list[float]:
 
 
 def test_training_through_cut_connections_equals_an_uninterrupted_run(server, service):
-    reference = service.create_lora_training_client(BASE_MODEL, rank=4, seed=13)
+    reference = service.create_lora_training_client(BASE_MODEL, rank=4, seed=13).result()
     expected_losses = train(reference)
     expected = adapter_tensors(sampler_dir(server.data_dir, reference.save_weights_for_sampler("ref").result().path))
 
     proxy = CuttableProxy(server.address)
     try:
         client = ServiceClient(base_url=proxy.address)
-        training = client.create_lora_training_client(BASE_MODEL, rank=4, seed=13)
+        training = client.create_lora_training_client(BASE_MODEL, rank=4, seed=13).result()
 
         def cut(step: int) -> None:
             if step % 2 == 1:
@@ -69,7 +69,7 @@ def test_an_expired_result_fails_clearly(tmp_path):
 
     with running_server(tmp_path, ["--result-retention-seconds", "0.5", "--sweep-interval", "0.2"]) as address:
         service = ServiceClient(base_url=address)
-        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
         session = RawSession(address)
         session.send(
             service_pb2.SessionRequest(

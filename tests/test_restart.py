@@ -31,10 +31,12 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
     process, address = start_server(tmp_path)
     try:
         service = ServiceClient(base_url=address)
-        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5, user_metadata={"job": "restart"})
+        training = service.create_lora_training_client(
+            BASE_MODEL, rank=4, seed=5, user_metadata={"job": "restart"}
+        ).result()
         train(training, 2)
         checkpoint = training.save_state("step-2").result().path
-        sampler = training.save_weights_and_get_sampling_client("step-2")
+        sampler = training.save_weights_and_get_sampling_client("step-2").result()
         sampled_before = sampler.sample(PROMPT, 1, GREEDY).result().sequences[0]
         session = RawSession(address)
         session.send(
@@ -65,7 +67,9 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
         ).result
         assert retrieved == result_before.result
         # The saved sampler weights still sample, exactly as before.
-        sampled_after = service.create_sampling_client(model_path=sampler.model_path).sample(PROMPT, 1, GREEDY).result()
+        sampled_after = (
+            service.create_sampling_client(model_path=sampler.model_path).result().sample(PROMPT, 1, GREEDY).result()
+        )
         assert sampled_after.sequences[0].tokens == sampled_before.tokens
         # The old run's unsaved in-memory state is gone: a clear error says what to do.
         session = RawSession(address)
@@ -81,10 +85,10 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
         with pytest.raises(APIConnectionError, match="closed"):
             training.forward(DATA, "cross_entropy").result(timeout=30)  # its client was closed
 
-        resumed = service.create_training_client_from_state_with_optimizer(checkpoint)
+        resumed = service.create_training_client_from_state_with_optimizer(checkpoint).result()
         train(resumed, 2)
         resumed_final = adapter_tensors(_directory(tmp_path, resumed.save_state("end").result().path))
-        uninterrupted = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5)
+        uninterrupted = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
         train(uninterrupted, 4)
         expected = adapter_tensors(_directory(tmp_path, uninterrupted.save_state("end").result().path))
         for key, value in expected.items():

@@ -35,12 +35,12 @@ def argmax_continuation(model: torch.nn.Module, prompt: list[int], steps: int) -
 
 @pytest.mark.parametrize("trained", [False, True])
 def test_greedy_sample_equals_plain_torch_argmax(service, server, trained):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=4)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=4).result()
     if trained:
         for _ in range(5):
             training.forward_backward(ragged_batch(seed=8, lengths=[16]), "cross_entropy")
             training.optim_step(types.AdamParams(learning_rate=1e-2))
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompts = [[256, 72, 105], [256, 65, 66, 67, 68, 69, 70]]  # ragged: left padding in one batch
     params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
     futures = [sampler.sample(types.ModelInput.from_ints(prompt), 2, params) for prompt in prompts]
@@ -55,11 +55,11 @@ def test_greedy_sample_equals_plain_torch_argmax(service, server, trained):
 
 
 def trained_sampler(service, seed: int = 4, steps: int = 5):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=seed)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=seed).result()
     for _ in range(steps):
         training.forward_backward(ragged_batch(seed=8, lengths=[16]), "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=1e-2))
-    return training, training.save_weights_and_get_sampling_client()
+    return training, training.save_weights_and_get_sampling_client().result()
 
 
 def full_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_sampled_logprobs_equal_the_training_forward(service):
 
 
 def test_a_seed_makes_samples_reproducible_while_samples_of_one_call_differ(service):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     prompt = types.ModelInput.from_ints(PROMPT)
 
     def draw(seed: int) -> list[list[int]]:
@@ -103,7 +103,7 @@ def test_a_seed_makes_samples_reproducible_while_samples_of_one_call_differ(serv
 
 
 def test_stop_token_ids_and_stop_strings_end_sequences(service):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     prompt = types.ModelInput.from_ints(PROMPT)
     greedy = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=10, temperature=0.0, stop=[])).result()
     tokens = greedy.sequences[0].tokens
@@ -123,7 +123,7 @@ def test_stop_token_ids_and_stop_strings_end_sequences(service):
 
 
 def test_end_of_sequence_stops_unless_stop_is_given(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0).result()
     eos = training.get_tokenizer().eos_token_id
     answer = PROMPT + [79, 75, eos]  # "OK<eos>"
     datum = types.Datum(
@@ -132,7 +132,7 @@ def test_end_of_sequence_stops_unless_stop_is_given(service):
     for _ in range(30):
         training.forward_backward([datum], "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=3e-3))
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(PROMPT)
     default = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=8, temperature=0.0)).result().sequences[0]
     assert default.tokens == [79, 75, eos] and default.stop_reason == "stop"
@@ -150,7 +150,7 @@ def test_end_of_sequence_stops_unless_stop_is_given(service):
     ids=["top_k", "top_p", "temperature+top_k+top_p"],
 )
 def test_truncation_restricts_the_support_and_reports_the_sampling_distribution(service, params):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     response = sampler.sample(types.ModelInput.from_ints(PROMPT), 6, params).result()
     model = build_embedded_model()
     for sequence in response.sequences:
@@ -181,7 +181,7 @@ def test_a_snapshot_keeps_the_weights_it_saved(service):
         training.forward_backward(ragged_batch(seed=20, lengths=[24]), "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=2e-2))
     again = sampler.sample(prompt, 1, greedy).result().sequences[0]
-    newer = training.save_weights_and_get_sampling_client().sample(prompt, 1, greedy).result().sequences[0]
+    newer = training.save_weights_and_get_sampling_client().result().sample(prompt, 1, greedy).result().sequences[0]
     assert again.tokens == before.tokens
     np.testing.assert_allclose(again.logprobs, before.logprobs, atol=1e-6)
     assert not np.allclose(newer.logprobs[:3], before.logprobs[:3], atol=1e-3)
@@ -200,7 +200,7 @@ def test_two_adapters_sampled_in_one_batch_match_each_sampled_alone(service, ser
         for path, client in ((first.model_path, first), (second.model_path, second))
     }
 
-    blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+    blocker = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
     busy = blocker.forward_backward(ragged_batch(seed=12, lengths=[1000] * 12), "cross_entropy")
     time.sleep(0.2)  # past the scheduler's coalescing window: the blocker is running
     sessions = {path: RawSession(server.address) for path in prompts}
@@ -234,7 +234,7 @@ def test_two_adapters_sampled_in_one_batch_match_each_sampled_alone(service, ser
 
 
 def test_prompt_logprobs_and_top_k_match_plain_torch(service):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     prompt = types.ModelInput.from_ints(PROMPT + [104, 111, 119])
     response = sampler.sample(
         prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True, topk_prompt_logprobs=3
@@ -263,7 +263,7 @@ def test_prompt_logprobs_and_top_k_match_plain_torch(service):
     ],
 )
 def test_bad_sampling_params_are_rejected_by_name(service, params, error, message):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     with pytest.raises(error, match=message):
         sampler.sample(types.ModelInput.from_ints(PROMPT), 1, params).result(timeout=30)
 
@@ -271,25 +271,27 @@ def test_bad_sampling_params_are_rejected_by_name(service, params, error, messag
 def test_unknown_sampler_paths_and_base_models_are_not_found(service):
     prompt = types.ModelInput.from_ints(PROMPT)
     params = types.SamplingParams(max_tokens=2)
-    ghost = service.create_sampling_client(model_path="tinker://run-x/sampler_weights/none")
     with pytest.raises(NotFoundError, match="run-x"):
-        ghost.sample(prompt, 1, params).result(timeout=30)
+        service.create_sampling_client(model_path="tinker://run-x/sampler_weights/none").result(timeout=30)
     with pytest.raises(NotFoundError, match="not served"):
-        service.create_sampling_client(base_model="other/model").sample(prompt, 1, params).result(timeout=30)
+        service.create_sampling_client(base_model="other/model").result(timeout=30)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
+    assert sampler.sample(prompt, 1, params).result(timeout=30).sequences
 
 
 def test_async_forms_ack_then_answer_like_the_sync_ones(service):
-    sampler = service.create_sampling_client(base_model=BASE_MODEL)
+    sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     prompt = types.ModelInput.from_ints(PROMPT)
     params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
 
     async def run():
-        sample = await sampler.sample_async(prompt, 1, params)
+        sampled = await sampler.sample_async(prompt, 1, params)  # one await: the value, as in tinker 0.38
         logprobs = await sampler.compute_logprobs_async(prompt)
-        return await sample, await logprobs, await sampler.get_base_model_async()
+        return sampled, await sampler.sample(prompt, 1, params), logprobs, await sampler.get_base_model_async()
 
-    sampled, logprobs, base_model = asyncio.run(run())
+    sampled, awaited, logprobs, base_model = asyncio.run(run())
     assert sampled.sequences[0].tokens == sampler.sample(prompt, 1, params).result().sequences[0].tokens
+    assert awaited.sequences[0].tokens == sampled.sequences[0].tokens
     assert logprobs == sampler.compute_logprobs(prompt).result()
     assert base_model == BASE_MODEL
 

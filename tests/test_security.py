@@ -13,10 +13,10 @@ from server_process import running_server
 
 from tinker_client import AuthenticationError, NotFoundError, RateLimitError, ServiceClient, types
 from tinker_client._convert import forward_backward_input
-from tinker_rpc.v1 import service_pb2, service_pb2_grpc
+from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
 
 from .conftest import BASE_MODEL
-from .helpers import ragged_batch
+from .helpers import RawSession, create_run, provenance_datum, ragged_batch, record_sample
 
 DATA = ragged_batch(seed=60, lengths=[6])
 
@@ -39,9 +39,9 @@ def session(address: str, key: str | None) -> tuple[grpc.Channel, object]:
 def test_another_key_cannot_see_or_touch_a_runs_state(keyed_server, tmp_path):
     alice = ServiceClient(base_url=keyed_server, api_key="alice-key")
     bob = ServiceClient(base_url=keyed_server, api_key="bob-key")
-    training = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     state = training.save_state("mine").result().path
-    sampler = training.save_weights_and_get_sampling_client("mine")
+    sampler = training.save_weights_and_get_sampling_client("mine").result()
     alice_rest, bob_rest = alice.create_rest_client(), bob.create_rest_client()
     assert training.model_id in [run.training_run_id for run in alice_rest.list_training_runs().result().training_runs]
 
@@ -53,9 +53,10 @@ def test_another_key_cannot_see_or_touch_a_runs_state(keyed_server, tmp_path):
         lambda: bob_rest.list_checkpoints(training.model_id).result(),
         lambda: bob_rest.delete_checkpoint_from_tinker_path(state).result(),
         lambda: bob_rest.download_checkpoint_archive_from_tinker_path(state, tmp_path / "stolen.tar").result(),
-        lambda: bob.create_training_client_from_state(state),
+        lambda: bob.create_training_client_from_state(state).result(),
         lambda: (
             bob.create_sampling_client(model_path=sampler.model_path)
+            .result()
             .sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
             .result(timeout=30)
         ),
@@ -92,13 +93,29 @@ def test_another_key_cannot_see_or_touch_a_runs_state(keyed_server, tmp_path):
     bob.close()
 
 
+def test_another_key_cannot_name_a_recorded_sequence(keyed_server):
+    """Sampled sequences are recorded per owner: Bob's span naming Alice's sequence is as unknown."""
+    prompt = [256, 72, 105]
+    alice, bob = RawSession(keyed_server, "alice-key"), RawSession(keyed_server, "bob-key")
+    try:
+        sequence = record_sample(alice, prompt, num_samples=1, seed=3).sequences[0]
+        request = training_pb2.ForwardBackwardInput(loss_fn="cross_entropy", data=[provenance_datum(prompt, sequence)])
+        assert not alice.call(model_id=create_run(alice), forward=request).HasField("error")
+        refused = bob.call(model_id=create_run(bob), forward=request).error
+    finally:
+        alice.close()
+        bob.close()
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert f"data[0].model_input_spans[0].sequence_id: no recorded sequence {sequence.sequence_id!r}" in refused.message
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_no_or_unknown_key_is_unauthenticated(keyed_server, key):
     client = ServiceClient(base_url=keyed_server, api_key=key)
     with pytest.raises(AuthenticationError, match="API key"):
         client.get_server_capabilities()
     with pytest.raises(AuthenticationError):
-        client.create_lora_training_client(BASE_MODEL, rank=4)
+        client.create_lora_training_client(BASE_MODEL, rank=4).result()
     client.close()
 
 
@@ -111,7 +128,7 @@ def test_a_server_without_keys_refuses_to_start_unless_told_to_run_open(tmp_path
 def test_a_flood_gets_resource_exhausted_while_another_client_completes(keyed_server):
     channel, (stub, metadata) = session(keyed_server, "alice-key")
     alice = ServiceClient(base_url=keyed_server, api_key="alice-key")
-    flooder = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    flooder = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     big = ragged_batch(seed=61, lengths=[400] * 4)
     requests = [
         service_pb2.SessionRequest(
@@ -122,7 +139,7 @@ def test_a_flood_gets_resource_exhausted_while_another_client_completes(keyed_se
     responses = stub.Session(iter(requests), metadata=metadata)
 
     bob = ServiceClient(base_url=keyed_server, api_key="bob-key")
-    training = bob.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+    training = bob.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
     # More requests than the server's window of 8, all at once: the SDK queues the excess.
     futures = [training.forward(DATA, "cross_entropy") for _ in range(20)]
     losses = [future.result(timeout=120).metrics["loss:sum"] for future in futures]
@@ -165,7 +182,7 @@ def test_tls_serves_with_a_certificate_and_refuses_plaintext(tmp_path):
     with running_server(tmp_path / "data", ["--tls-cert", str(cert), "--tls-key", str(key)]) as address:
         port = address.rsplit(":", 1)[1]
         secure = ServiceClient(base_url=f"grpcs://localhost:{port}", tls_root_certificates=cert.read_bytes())
-        training = secure.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+        training = secure.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
         assert np.isfinite(training.forward(DATA, "cross_entropy").result().metrics["loss:sum"])
         secure.close()
         plaintext = ServiceClient(base_url=f"localhost:{port}", reconnect_timeout=0.5)
@@ -179,8 +196,8 @@ def test_the_adapter_limit_is_enforced_and_reported(tmp_path):
     with running_server(tmp_path, ["--max-adapters", "2"]) as address:
         service = ServiceClient(base_url=address)
         assert service.get_server_capabilities().max_adapters == 2
-        service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
-        service.create_lora_training_client(BASE_MODEL, rank=4, seed=2)
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
         with pytest.raises(RateLimitError, match="holds 2 training runs, its limit"):
-            service.create_lora_training_client(BASE_MODEL, rank=4, seed=3)
+            service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
         service.close()

@@ -21,7 +21,7 @@ DATA = ragged_batch(seed=80, lengths=[9, 13])
 def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
     process, address = start_server(tmp_path, ["--shutdown-grace", "20"])
     service = ServiceClient(base_url=address, reconnect_timeout=1.0)
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
 
     async def queue_steps():
         futures = []
@@ -45,7 +45,7 @@ def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
         service = ServiceClient(base_url=address)
         checkpoints = service.create_rest_client().list_checkpoints(training.model_id).result().checkpoints
         assert [c.checkpoint_id for c in checkpoints] == ["weights/autosave-shutdown"]
-        resumed = service.create_training_client_from_state_with_optimizer(checkpoints[0].tinker_path)
+        resumed = service.create_training_client_from_state_with_optimizer(checkpoints[0].tinker_path).result()
         logprobs = resumed.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         np.testing.assert_array_equal(logprobs, final_logprobs)  # nothing lost
         service.close()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 
+import numpy as np
 import pytest
 
+from tinker_server.api.dispatch import Dispatcher
+from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.ops import LoraSpec
-from tinker_server.store import MIGRATIONS, Checkpoint, CheckpointPath, Store, TrainingRun
+from tinker_server.runs import Runs
+from tinker_server.store import MIGRATIONS, Checkpoint, CheckpointPath, RecordedSequence, Store, TrainingRun
 
 LORA = LoraSpec(rank=4, seed=1, train_mlp=True, train_attn=True, train_unembed=False, alpha=32.0)
 
@@ -54,3 +60,34 @@ def test_checkpoint_paths_round_trip():
     path = CheckpointPath.parse("tinker://run-1/sampler_weights/s")
     assert (path.model_id, path.checkpoint_type, path.name) == ("run-1", "sampler", "s")
     assert path.checkpoint_id == "sampler_weights/s" and str(path) == "tinker://run-1/sampler_weights/s"
+
+
+def recorded(sequence_id: str) -> RecordedSequence:
+    return RecordedSequence(
+        sequence_id, np.array([1, 2, 3], np.int64), np.array([4, 5], np.int32), np.array([-0.5, -1.5], np.float32)
+    )
+
+
+def test_sampled_sequences_belong_to_their_owner_and_expire_a_day_after_their_last_use(tmp_path):
+    store = Store(tmp_path / "db")
+    day = SEQUENCE_TTL_SECONDS
+    store.put_sampled_sequences("alice", [recorded("seq-a"), recorded("seq-b")], now=100.0)
+    found = store.sampled_sequence("seq-a", "alice", used_since=100.0 - day)
+    assert found.prompt.tolist() == [1, 2, 3] and found.tokens.tolist() == [4, 5]
+    assert found.logprobs.tolist() == [-0.5, -1.5]
+    assert store.sampled_sequence("seq-a", "bob", used_since=0.0) is None
+    assert store.sampled_sequence("seq-a", "alice", used_since=100.0) is None  # not used since
+
+    store.touch_sampled_sequences(["seq-b"], now=200.0)
+    assert store.sampled_sequence("seq-b", "alice", used_since=150.0) is not None
+
+    runs = Runs(store, tmp_path)
+    store.put_sampled_sequences("alice", [recorded("seq-now")], now=time.time())
+    store.touch_sampled_sequences(["seq-b"], now=time.time() - day + 60)  # used 23h59m ago
+    asyncio.run(Dispatcher(None, runs, result_retention_seconds=60.0).sweep())
+    kept = [
+        sequence_id
+        for sequence_id in ("seq-a", "seq-b", "seq-now")
+        if store.sampled_sequence(sequence_id, "alice", 0.0)
+    ]
+    assert kept == ["seq-b", "seq-now"]

@@ -95,7 +95,7 @@ def test_an_invalid_request_gets_an_error_result_and_no_ack(server):
 
 
 def test_async_double_await_acks_then_completes_in_submission_order(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
     data = ragged_batch(seed=1, lengths=[9])
 
     async def run() -> tuple[list[float], list[float]]:
@@ -112,7 +112,7 @@ def test_async_double_await_acks_then_completes_in_submission_order(service):
 
 
 def test_sync_calls_return_futures_at_once_and_keep_their_order(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
     data = ragged_batch(seed=1, lengths=[9])
     first = training.forward(data, "cross_entropy")
     training.forward_backward(data, "cross_entropy")
@@ -126,15 +126,14 @@ def test_sync_calls_return_futures_at_once_and_keep_their_order(service):
 def test_unknown_model_is_not_found_through_the_sdk(service):
     from tinker_client.training_client import TrainingClient
 
-    ghost = TrainingClient(service._connection, "run-ghost", BASE_MODEL, service._tokenizer, max_request_bytes=1 << 20)
+    info = types.GetInfoResponse(model_data=types.ModelData(model_name=BASE_MODEL), model_id="run-ghost")
+    ghost = TrainingClient(service._connection, info)
     with pytest.raises(NotFoundError, match="run-ghost"):
         ghost.forward(ragged_batch(seed=0, lengths=[2]), "cross_entropy").result(timeout=30)
-    with pytest.raises(NotFoundError, match="run-ghost"):
-        ghost.get_info()
 
 
 def test_a_resent_request_is_answered_by_the_original_and_never_runs_twice(server, service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7).result()
     step = service_pb2.SessionRequest(
         request_id="s",
         model_id=training.model_id,

@@ -32,7 +32,7 @@ def sequence_datum(completion: list[int], sampler_logprobs: np.ndarray, advantag
 
 @pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
 def test_a_sample_free_rl_loop_makes_advantaged_sequences_likelier(service, loss_fn):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0).result()
     good, bad = [89, 101, 115], [78, 111, 33]  # "Yes" is rewarded, "No!" is not
     completion_mask = np.array([0.0] * (len(PROMPT) - 1) + [1.0] * 3)
 
@@ -80,8 +80,8 @@ def test_custom_loss_gives_the_same_gradient_as_the_built_in_loss(service, serve
         )
         return loss, {"custom_metric": 42.0}
 
-    built_in = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8)
-    custom = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8)
+    built_in = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8).result()
+    custom = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8).result()
     for training in (built_in, custom):  # warm up: non-zero B everywhere
         training.forward_backward(ragged_batch(1, [8]), "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=1e-2))
@@ -100,7 +100,7 @@ def test_custom_loss_gives_the_same_gradient_as_the_built_in_loss(service, serve
 
 
 def test_custom_loss_async_form(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=8).result()
     data = ragged_batch(2, [5])
 
     def nll(batch, logprobs_list):
@@ -119,12 +119,12 @@ def test_custom_loss_async_form(service):
 
 def test_a_batch_larger_than_one_message_is_split_and_merged_in_order(tmp_path, service):
     data = ragged_batch(5, [300, 40, 250, 7, 260, 90])
-    reference = service.create_lora_training_client(BASE_MODEL, rank=4, seed=6)
+    reference = service.create_lora_training_client(BASE_MODEL, rank=4, seed=6).result()
     expected = reference.forward_backward(data, "cross_entropy").result()
     # The default server takes it in one message; this one accepts at most 8 KiB.
     with running_server(tmp_path, ["--max-message-bytes", "8192"]) as address:
         small = ServiceClient(base_url=address)
-        training = small.create_lora_training_client(BASE_MODEL, rank=4, seed=6)
+        training = small.create_lora_training_client(BASE_MODEL, rank=4, seed=6).result()
         assert len(training._forward_requests("forward_backward", data, "cross_entropy", None)) >= 2
         output = training.forward_backward(data, "cross_entropy").result()
         stepped = training.optim_step(types.AdamParams(learning_rate=1e-3)).result()

@@ -22,7 +22,7 @@ from .helpers import (
 
 
 def test_forward_backward_logprobs_and_loss_equal_plain_torch(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=3)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=3).result()
     data = ragged_batch(seed=0, lengths=[5, 17, 9])
 
     output = training.forward_backward(data, "cross_entropy").result()
@@ -42,7 +42,7 @@ def test_optim_step_equals_torch_adamw_on_a_peft_model(service, server):
     # Adam divides by sqrt(v): where a gradient is ~0 its sign is float noise, and an eps far
     # below the gradients' scale turns that noise into a full step. eps=1e-5 keeps the check
     # about the optimizer, not about the last bit of a padded vs an unpadded matmul.
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7).result()
     initial = training.save_weights_for_sampler("initial").result().path
     data = ragged_batch(seed=1, lengths=[6, 11])
     adam = types.AdamParams(learning_rate=1e-2, beta1=0.8, beta2=0.99, eps=1e-5, weight_decay=0.1, grad_clip_norm=0.5)
@@ -75,11 +75,11 @@ def test_gradients_accumulate_until_the_step(service, server):
     """Two forward_backward calls on halves then one step = one call on the whole batch."""
     data = ragged_batch(seed=2, lengths=[4, 7, 5, 8])
     adam = types.AdamParams(learning_rate=1e-2)
-    split = service.create_lora_training_client(BASE_MODEL, rank=4, seed=11)
+    split = service.create_lora_training_client(BASE_MODEL, rank=4, seed=11).result()
     split.forward_backward(data[:2], "cross_entropy")
     split.forward_backward(data[2:], "cross_entropy")
     split.optim_step(adam)
-    whole = service.create_lora_training_client(BASE_MODEL, rank=4, seed=11)
+    whole = service.create_lora_training_client(BASE_MODEL, rank=4, seed=11).result()
     whole.forward_backward(data, "cross_entropy")
     whole.optim_step(adam)
 
@@ -91,7 +91,7 @@ def test_gradients_accumulate_until_the_step(service, server):
 
 
 def test_training_lowers_the_loss(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0)
+    training = service.create_lora_training_client(BASE_MODEL, rank=8, seed=0).result()
     data = ragged_batch(seed=4, lengths=[12, 12])
     losses = []
     for _ in range(15):

@@ -84,10 +84,10 @@ MALFORMED = {
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_datum_is_rejected_by_name_while_another_client_trains(service, case):
-    bystander = service.create_lora_training_client(BASE_MODEL, rank=4, seed=9)
+    bystander = service.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
     bystander_data = ragged_batch(seed=3, lengths=[8])
     expected_loss = bystander.forward(bystander_data, "cross_entropy").result().metrics["loss:sum"]
-    offender = service.create_lora_training_client(BASE_MODEL, rank=4, seed=9)
+    offender = service.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
     bad_datum, loss_fn, config, message = MALFORMED[case]
 
     in_flight = bystander.forward_backward(bystander_data, "cross_entropy")
@@ -103,7 +103,7 @@ def test_malformed_datum_is_rejected_by_name_while_another_client_trains(service
 
 
 def test_bad_optimizer_settings_are_rejected_by_name(service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     with pytest.raises(BadRequestError, match=r"adam_params\.learning_rate: -0\.1"):
         training.optim_step(types.AdamParams(learning_rate=-0.1)).result(timeout=30)
     with pytest.raises(BadRequestError, match=r"adam_params\.beta2: 1\.0"):
@@ -111,7 +111,7 @@ def test_bad_optimizer_settings_are_rejected_by_name(service):
 
 
 def test_a_tensor_whose_shape_lies_about_its_bytes_is_rejected(server, service):
-    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1)
+    training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
     lying = tensor_pb2.TensorData(dtype=tensor_pb2.D_TYPE_INT64, shape=[10], data=b"\x00" * 8)
     request = service_pb2.SessionRequest(
         request_id="liar",

@@ -9,24 +9,32 @@ concurrent futures for the ack and the result.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 import uuid
+import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import grpc
 
+from tinker_client._tokenizer import tokenizer_from_files
 from tinker_client.errors import APIConnectionError, APIError, error_for_status, error_from_rpc
-from tinker_client.futures import APIFuture
+from tinker_client.futures import sdk_loop_threads
 from tinker_rpc.v1 import runs_pb2_grpc, service_pb2, service_pb2_grpc
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # imported when a tokenizer is asked for
+
 T = TypeVar("T")
+DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
 log = logging.getLogger(__name__)
 # Stream statuses that a broken connection produces (our server reports request errors in
@@ -41,22 +49,53 @@ _TRANSIENT = {
 
 
 class _LoopThread:
-    """One daemon thread running an event loop, shared by every client of the process."""
+    """One daemon thread running an event loop, shared by every client of the process.
+
+    At interpreter exit it cancels what still runs on the loop and closes the channels, so a
+    script that never closed its clients exits at once and quietly. A forked child gets a
+    loop of its own (the parent's thread does not exist there).
+    """
 
     _instance: _LoopThread | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=self.loop.run_forever, name="tinker-client-loop", daemon=True)
-        thread.start()
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.shared_connections: dict[ConnectionSettings, Connection] = {}
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tinker-client-loop", daemon=True)
+        self._thread.start()
+        sdk_loop_threads.add(self._thread.ident)
+        atexit.register(self.shutdown)
 
     @classmethod
     def get(cls) -> _LoopThread:
         with cls._lock:
-            if cls._instance is None:
+            if cls._instance is None or cls._instance.pid != os.getpid():
                 cls._instance = cls()
             return cls._instance
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        if self.pid != os.getpid() or self.loop.is_closed():
+            return
+
+        async def cancel_everything() -> None:
+            for connection in list(self.connections):
+                await connection.aclose()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_everything(), self.loop).result(timeout)
+        except Exception as error:  # exiting anyway; say why the clean-up was cut short
+            log.debug("client shutdown: %r", error)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def parse_target(base_url: str) -> tuple[str, bool]:
@@ -92,21 +131,56 @@ class Pending:
         return service_pb2.SessionRequest(request_id=self.request.request_id, resume=resume)
 
 
-class Connection:
-    def __init__(
-        self,
-        base_url: str,
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how to connect: what a SamplingClient carries to another process."""
+
+    base_url: str
+    api_key: str | None = None
+    tls_root_certificates: bytes | None = None
+    reconnect_timeout: float = 60.0
+    extra_metadata: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def resolve(
+        cls,
+        base_url: str | None,
         api_key: str | None,
         tls_root_certificates: bytes | None = None,
         reconnect_timeout: float = 60.0,
-    ) -> None:
+        headers: Mapping[str, str] | None = None,
+    ) -> ConnectionSettings:
+        """Explicit arguments first, then TINKER_BASE_URL / TINKER_API_KEY, then localhost."""
+        return cls(
+            base_url or os.environ.get("TINKER_BASE_URL") or DEFAULT_BASE_URL,
+            api_key or os.environ.get("TINKER_API_KEY"),
+            tls_root_certificates,
+            reconnect_timeout,
+            tuple((key.lower(), value) for key, value in (headers or {}).items()),
+        )
+
+    def connect(self) -> Connection:
+        """A connection of this process with these settings, shared by everything that asks."""
+        shared = _LoopThread.get().shared_connections
+        connection = shared.get(self)
+        if connection is None or connection.closed:
+            connection = shared[self] = Connection(self)
+        return connection
+
+
+class Connection:
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.settings = settings
         self._loop_thread = _LoopThread.get()
         self.loop = self._loop_thread.loop
-        self.target, self._tls = parse_target(base_url)
-        self._tls = self._tls or tls_root_certificates is not None
-        self._root_certificates = tls_root_certificates
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._reconnect_timeout = reconnect_timeout
+        self.target, self._tls = parse_target(settings.base_url)
+        self._tls = self._tls or settings.tls_root_certificates is not None
+        self._root_certificates = settings.tls_root_certificates
+        auth = (("authorization", f"Bearer {settings.api_key}"),) if settings.api_key else ()
+        self.metadata = auth + settings.extra_metadata
+        self._reconnect_timeout = settings.reconnect_timeout
+        self._capabilities: concurrent.futures.Future[service_pb2.GetServerCapabilitiesResponse] | None = None
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._request_ids = itertools.count(1)
         # Loop-thread state of the session: every unanswered request in submission order,
         # those not yet sent on the current stream, and how many are out on it.
@@ -120,6 +194,7 @@ class Connection:
         self._closed = False
         self._answered_since_reconnect = False
         self.run(self._open_channel())
+        self._loop_thread.connections.add(self)
 
     async def _open_channel(self) -> None:
         options = [
@@ -165,15 +240,43 @@ class Connection:
     async def unary(self, call: Callable[..., Any], request: Any) -> Any:
         return await asyncio.wrap_future(self.unary_future(call, request))
 
+    def capabilities(self) -> concurrent.futures.Future[service_pb2.GetServerCapabilitiesResponse]:
+        """The server's capabilities, asked for once per connection."""
+        if self._capabilities is None or self._capabilities.exception() is not None:
+            request = service_pb2.GetServerCapabilitiesRequest()
+            self._capabilities = self.unary_future(self.stub.GetServerCapabilities, request)
+        return self._capabilities
+
+    def tokenizer(self, base_model: str) -> PreTrainedTokenizerBase:
+        """A base model's tokenizer, rebuilt from the files the server sends (no hub download)."""
+        if base_model not in self._tokenizers:
+            request = service_pb2.GetTokenizerRequest(base_model=base_model)
+            response = self.unary_sync(self.stub.GetTokenizer, request)
+            self._tokenizers[base_model] = tokenizer_from_files(dict(response.files))
+        return self._tokenizers[base_model]
+
     # -- the session stream ----------------------------------------------------------
 
-    def submit(self, request: service_pb2.SessionRequest) -> Pending:
-        """Queues a request on the stream, in call order; thread-safe and non-blocking."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def prepare(self, request: service_pb2.SessionRequest) -> Pending:
+        """Gives a request its ids; `enqueue` it (on the loop thread) to send it."""
         request.request_id = f"r{next(self._request_ids)}"
         request.idempotency_key = uuid.uuid4().hex
-        pending = Pending(request)
-        self.loop.call_soon_threadsafe(self._enqueue, pending)
-        return pending
+        return Pending(request)
+
+    def submit(self, requests: Sequence[service_pb2.SessionRequest]) -> list[Pending]:
+        """Queues requests on the stream, in call order; thread-safe and non-blocking."""
+        pendings = [self.prepare(request) for request in requests]
+        self.loop.call_soon_threadsafe(self.enqueue, pendings)
+        return pendings
+
+    def enqueue(self, pendings: Sequence[Pending]) -> None:
+        """Loop thread: puts prepared requests on the stream, in order."""
+        for pending in pendings:
+            self._enqueue(pending)
 
     def _enqueue(self, pending: Pending) -> None:
         if self._closed:
@@ -208,6 +311,8 @@ class Connection:
             except grpc.aio.AioRpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
             self._outgoing, self._unanswered = None, 0
+            if not self._pending:  # an idle stream ended: the next request opens a new one
+                return
             if error.code not in _TRANSIENT or self._closed:
                 break
             deadline = deadline or self.loop.time() + self._reconnect_timeout
@@ -254,81 +359,31 @@ class Connection:
         self._answered_since_reconnect = True
         result = response.result
         if result.HasField("error"):
-            pending.fail(error_for_status(result.error.code, result.error.message, response.request_id))
+            acked = pending.ack.done() or bool(result.future_id)
+            pending.fail(error_for_status(result.error.code, result.error.message, response.request_id, acked=acked))
         else:
             if not pending.ack.done():  # a resumed request's ack came on an earlier stream
                 pending.ack.set_result(service_pb2.Ack(future_id=result.future_id))
             pending.result.set_result(result)
         self._pump()
 
+    async def aclose(self) -> None:
+        """Ends the stream (requests still unanswered fail) and closes the channel."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)  # ends the request stream: a clean half-close
+        if self._call is not None:
+            self._call.cancel()
+        if self._stream_task is not None:
+            self._stream_task.cancel()
+            await asyncio.gather(self._stream_task, return_exceptions=True)
+        for pending in self._pending.values():
+            pending.fail(APIConnectionError("this client was closed", code=grpc.StatusCode.CANCELLED))
+        self._pending.clear()
+        await self._channel.close()
+
     def close(self) -> None:
-        async def shutdown() -> None:
-            self._closed = True
-            if self._outgoing is not None:
-                self._outgoing.put_nowait(None)  # ends the request stream: a clean half-close
-            if self._call is not None:
-                self._call.cancel()
-            if self._stream_task is not None:
-                await asyncio.gather(self._stream_task, return_exceptions=True)
-            await self._channel.close()
-
-        self.run(shutdown())
-
-
-def _all_results(pendings: Sequence[Pending]) -> concurrent.futures.Future[list[service_pb2.Result]]:
-    """One future for several requests: their results in order, or the first error."""
-    combined: concurrent.futures.Future[list[service_pb2.Result]] = concurrent.futures.Future()
-    remaining = len(pendings)
-    lock = threading.Lock()
-
-    def on_done(finished: concurrent.futures.Future[service_pb2.Result]) -> None:
-        nonlocal remaining
-        with lock:
-            remaining -= 1
-            if combined.done():
-                return
-            if finished.exception() is not None:
-                combined.set_exception(finished.exception())
-            elif remaining == 0:
-                combined.set_result([p.result.result() for p in pendings])
-
-    for pending in pendings:
-        pending.result.add_done_callback(on_done)
-    return combined
-
-
-def submit_all(
-    connection: Connection,
-    requests: Sequence[service_pb2.SessionRequest],
-    convert: Callable[[list[service_pb2.Result]], T],
-) -> APIFuture[T]:
-    """Queues requests back to back and returns one future of all their results (sync API)."""
-    return APIFuture(_all_results([connection.submit(request) for request in requests]), convert)
-
-
-async def submit_all_acked(
-    connection: Connection,
-    requests: Sequence[service_pb2.SessionRequest],
-    convert: Callable[[list[service_pb2.Result]], T],
-) -> APIFuture[T]:
-    """As submit_all, but returns once the server acked every request (async API).
-
-    A rejected request raises here, at the first await.
-    """
-    pendings = [connection.submit(request) for request in requests]
-    await asyncio.gather(*(asyncio.wrap_future(pending.ack) for pending in pendings))
-    return APIFuture(_all_results(pendings), convert)
-
-
-def submit(
-    connection: Connection, request: service_pb2.SessionRequest, convert: Callable[[service_pb2.Result], T]
-) -> APIFuture[T]:
-    """Queues one request and returns its future at once (sync API)."""
-    return submit_all(connection, [request], lambda results: convert(results[0]))
-
-
-async def submit_acked(
-    connection: Connection, request: service_pb2.SessionRequest, convert: Callable[[service_pb2.Result], T]
-) -> APIFuture[T]:
-    """Queues one request and returns its future once acked (async API)."""
-    return await submit_all_acked(connection, [request], lambda results: convert(results[0]))
+        if not self.loop.is_closed():
+            self.run(self.aclose())

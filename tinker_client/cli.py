@@ -1,8 +1,8 @@
-"""`tinker`: list training runs and checkpoints, delete and download checkpoints.
+"""`tinker-grpc`: list training runs and checkpoints, delete and download checkpoints.
 
-tinker runs list                      tinker checkpoints list RUN
-tinker runs show RUN                  tinker checkpoints delete PATH
-                                      tinker checkpoints download PATH [-o FILE]
+tinker-grpc runs list                 tinker-grpc checkpoints list RUN
+tinker-grpc runs show RUN             tinker-grpc checkpoints delete PATH
+                                      tinker-grpc checkpoints download PATH [-o FILE]
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def checkpoints_download(service: ServiceClient, args: argparse.Namespace) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinker", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tinker-grpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument(
         "--base-url", default=None, help="server address (default: $TINKER_BASE_URL or localhost:50051)"
     )

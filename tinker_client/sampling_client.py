@@ -1,17 +1,44 @@
-"""SamplingClient: generate from a base model or from saved sampler weights."""
+"""SamplingClient: generate from a base model or from saved sampler weights.
+
+A SamplingClient pickles (and has a string handle), so rollout workers in other processes
+can sample with it: there it opens a connection of its own with the same settings.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import asyncio
+import base64
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
 
 from tinker_client import _convert, types
-from tinker_client._connection import Connection, submit, submit_acked
-from tinker_client.futures import APIFuture
+from tinker_client._connection import Connection, ConnectionSettings
+from tinker_client._submit import submit
+from tinker_client.errors import UnsupportedFeatureError
+from tinker_client.futures import APIFuture, BackcompatClientFuture
 from tinker_rpc.v1 import sampling_pb2, service_pb2
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase  # imported when a tokenizer is asked for
+
+
+def check_no_retry_config(retry_config: Any | None) -> None:
+    if retry_config is not None:
+        raise UnsupportedFeatureError(
+            "retry_config: this SDK reconnects and resends on its own, never running a request twice; "
+            "set ServiceClient(reconnect_timeout=...) to bound how long it tries"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SamplerState:
+    """What a SamplingClient is, without its connection: pickled, or encoded as a handle."""
+
+    sampler_id: str
+    base_model: str
+    model_path: str | None
+    record_stability_info: bool
 
 
 class SamplingClient:
@@ -21,42 +48,47 @@ class SamplingClient:
     >>> response.sequences[0].tokens
     """
 
-    def __init__(
-        self,
-        connection: Connection,
-        *,
-        base_model: str,
-        model_path: str | None,
-        tokenizer_loader: Callable[[], PreTrainedTokenizerBase],
-    ) -> None:
+    def __init__(self, connection: Connection, state: _SamplerState) -> None:
         self._connection = connection
-        self._base_model = base_model
-        self._model_path = model_path
-        self._tokenizer_loader = tokenizer_loader
+        self._state = state
 
     @property
     def model_path(self) -> str | None:
-        return self._model_path
+        return self._state.model_path
+
+    @property
+    def sampler_id(self) -> str:
+        return self._state.sampler_id
 
     def _request(
         self,
         prompt: types.ModelInput,
         num_samples: int,
         sampling_params: types.SamplingParams,
-        include_prompt_logprobs: bool,
-        topk_prompt_logprobs: int,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> service_pb2.SessionRequest:
         sample = sampling_pb2.SampleRequest(
-            prompt=_convert.tokens_to_proto(prompt.to_numpy()),
+            prompt=_convert.model_input(prompt),
             num_samples=num_samples,
             sampling_params=_convert.sampling_params(sampling_params),
             include_prompt_logprobs=include_prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs,
+            record_stability_info=self._state.record_stability_info,
+            topk_sample_logprobs=topk_sample_logprobs,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
-        if self._model_path is not None:
-            sample.model_path = self._model_path
+        if target_prompt_logprobs is not None:
+            sample.target_prompt_logprobs.CopyFrom(_convert.tensor(target_prompt_logprobs, pad_value=-1))
+        if self._state.model_path is not None:
+            sample.model_path = self._state.model_path
         else:
-            sample.base_model = self._base_model
+            sample.base_model = self._state.base_model
         return service_pb2.SessionRequest(sample=sample)
 
     def sample(
@@ -66,8 +98,29 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> APIFuture[types.SampleResponse]:
-        request = self._request(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs)
+        """`num_samples` continuations of `prompt`; returns a future at once.
+
+        `topk_sample_logprobs=k`: the k most likely tokens at each generated position.
+        `target_prompt_logprobs`: ids [len(prompt) - 1, K] whose prompt logprobs to return.
+        `prompt_alt_tokens_k=k`: k draws from the model at every prompt position.
+        `prompt_logprobs_last_n=n`: score only the last n prompt tokens.
+        """
+        request = self._request(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
+        )
         return submit(self._connection, request, _convert.sample_response)
 
     async def sample_async(
@@ -77,33 +130,115 @@ class SamplingClient:
         sampling_params: types.SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
-    ) -> APIFuture[types.SampleResponse]:
-        request = self._request(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs)
-        return await submit_acked(self._connection, request, _convert.sample_response)
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+    ) -> types.SampleResponse:
+        """As `sample`; one await gives the response."""
+        return await self.sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+            target_prompt_logprobs,
+            prompt_alt_tokens_k,
+            prompt_logprobs_last_n,
+        )
 
-    def _logprobs_request(self, prompt: types.ModelInput) -> service_pb2.SessionRequest:
+    def _logprobs_request(self, prompt: types.ModelInput, last_n: int | None) -> service_pb2.SessionRequest:
         params = types.SamplingParams(max_tokens=1, temperature=0.0, stop=[])
-        return self._request(prompt, 1, params, include_prompt_logprobs=True, topk_prompt_logprobs=0)
+        return self._request(prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=last_n)
 
     @staticmethod
     def _prompt_logprobs(result: service_pb2.Result) -> list[float | None]:
         return _convert.sample_response(result).prompt_logprobs or []
 
-    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
-        """log p(prompt[i] | prompt[:i]) for each prompt token; None for the first."""
-        return submit(self._connection, self._logprobs_request(prompt), self._prompt_logprobs)
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> APIFuture[list[float | None]]:
+        """log p(prompt[i] | prompt[:i]) for each prompt token; None for the first (and, with
+        `prompt_logprobs_last_n=n`, for all but the last n)."""
+        request = self._logprobs_request(prompt, prompt_logprobs_last_n)
+        return submit(self._connection, request, self._prompt_logprobs)
 
-    async def compute_logprobs_async(self, prompt: types.ModelInput) -> APIFuture[list[float | None]]:
-        return await submit_acked(self._connection, self._logprobs_request(prompt), self._prompt_logprobs)
+    async def compute_logprobs_async(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> list[float | None]:
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
-        return self._tokenizer_loader()
+        return self._connection.tokenizer(self._state.base_model)
 
     def get_base_model(self) -> str:
-        return self._base_model
+        return self._state.base_model
 
     async def get_base_model_async(self) -> str:
-        return self._base_model
+        return self._state.base_model
+
+    def get_telemetry(self) -> None:
+        """This SDK sends no telemetry."""
+        return None
+
+    # -- other processes -------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles as its settings (API key included) and sampler; it reconnects when unpickled."""
+        return (_restore, (self._connection.settings, self._state))
+
+    def get_sampler_handle(self) -> str:
+        """A string naming this sampler, without credentials:
+        `SamplingClient.from_sampler_handle(handle)` makes a client for it in any process."""
+        settings = self._connection.settings
+        payload = {"base_url": settings.base_url, **dataclasses.asdict(self._state)}
+        return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+
+    @staticmethod
+    def from_sampler_handle(handle: str, *, api_key: str | None = None) -> SamplingClient:
+        """A client for the sampler behind `handle`, authenticated with `api_key` or
+        $TINKER_API_KEY."""
+        fields = json.loads(base64.urlsafe_b64decode(handle))
+        settings = ConnectionSettings.resolve(fields.pop("base_url"), api_key)
+        return _restore(settings, _SamplerState(**fields))
 
     def __repr__(self) -> str:
-        return f"SamplingClient(model_path={self._model_path!r}, base_model={self._base_model!r})"
+        state = self._state
+        return f"SamplingClient({state.sampler_id!r}, model_path={state.model_path!r}, base_model={state.base_model!r})"
+
+
+def _restore(settings: ConnectionSettings, state: _SamplerState) -> SamplingClient:
+    return SamplingClient(settings.connect(), state)
+
+
+async def new_sampling_client(
+    connection: Connection,
+    session_id: str,
+    *,
+    model_path: str | None = None,
+    base_model: str | None = None,
+    record_stability_info: bool = False,
+) -> SamplingClient:
+    """Registers a sampler with the server (which checks its weights exist and are readable)."""
+    if (model_path is None) == (base_model is None):
+        raise ValueError("create_sampling_client: give exactly one of model_path or base_model")
+    request = service_pb2.CreateSamplerRequest(
+        session_id=session_id,
+        model_path=model_path,
+        base_model=base_model,
+        record_stability_info=record_stability_info,
+    )
+    response = await connection.unary(connection.stub.CreateSampler, request)
+    state = _SamplerState(response.sampler_id, response.base_model, response.model_path or None, record_stability_info)
+    return SamplingClient(connection, state)
+
+
+def start_sampling_client(connection: Connection, coroutine: Any) -> BackcompatSamplingClientFuture:
+    return BackcompatSamplingClientFuture(asyncio.run_coroutine_threadsafe(coroutine, connection.loop))
+
+
+class BackcompatSamplingClientFuture(BackcompatClientFuture[SamplingClient], SamplingClient):
+    """A future of a SamplingClient (`.result()` or `await`), usable as the client for now."""
+
+    _client_class = SamplingClient

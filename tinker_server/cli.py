@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         metavar="PATH",
         help="local Hugging Face model directory; default: the embedded tiny Llama",
     )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the name clients use for the base model, e.g. its hub id for code written against it "
+        "(default: embedded/tiny-llama, or the --base-model path)",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
         "--cycle",
@@ -124,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         host=args.host,
         port=args.port,
         base_model=args.base_model,
+        served_model_name=args.served_model_name,
         data_dir=args.data_dir,
         cycle=args.cycle,
         max_cycle_tokens=args.max_cycle_tokens,

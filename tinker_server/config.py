@@ -16,6 +16,8 @@ class ServerConfig:
     port: int = 50051
     base_model: str | None = None
     """A local Hugging Face model directory; None serves the embedded default model."""
+    served_model_name: str | None = None
+    """The name clients use for the base model; None: the embedded model's name, or the directory."""
     data_dir: Path = Path("tinker-data")
     cycle: CyclePolicy = field(default_factory=CyclePolicy)
     max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS

@@ -6,10 +6,20 @@ The front end validates requests against these specs (without torch); the worker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 InputKind = Literal["int", "float"]
+ConfigRule = tuple[Callable[[float], bool], str]
+"""A constraint on a config value beyond being finite, and how to say it (e.g. "> 0")."""
+
+# Loss inputs the server adds from its records, for losses that need provenance: float32 [N].
+# Their names are no client key (a client's keys are checked against the spec first).
+RECORDED_LOGPROBS = "recorded:sampler_logprobs"
+"""At each loss position under a SAMPLED span: the sampler's recorded logprob; 0 elsewhere."""
+SAMPLED_MASK = "recorded:sampled_mask"
+"""1 at loss positions under SAMPLED spans, 0 under PROMPT spans."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,9 @@ class LossSpec:
     required_inputs: dict[str, InputKind]
     optional_inputs: dict[str, InputKind] = field(default_factory=dict)
     config_defaults: dict[str, float] = field(default_factory=dict)
+    config_rules: dict[str, ConfigRule] = field(default_factory=dict)
+    needs_provenance: bool = False
+    """Every datum must carry provenance spans; the worker gets RECORDED_LOGPROBS and SAMPLED_MASK."""
 
     def all_inputs(self) -> dict[str, InputKind]:
         return {**self.required_inputs, **self.optional_inputs}
@@ -38,6 +51,17 @@ LOSS_SPECS: dict[str, LossSpec] = {
             _POLICY_INPUTS,
             {"sequence_ratio_mask": "float"},
             config_defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+        ),
+        LossSpec(
+            "stable_reinforce",
+            {"target_tokens": "int", "advantages": "float"},
+            {"logprobs": "float"},  # the client's copy of the sampler's logprobs: accepted, not used
+            config_defaults={"max_importance_weight": 2.0, "kl_coeff": 0.0},
+            config_rules={
+                "max_importance_weight": (lambda value: value > 0, "> 0"),
+                "kl_coeff": (lambda value: value >= 0, ">= 0"),
+            },
+            needs_provenance=True,
         ),
     )
 }

@@ -134,6 +134,12 @@ class Sample:
     params: SamplingConfig
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: np.ndarray | None = None
+    """int64 [P-1, K] token ids to score at prompt positions 1..P-1; -1 asks for nothing."""
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+    """Score only the last N prompt positions in the prompt logprobs and their top k."""
 
 
 Operation: TypeAlias = (
@@ -200,10 +206,15 @@ class SaveCheckpointResult:
 
 @dataclass
 class SequenceArrays:
+    sequence_id: str
+    """Distinct for every sequence sampled; names it in provenance spans."""
     tokens: np.ndarray
     logprobs: np.ndarray
     sampling_logprobs: np.ndarray
     stopped: bool
+    topk_tokens: np.ndarray | None = None
+    """int32 [T, k], the most likely tokens at each generated position; None when not asked for."""
+    topk_logprobs: np.ndarray | None = None
 
 
 @dataclass
@@ -218,7 +229,12 @@ class PromptLogprobs:
 @dataclass
 class SampleResult:
     sequences: list[SequenceArrays]
-    prompt: PromptLogprobs | None
+    prompt: PromptLogprobs | None = None
+    target_prompt_logprobs: np.ndarray | None = None
+    """float32, the shape of the request's targets; 0 where it asked for nothing."""
+    prompt_alt_tokens: np.ndarray | None = None
+    """int32 [P-1, k] draws at prompt positions 1..P-1; None when not asked for."""
+    prompt_alt_logprobs: np.ndarray | None = None
 
 
 OpResult: TypeAlias = (

@@ -59,5 +59,12 @@ class Runs:
     def checkpoint(self, path: CheckpointPath) -> Checkpoint | None:
         return self.store.checkpoint(path)
 
+    def readable_checkpoint(self, path: CheckpointPath, owner: str) -> tuple[Checkpoint, TrainingRun] | None:
+        """The checkpoint and its run, if `owner` may read it: theirs, or published."""
+        checkpoint, run = self.store.checkpoint(path), self.store.run(path.model_id)
+        if checkpoint is None or run is None or not (run.owner == owner or checkpoint.public):
+            return None
+        return checkpoint, run
+
     def directory(self, path: CheckpointPath) -> Path:
         return path.directory(self.data_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,8 @@ class TinkerServer:
         """Starts the worker (loading the base model), then serves: health SERVING."""
         config = self.config
         model = await self._worker.start()
+        if config.served_model_name:
+            model = dataclasses.replace(model, name=config.served_model_name)
         self._served.set(model)
         self._tasks = [
             asyncio.create_task(self._scheduler.run(), name="scheduler-clock"),

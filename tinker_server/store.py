@@ -7,15 +7,18 @@ thread only: every statement here is a short, indexed lookup or write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from tinker_server.ops import LoraSpec
 
@@ -60,6 +63,44 @@ MIGRATIONS = [
     );
     CREATE INDEX future_results_expiry ON future_results(expires_at);
     """,
+    """
+    ALTER TABLE training_runs ADD COLUMN session_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE training_runs ADD COLUMN project_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE training_runs ADD COLUMN optimizer TEXT NOT NULL DEFAULT 'adamw';
+    ALTER TABLE checkpoints ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE checkpoints ADD COLUMN user_metadata TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX checkpoints_public ON checkpoints(model_id) WHERE public = 1;
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        project_id TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        user_metadata TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_owner ON sessions(owner, created_at);
+    CREATE TABLE samplers (
+        sampler_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        model_path TEXT NOT NULL,
+        record_stability_info INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX samplers_session ON samplers(session_id);
+    CREATE TABLE sampled_sequences (
+        sequence_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        prompt BLOB NOT NULL,
+        tokens BLOB NOT NULL,
+        logprobs BLOB NOT NULL,
+        last_used REAL NOT NULL
+    );
+    CREATE INDEX sampled_sequences_last_used ON sampled_sequences(last_used);
+    """,
 ]
 
 
@@ -103,6 +144,37 @@ class TrainingRun:
     user_metadata: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
+    session_id: str = ""
+    project_id: str = ""
+    optimizer: str = "adamw"
+
+
+@dataclass
+class Session:
+    """A client's session (one ServiceClient): labels for the runs and samplers it creates."""
+
+    session_id: str
+    owner: str
+    created_at: float
+    project_id: str = ""
+    display_name: str = ""
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    status: str = ""
+    """How it ended ("success", "errored", "interrupted"); empty while open."""
+    detail: str = ""
+
+
+@dataclass
+class Sampler:
+    """A sampling client the server registered: what it samples."""
+
+    sampler_id: str
+    owner: str
+    session_id: str
+    base_model: str
+    model_path: str
+    record_stability_info: bool
+    created_at: float
 
 
 @dataclass
@@ -111,6 +183,15 @@ class Checkpoint:
     created_at: float
     size_bytes: int
     expires_at: float | None
+    public: bool = False
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+_RUN_COLUMNS = (
+    "model_id, owner, base_model, lora_rank, lora_seed, train_mlp, train_attn, train_unembed, lora_alpha, "
+    "user_metadata, created_at, last_request_time, session_id, project_id, optimizer"
+)
+_CHECKPOINT_COLUMNS = "model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, user_metadata"
 
 
 class Store:
@@ -155,7 +236,7 @@ class Store:
     def add_run(self, run: TrainingRun) -> None:
         lora = run.lora
         self._db.execute(
-            "INSERT INTO training_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO training_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.model_id,
                 run.owner,
@@ -169,6 +250,9 @@ class Store:
                 json.dumps(run.user_metadata),
                 run.created_at,
                 run.last_request_time,
+                run.session_id,
+                run.project_id,
+                run.optimizer,
             ),
         )
 
@@ -178,16 +262,33 @@ class Store:
             self._db.execute("DELETE FROM training_runs WHERE model_id = ?", (model_id,))
 
     def run(self, model_id: str) -> TrainingRun | None:
-        row = self._db.execute("SELECT * FROM training_runs WHERE model_id = ?", (model_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE model_id = ?", (model_id,)).fetchone()
         return None if row is None else _run_from_row(row)
 
-    def runs(self, owner: str, limit: int, offset: int) -> tuple[list[TrainingRun], int]:
+    def runs(
+        self, owner: str, limit: int, offset: int, with_published: bool = False, project_id: str = ""
+    ) -> tuple[list[TrainingRun], int]:
+        """`owner`'s runs, newest first; `with_published` adds other runs with a public checkpoint."""
+        where = "(owner = ?" + (
+            " OR model_id IN (SELECT model_id FROM checkpoints WHERE public = 1))" if with_published else ")"
+        )
+        arguments: tuple = (owner,)
+        if project_id:
+            where += " AND project_id = ?"
+            arguments += (project_id,)
         rows = self._db.execute(
-            "SELECT * FROM training_runs WHERE owner = ? ORDER BY created_at DESC, model_id LIMIT ? OFFSET ?",
-            (owner, limit, offset),
+            f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE {where}"
+            " ORDER BY created_at DESC, model_id LIMIT ? OFFSET ?",
+            (*arguments, limit, offset),
         ).fetchall()
-        total = self._db.execute("SELECT COUNT(*) FROM training_runs WHERE owner = ?", (owner,)).fetchone()[0]
+        total = self._db.execute(f"SELECT COUNT(*) FROM training_runs WHERE {where}", arguments).fetchone()[0]
         return [_run_from_row(row) for row in rows], total
+
+    def session_runs(self, session_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT model_id FROM training_runs WHERE session_id = ? ORDER BY created_at, model_id", (session_id,)
+        )
+        return [row[0] for row in rows]
 
     def set_lora(self, model_id: str, lora: LoraSpec) -> None:
         self._db.execute(
@@ -204,7 +305,7 @@ class Store:
     def put_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = checkpoint.path
         self._db.execute(
-            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 path.model_id,
                 path.checkpoint_type,
@@ -212,19 +313,23 @@ class Store:
                 checkpoint.created_at,
                 checkpoint.size_bytes,
                 checkpoint.expires_at,
+                checkpoint.public,
+                json.dumps(checkpoint.user_metadata),
             ),
         )
 
     def checkpoint(self, path: CheckpointPath) -> Checkpoint | None:
         row = self._db.execute(
-            "SELECT * FROM checkpoints WHERE model_id = ? AND checkpoint_type = ? AND name = ?",
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE model_id = ? AND checkpoint_type = ? AND name = ?",
             (path.model_id, path.checkpoint_type, path.name),
         ).fetchone()
         return None if row is None else _checkpoint_from_row(row)
 
     def checkpoints(self, model_id: str) -> list[Checkpoint]:
         rows = self._db.execute(
-            "SELECT * FROM checkpoints WHERE model_id = ? ORDER BY created_at, checkpoint_type, name", (model_id,)
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE model_id = ?"
+            " ORDER BY created_at, checkpoint_type, name",
+            (model_id,),
         ).fetchall()
         return [_checkpoint_from_row(row) for row in rows]
 
@@ -234,8 +339,33 @@ class Store:
             (path.model_id, path.checkpoint_type, path.name),
         )
 
+    def owner_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[Checkpoint], int]:
+        """Every checkpoint of `owner`'s runs, newest first."""
+        columns = ", ".join(f"c.{column.strip()}" for column in _CHECKPOINT_COLUMNS.split(","))
+        joined = "checkpoints c JOIN training_runs r ON r.model_id = c.model_id WHERE r.owner = ?"
+        rows = self._db.execute(
+            f"SELECT {columns} FROM {joined} ORDER BY c.created_at DESC, c.model_id, c.name LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        ).fetchall()
+        total = self._db.execute(f"SELECT COUNT(*) FROM {joined}", (owner,)).fetchone()[0]
+        return [_checkpoint_from_row(row) for row in rows], total
+
+    def set_checkpoint_public(self, path: CheckpointPath, public: bool) -> None:
+        self._db.execute(
+            "UPDATE checkpoints SET public = ? WHERE model_id = ? AND checkpoint_type = ? AND name = ?",
+            (public, path.model_id, path.checkpoint_type, path.name),
+        )
+
+    def set_checkpoint_expiry(self, path: CheckpointPath, expires_at: float | None) -> None:
+        self._db.execute(
+            "UPDATE checkpoints SET expires_at = ? WHERE model_id = ? AND checkpoint_type = ? AND name = ?",
+            (expires_at, path.model_id, path.checkpoint_type, path.name),
+        )
+
     def expired_checkpoints(self, now: float) -> list[Checkpoint]:
-        rows = self._db.execute("SELECT * FROM checkpoints WHERE expires_at <= ?", (now,)).fetchall()
+        rows = self._db.execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE expires_at <= ?", (now,)
+        ).fetchall()
         return [_checkpoint_from_row(row) for row in rows]
 
     # -- futures' results ------------------------------------------------------------
@@ -255,13 +385,137 @@ class Store:
     def purge_results(self, now: float) -> int:
         return self._db.execute("DELETE FROM future_results WHERE expires_at <= ?", (now,)).rowcount
 
+    # -- client sessions and samplers ------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        self._db.execute(
+            "INSERT INTO sessions (session_id, owner, created_at, project_id, display_name, user_metadata)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                session.session_id,
+                session.owner,
+                session.created_at,
+                session.project_id,
+                session.display_name,
+                json.dumps(session.user_metadata),
+            ),
+        )
+
+    def session(self, session_id: str) -> Session | None:
+        row = self._db.execute(
+            "SELECT session_id, owner, created_at, project_id, display_name, user_metadata, status, detail"
+            " FROM sessions WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        *fields, metadata, status, detail = row
+        return Session(*fields, json.loads(metadata), status, detail)
+
+    def sessions(self, owner: str, limit: int, offset: int) -> tuple[list[str], int]:
+        rows = self._db.execute(
+            "SELECT session_id FROM sessions WHERE owner = ? ORDER BY created_at DESC, session_id LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        ).fetchall()
+        total = self._db.execute("SELECT COUNT(*) FROM sessions WHERE owner = ?", (owner,)).fetchone()[0]
+        return [row[0] for row in rows], total
+
+    def close_session(self, session_id: str, status: str, detail: str) -> None:
+        self._db.execute(
+            "UPDATE sessions SET status = ?, detail = ? WHERE session_id = ?", (status, detail, session_id)
+        )
+
+    def assign_session_project(self, session_id: str, project_id: str) -> None:
+        """The session and the runs it created move to `project_id`."""
+        with self._transaction():
+            self._db.execute("UPDATE sessions SET project_id = ? WHERE session_id = ?", (project_id, session_id))
+            self._db.execute("UPDATE training_runs SET project_id = ? WHERE session_id = ?", (project_id, session_id))
+
+    def add_sampler(self, sampler: Sampler) -> None:
+        self._db.execute(
+            "INSERT INTO samplers (sampler_id, owner, session_id, base_model, model_path, record_stability_info,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            dataclasses.astuple(sampler),
+        )
+
+    def sampler(self, sampler_id: str) -> Sampler | None:
+        row = self._db.execute(
+            "SELECT sampler_id, owner, session_id, base_model, model_path, record_stability_info, created_at"
+            " FROM samplers WHERE sampler_id = ?",
+            (sampler_id,),
+        ).fetchone()
+        return None if row is None else Sampler(*row[:5], bool(row[5]), row[6])
+
+    def session_samplers(self, session_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT sampler_id FROM samplers WHERE session_id = ? ORDER BY created_at, sampler_id", (session_id,)
+        )
+        return [row[0] for row in rows]
+
+    # -- sampled sequences (recorded for provenance) ---------------------------------
+
+    def put_sampled_sequences(self, owner: str, sequences: list[RecordedSequence], now: float) -> None:
+        rows = [
+            (
+                sequence.sequence_id,
+                owner,
+                sequence.prompt.astype("<i4").tobytes(),
+                sequence.tokens.astype("<i4").tobytes(),
+                sequence.logprobs.astype("<f4").tobytes(),
+                now,
+            )
+            for sequence in sequences
+        ]
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO sampled_sequences (sequence_id, owner, prompt, tokens, logprobs, last_used) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def sampled_sequence(self, sequence_id: str, owner: str, used_since: float) -> RecordedSequence | None:
+        """The owner's sequence if it was last used after `used_since`; None for another owner's."""
+        row = self._db.execute(
+            "SELECT prompt, tokens, logprobs FROM sampled_sequences "
+            "WHERE sequence_id = ? AND owner = ? AND last_used > ?",
+            (sequence_id, owner, used_since),
+        ).fetchone()
+        if row is None:
+            return None
+        prompt, tokens, logprobs = row
+        return RecordedSequence(
+            sequence_id, np.frombuffer(prompt, "<i4"), np.frombuffer(tokens, "<i4"), np.frombuffer(logprobs, "<f4")
+        )
+
+    def touch_sampled_sequences(self, sequence_ids: Iterable[str], now: float) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE sampled_sequences SET last_used = ? WHERE sequence_id = ?",
+                [(now, sequence_id) for sequence_id in sequence_ids],
+            )
+
+    def purge_sampled_sequences(self, used_before: float) -> int:
+        return self._db.execute("DELETE FROM sampled_sequences WHERE last_used <= ?", (used_before,)).rowcount
+
+
+@dataclass(frozen=True)
+class RecordedSequence:
+    """A sampled sequence as the sampler saw it: prompt and sampled tokens, and the sampling
+    model's own logprob of each sampled token."""
+
+    sequence_id: str
+    prompt: np.ndarray
+    tokens: np.ndarray
+    logprobs: np.ndarray
+
 
 def _run_from_row(row: tuple) -> TrainingRun:
-    (model_id, owner, base_model, rank, seed, mlp, attn, unembed, alpha, metadata, created, last) = row
+    (model_id, owner, base_model, rank, seed, mlp, attn, unembed, alpha, metadata, created, last, *rest) = row
     lora = LoraSpec(rank, seed, bool(mlp), bool(attn), bool(unembed), alpha)
-    return TrainingRun(model_id, owner, base_model, lora, json.loads(metadata), created, last)
+    return TrainingRun(model_id, owner, base_model, lora, json.loads(metadata), created, last, *rest)
 
 
 def _checkpoint_from_row(row: tuple) -> Checkpoint:
-    model_id, checkpoint_type, name, created_at, size_bytes, expires_at = row
-    return Checkpoint(CheckpointPath(model_id, checkpoint_type, name), created_at, size_bytes, expires_at)
+    model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, metadata = row
+    path = CheckpointPath(model_id, checkpoint_type, name)
+    return Checkpoint(path, created_at, size_bytes, expires_at, bool(public), json.loads(metadata))

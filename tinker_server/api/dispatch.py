@@ -1,5 +1,5 @@
 """Between the servicers and the scheduler: queue parsed requests, and keep the durable
-record (runs, checkpoints, futures' results) in step with what the worker did."""
+record (runs, checkpoints, futures' results, sampled sequences) in step with what the worker did."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import grpc
 
 from tinker_rpc.v1 import service_pb2
 from tinker_server import metrics, ops
+from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.api.requests import ParsedRequest, RequestError
 from tinker_server.api.responses import outcome_result
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
-from tinker_server.store import Checkpoint, CheckpointPath
+from tinker_server.store import Checkpoint, CheckpointPath, RecordedSequence
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Dispatcher:
             self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
         if parsed.checkpoint is not None:
             self._runs.reserve(parsed.checkpoint)
+        if parsed.sequence_ids:
+            self._runs.store.touch_sampled_sequences(parsed.sequence_ids, time.time())
         ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
         submitted = Submitted(ticket.future_id, ticket.seq, owner, result)
@@ -72,7 +75,7 @@ class Dispatcher:
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
             outcome = done.result()
-            self._record(parsed, outcome)
+            self._record(parsed, outcome, owner)
             message = outcome_result(outcome)
             expires = time.time() + self.retention_seconds
             self._runs.store.put_result(ticket.future_id, owner, message.SerializeToString(), expires)
@@ -84,8 +87,9 @@ class Dispatcher:
         ticket.outcome.add_done_callback(settle)
         return submitted
 
-    def _record(self, parsed: ParsedRequest, outcome: ops.Outcome) -> None:
-        """The store follows the outcome: failed creations vanish, saved checkpoints appear."""
+    def _record(self, parsed: ParsedRequest, outcome: ops.Outcome, owner: str) -> None:
+        """The store follows the outcome: failed creations vanish, saved checkpoints appear,
+        sampled sequences are recorded when asked (before the client sees their ids)."""
         now = time.time()
         if parsed.checkpoint is not None:
             self._runs.release(parsed.checkpoint)
@@ -98,7 +102,13 @@ class Dispatcher:
             self._runs.store.set_lora(payload.model_id, payload.lora)
         if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
             expires = None if parsed.ttl_seconds is None else now + parsed.ttl_seconds
-            self._runs.store.put_checkpoint(Checkpoint(parsed.checkpoint, now, payload.size_bytes, expires))
+            metadata = parsed.checkpoint_metadata or {}
+            checkpoint = Checkpoint(parsed.checkpoint, now, payload.size_bytes, expires, user_metadata=metadata)
+            self._runs.store.put_checkpoint(checkpoint)
+        if isinstance(payload, ops.SampleResult) and parsed.record_stability_info:
+            prompt = parsed.item.operation.prompt
+            sequences = [RecordedSequence(s.sequence_id, prompt, s.tokens, s.logprobs) for s in payload.sequences]
+            self._runs.store.put_sampled_sequences(owner, sequences, now)
         if parsed.item.model_id:
             self._runs.store.touch_run(parsed.item.model_id, now)
 
@@ -114,12 +124,13 @@ class Dispatcher:
         self._runs.store.delete_checkpoint(path)
 
     async def sweep(self) -> None:
-        """Deletes expired checkpoints and forgets expired results."""
+        """Deletes expired checkpoints and forgets expired results and sampled sequences."""
         now = time.time()
         for checkpoint in self._runs.store.expired_checkpoints(now):
             log.info("checkpoint %s expired; deleting it", checkpoint.path)
             await self.delete_checkpoint(checkpoint.path)
         self._runs.store.purge_results(now)
+        self._runs.store.purge_sampled_sequences(now - SEQUENCE_TTL_SECONDS)
         cutoff = now - self.retention_seconds
         self._by_key = {key: entry for key, entry in self._by_key.items() if entry[2] > cutoff}
 

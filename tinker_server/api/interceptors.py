@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from tinker_server.api.requests import RequestError
 from tinker_server.auth import PUBLIC_SERVICES, ApiKeys, current_owner
 
 log = logging.getLogger("tinker_server.access")
@@ -89,6 +90,8 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         async def after(context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
             context.set_trailing_metadata((("x-request-id", request_id),))
             elapsed_ms = (time.perf_counter() - started) * 1e3
+            if isinstance(error, RequestError):  # a handler's clear refusal: its status and message
+                await context.abort(error.code, str(error))
             if error is not None and not isinstance(error, grpc.aio.AbortError):
                 log.error("%s [%s] failed after %.1f ms", details.method, request_id, elapsed_ms, exc_info=error)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}): {error}")

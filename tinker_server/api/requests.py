@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -17,11 +18,12 @@ import numpy as np
 from tinker_client.tensor_codec import TensorDecodeError, decode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
+from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
 from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import CheckpointPath, CheckpointType, TrainingRun
+from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun
 
 LORA_ALPHA = 32.0
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
@@ -61,6 +63,12 @@ class ParsedRequest:
     checkpoint: CheckpointPath | None = None
     """A checkpoint this request saves; recorded when it succeeds."""
     ttl_seconds: int | None = None
+    checkpoint_metadata: dict[str, str] | None = None
+    """Labels of the checkpoint this request saves."""
+    record_stability_info: bool = False
+    """A sample whose sequences are recorded for provenance when it succeeds."""
+    sequence_ids: frozenset[str] = frozenset()
+    """Recorded sequences this request's provenance spans name; queuing it counts as their use."""
 
 
 class RequestParser:
@@ -85,19 +93,19 @@ class RequestParser:
             return self._sample(request.sample)
         model_id = self._existing_model(request.model_id)
         if kind in ("forward", "forward_backward"):
-            operation = self._forward_backward(kind, getattr(request, kind), backward=kind == "forward_backward")
-        elif kind == "optim_step":
+            return self._forward_backward(kind, model_id, getattr(request, kind), backward=kind == "forward_backward")
+        if kind == "optim_step":
             operation = self._optim_step(request.optim_step)
         elif kind == "load_state":
             operation = self._load_state(request.load_state)
         elif kind == "save_weights_for_sampler":
             save = request.save_weights_for_sampler
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
-            return self._save(kind, model_id, "sampler", save.name, ttl, overwrite=False)
+            return self._save(kind, model_id, "sampler", save.name, ttl, False, dict(save.user_metadata))
         elif kind == "save_state":
             save = request.save_state
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
-            return self._save(kind, model_id, "training", save.name, ttl, save.overwrite)
+            return self._save(kind, model_id, "training", save.name, ttl, save.overwrite, dict(save.user_metadata))
         else:  # a newer client's operation this server does not know
             raise invalid(f"request: unsupported operation {kind!r}")
         return ParsedRequest(model_id, ops.WorkItem("", model_id, operation))
@@ -133,8 +141,45 @@ class RequestParser:
                 f"the server holds {self._limits.max_adapters} training runs, its limit; try again later",
             )
 
+    def _session(self, field: str, session_id: str) -> Session:
+        """The caller's session `session_id`; an empty one for no session."""
+        if not session_id:
+            return Session("", current_owner.get(), 0.0)
+        session = self._runs.store.session(session_id)
+        if session is None or session.owner != current_owner.get():
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no session {session_id!r}")
+        return session
+
+    def _new_run(
+        self,
+        field: str,
+        request: training_pb2.CreateModelRequest | training_pb2.CreateModelFromStateRequest,
+        base_model: str,
+        lora: ops.LoraSpec,
+        optimizer: str,
+    ) -> TrainingRun:
+        """A run of the request's session: in its project, labelled with its labels and then the run's own."""
+        session = self._session(f"{field}.session_id", request.session_id)
+        return TrainingRun(
+            new_model_id(),
+            "",
+            base_model,
+            lora,
+            {**session.user_metadata, **request.user_metadata},
+            session_id=request.session_id,
+            project_id=session.project_id,
+            optimizer=optimizer,
+        )
+
+    @staticmethod
+    def _optimizer(field: str, config: training_pb2.OptimizerConfig) -> str:
+        if config.type not in ("", "adamw"):
+            raise invalid(f"{field}.type: {config.type!r} is not implemented by this server; it trains with 'adamw'")
+        return "adamw"
+
     def _create_model(self, request: training_pb2.CreateModelRequest) -> ParsedRequest:
         self._check_base_model("create_model.base_model", request.base_model)
+        optimizer = self._optimizer("create_model.optimizer", request.optimizer)
         self._check_capacity()
         lora = request.lora_config
         if not 1 <= lora.rank <= self._limits.max_lora_rank:
@@ -145,29 +190,36 @@ class RequestParser:
             raise invalid("create_model.lora_config: at least one of train_mlp, train_attn, train_unembed must be true")
         seed = lora.seed if lora.HasField("seed") else secrets.randbits(31)
         spec = ops.LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed, LORA_ALPHA)
-        model_id = new_model_id()
-        run = TrainingRun(model_id, "", request.base_model, spec, dict(request.user_metadata))
-        return ParsedRequest(model_id, ops.WorkItem("", model_id, ops.CreateAdapter(spec)), run=run)
+        run = self._new_run("create_model", request, request.base_model, spec, optimizer)
+        return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, ops.CreateAdapter(spec)), run=run)
 
     def _create_model_from_state(self, request: training_pb2.CreateModelFromStateRequest) -> ParsedRequest:
+        field = "create_model_from_state"
+        check_no_access_token(f"{field}.weights_access_token", request.weights_access_token)
+        path, source = self._checkpoint_source(f"{field}.path", request.path, training_only=request.with_optimizer)
+        if request.base_model and request.base_model != source.base_model:
+            raise invalid(
+                f"{field}.base_model: {request.base_model!r}, but {request.path} adapts {source.base_model!r}"
+            )
+        if request.with_optimizer:
+            optimizer = source.optimizer  # the checkpoint's optimizer state belongs to its optimizer
+        else:
+            optimizer = self._optimizer(f"{field}.optimizer", request.optimizer)
         self._check_capacity()
-        path, source = self._checkpoint_source(
-            "create_model_from_state.path", request.path, training_only=request.with_optimizer
-        )
-        model_id = new_model_id()
-        run = TrainingRun(model_id, "", source.base_model, source.lora, dict(request.user_metadata))
+        run = self._new_run(field, request, source.base_model, source.lora, optimizer)
         operation = ops.CreateAdapter(source.lora, str(self._runs.directory(path)), request.with_optimizer)
-        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), run=run)
+        return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, operation), run=run)
 
     def _checkpoint_source(self, field: str, text: str, training_only: bool) -> tuple[CheckpointPath, TrainingRun]:
-        """A saved checkpoint to load from, and the run that saved it."""
+        """A saved checkpoint to load from (the caller's, or a published one), and the run that saved it."""
         try:
             path = CheckpointPath.parse(text)
         except ValueError as error:
             raise invalid(f"{field}: {error}") from error
-        source = self._runs.owned_run(path.model_id, current_owner.get())
-        if source is None or self._runs.checkpoint(path) is None:
+        found = self._runs.readable_checkpoint(path, current_owner.get())
+        if found is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no checkpoint {text}")
+        _, source = found
         if training_only and path.checkpoint_type != "training":
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -176,31 +228,39 @@ class RequestParser:
         return path, source
 
     def _load_state(self, request: training_pb2.LoadStateRequest) -> ops.LoadState:
+        check_no_access_token("load_state.weights_access_token", request.weights_access_token)
         path, _ = self._checkpoint_source("load_state.path", request.path, training_only=request.with_optimizer)
         return ops.LoadState(str(self._runs.directory(path)), request.with_optimizer)
 
     # -- forward / backward ----------------------------------------------------------
 
     def _forward_backward(
-        self, kind: str, request: training_pb2.ForwardBackwardInput, backward: bool
-    ) -> ops.ForwardBackward:
+        self, kind: str, model_id: str, request: training_pb2.ForwardBackwardInput, backward: bool
+    ) -> ParsedRequest:
         spec = LOSS_SPECS.get(request.loss_fn)
         if spec is None:
             raise invalid(f"{kind}.loss_fn: unknown loss {request.loss_fn!r}; expected one of {sorted(LOSS_SPECS)}")
-        config = self._loss_config(kind, spec, dict(request.loss_fn_config))
+        config = self._loss_config(kind, spec, dict(request.loss_fn_config), dict(request.loss_fn_config_strings))
         if not request.data:
             raise invalid(f"{kind}.data: empty batch; send at least one datum")
-        data = [self._datum(f"{kind}.data[{index}]", spec, datum) for index, datum in enumerate(request.data)]
+        spans = SpanChecker(self._runs.store, current_owner.get(), time.time())
+        data = [self._datum(f"{kind}.data[{index}]", spec, datum, spans) for index, datum in enumerate(request.data)]
         total_tokens = sum(len(datum.tokens) for datum in data)
         if total_tokens > self._limits.max_batch_tokens:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{kind}.data: {total_tokens} tokens exceed the per-request limit of {self._limits.max_batch_tokens}",
             )
-        return ops.ForwardBackward(data, spec.name, config, backward)
+        operation = ops.ForwardBackward(data, spec.name, config, backward)
+        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), sequence_ids=spans.used)
 
     @staticmethod
-    def _loss_config(kind: str, spec: LossSpec, given: dict[str, float]) -> dict[str, float]:
+    def _loss_config(kind: str, spec: LossSpec, given: dict[str, float], strings: dict[str, str]) -> dict[str, float]:
+        if strings:
+            raise invalid(
+                f"{kind}.loss_fn_config_strings[{min(strings)!r}]: {spec.name} takes no text values; "
+                f"its numeric keys (send them in loss_fn_config): {sorted(spec.config_defaults)}"
+            )
         unknown = sorted(set(given) - set(spec.config_defaults))
         if unknown:
             raise invalid(
@@ -210,14 +270,38 @@ class RequestParser:
         for key, value in given.items():
             if not math.isfinite(value):
                 raise invalid(f"{kind}.loss_fn_config[{key!r}]: {value} is not finite")
+            if key in spec.config_rules and not spec.config_rules[key][0](value):
+                raise invalid(f"{kind}.loss_fn_config[{key!r}]: {value}; must be {spec.config_rules[key][1]}")
         return {**spec.config_defaults, **given}
 
-    def _tokens(self, field: str, tensor: tensor_pb2.TensorData, max_length: int) -> np.ndarray:
+    def _model_input(self, field: str, model_input: training_pb2.ModelInput) -> np.ndarray:
+        """A datum's input or a prompt as int64 token ids: its `tokens`, or its token chunks concatenated."""
+        if model_input.HasField("tokens") == bool(model_input.chunks):
+            raise invalid(f"{field}: set exactly one of tokens or chunks")
+        if model_input.HasField("tokens"):
+            where, tokens = f"{field}.tokens", self._tokens(f"{field}.tokens", model_input.tokens)
+        else:
+            chunks = [self._chunk(f"{field}.chunks[{index}]", chunk) for index, chunk in enumerate(model_input.chunks)]
+            where, tokens = f"{field}.chunks", np.concatenate(chunks)
+        max_length = self._model.max_context_length
+        if not 1 <= len(tokens) <= max_length:
+            raise invalid(f"{where}: {len(tokens)} tokens; expected 1 to {max_length}")
+        return tokens
+
+    def _chunk(self, field: str, chunk: training_pb2.ModelInputChunk) -> np.ndarray:
+        kind = chunk.WhichOneof("chunk")
+        if kind == "tokens":
+            return self._tokens(f"{field}.tokens", chunk.tokens)
+        if kind is None:
+            raise invalid(f"{field}: empty chunk; set tokens, image or image_asset_pointer")
+        raise invalid(f"{field}: an {kind} chunk, but {self._model.name} takes text only")
+
+    def _tokens(self, field: str, tensor: tensor_pb2.TensorData) -> np.ndarray:
         tokens = self._decode(field, tensor)
         if tokens.dtype.kind != "i":
             raise invalid(f"{field}: dtype {tokens.dtype.name} is not an integer type; send int32 or int64")
-        if tokens.ndim != 1 or not 1 <= len(tokens) <= max_length:
-            raise invalid(f"{field}: shape {list(tokens.shape)}; expected [N] with 1 <= N <= {max_length}")
+        if tokens.ndim != 1:
+            raise invalid(f"{field}: shape {list(tokens.shape)}; expected [N]")
         self._check_token_range(field, tokens)
         return tokens.astype(np.int64)
 
@@ -233,8 +317,8 @@ class RequestParser:
         except TensorDecodeError as error:
             raise invalid(f"{field}: {error}") from error
 
-    def _datum(self, field: str, spec: LossSpec, datum: training_pb2.Datum) -> ops.DatumArrays:
-        tokens = self._tokens(f"{field}.model_input.tokens", datum.model_input.tokens, self._model.max_context_length)
+    def _datum(self, field: str, spec: LossSpec, datum: training_pb2.Datum, spans: SpanChecker) -> ops.DatumArrays:
+        tokens = self._model_input(f"{field}.model_input", datum.model_input)
         given = set(datum.loss_fn_inputs)
         expected = spec.all_inputs()
         if unknown := sorted(given - set(expected)):
@@ -249,7 +333,31 @@ class RequestParser:
             array = self._decode(key_field, datum.loss_fn_inputs[key])
             inputs[key] = self._loss_input(key_field, expected[key], array, len(tokens))
         self._check_shapes_agree(field, inputs)
+        provenance = self._provenance(field, spec, datum, tokens, inputs["target_tokens"], spans)
+        if spec.needs_provenance:
+            inputs |= provenance.loss_inputs()
         return ops.DatumArrays(tokens, inputs)
+
+    @staticmethod
+    def _provenance(
+        field: str,
+        spec: LossSpec,
+        datum: training_pb2.Datum,
+        tokens: np.ndarray,
+        targets: np.ndarray,
+        spans: SpanChecker,
+    ) -> DatumProvenance | None:
+        """The datum's spans, checked for any loss; required by the losses that use them."""
+        try:
+            provenance = spans.check(field, datum, tokens, targets)
+        except SpanError as error:
+            raise invalid(str(error)) from error
+        if provenance is None and spec.needs_provenance:
+            raise invalid(
+                f"{field}: {spec.name} needs provenance (model_input_spans and loss_fn_input_spans): build the "
+                "datum with Datum.with_provenance from sequences sampled with record_stability_info=True"
+            )
+        return provenance
 
     def _loss_input(self, field: str, kind: str, array: np.ndarray, length: int) -> np.ndarray:
         if kind == "int":
@@ -309,7 +417,14 @@ class RequestParser:
     # -- sampler snapshots and sampling ----------------------------------------------
 
     def _save(
-        self, kind: str, model_id: str, checkpoint_type: CheckpointType, name: str, ttl: int | None, overwrite: bool
+        self,
+        kind: str,
+        model_id: str,
+        checkpoint_type: CheckpointType,
+        name: str,
+        ttl: int | None,
+        overwrite: bool,
+        user_metadata: dict[str, str],
     ) -> ParsedRequest:
         if not _NAME_PATTERN.match(name):
             raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
@@ -324,7 +439,20 @@ class RequestParser:
             operation: ops.Operation = ops.SaveState(str(path), directory)
         else:
             operation = ops.SaveForSampler(str(path), directory)
-        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), checkpoint=path, ttl_seconds=ttl)
+        item = ops.WorkItem("", model_id, operation)
+        return ParsedRequest(model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata)
+
+    def sampler_source(self, request: service_pb2.CreateSamplerRequest) -> tuple[str, str]:
+        """(base model, model path) of a sampler to register; raises RequestError."""
+        self._session("create_sampler.session_id", request.session_id)
+        source = request.WhichOneof("weights")
+        if source is None:
+            raise invalid("create_sampler: set one of model_path or base_model")
+        if source == "base_model":
+            self._check_base_model("create_sampler.base_model", request.base_model)
+            return request.base_model, ""
+        path, run = self._checkpoint_source("create_sampler.model_path", request.model_path, training_only=False)
+        return run.base_model, str(path)
 
     def _sample(self, request: sampling_pb2.SampleRequest) -> ParsedRequest:
         source = request.WhichOneof("weights")
@@ -336,15 +464,12 @@ class RequestParser:
         else:
             path, _ = self._checkpoint_source("sample.model_path", request.model_path, training_only=False)
             adapter, adapter_dir = str(path), str(self._runs.directory(path))
-        prompt = self._tokens("sample.prompt.tokens", request.prompt.tokens, self._model.max_context_length)
+        prompt = self._model_input("sample.prompt", request.prompt)
         if not 1 <= request.num_samples <= self._limits.max_num_samples:
             raise invalid(f"sample.num_samples: {request.num_samples}; expected 1..{self._limits.max_num_samples}")
         params = self._sampling_params(request.sampling_params, len(prompt))
-        if not 0 <= request.topk_prompt_logprobs <= self._limits.max_topk_prompt_logprobs:
-            raise invalid(
-                f"sample.topk_prompt_logprobs: {request.topk_prompt_logprobs}; "
-                f"expected 0..{self._limits.max_topk_prompt_logprobs}"
-            )
+        vocab_size = self._model.vocab_size
+        targets = request.target_prompt_logprobs if request.HasField("target_prompt_logprobs") else None
         operation = ops.Sample(
             adapter,
             adapter_dir,
@@ -352,9 +477,51 @@ class RequestParser:
             request.num_samples,
             params,
             request.include_prompt_logprobs,
-            min(request.topk_prompt_logprobs, self._model.vocab_size),
+            min(self._per_position_k("sample.topk_prompt_logprobs", request.topk_prompt_logprobs), vocab_size),
+            topk_sample_logprobs=min(
+                self._per_position_k("sample.topk_sample_logprobs", request.topk_sample_logprobs), vocab_size
+            ),
+            target_prompt_logprobs=None if targets is None else self._prompt_targets(targets, len(prompt)),
+            prompt_alt_tokens_k=self._per_position_k("sample.prompt_alt_tokens_k", request.prompt_alt_tokens_k),
+            prompt_logprobs_last_n=self._prompt_logprobs_last_n(request, len(prompt)),
         )
-        return ParsedRequest(f"sampler:{source}:{adapter or request.base_model}", ops.WorkItem("", "", operation))
+        return ParsedRequest(
+            f"sampler:{source}:{adapter or request.base_model}",
+            ops.WorkItem("", "", operation),
+            record_stability_info=request.record_stability_info,
+        )
+
+    def _per_position_k(self, field: str, k: int) -> int:
+        """A count of tokens asked for at every position (top k, draws): 0 (off) up to the limit."""
+        limit = self._limits.max_topk_prompt_logprobs
+        if not 0 <= k <= limit:
+            raise invalid(f"{field}: {k}; expected 0..{limit}")
+        return k
+
+    def _prompt_targets(self, tensor: tensor_pb2.TensorData, prompt_length: int) -> np.ndarray:
+        """target_prompt_logprobs: int64 [P-1, K] token ids, -1 where nothing is asked."""
+        field, limit = "sample.target_prompt_logprobs", self._limits.max_topk_prompt_logprobs
+        targets = self._decode(field, tensor)
+        if targets.dtype.kind != "i":
+            raise invalid(f"{field}: dtype {targets.dtype.name}; expected int32 or int64")
+        if targets.ndim != 2 or targets.shape[0] != prompt_length - 1 or not 1 <= targets.shape[1] <= limit:
+            raise invalid(
+                f"{field}: shape {list(targets.shape)}; expected [{prompt_length - 1}, K] (the prompt length "
+                f"minus 1) with 1 <= K <= {limit}"
+            )
+        self._check_token_range(field, targets[targets != -1])
+        return targets.astype(np.int64)
+
+    @staticmethod
+    def _prompt_logprobs_last_n(request: sampling_pb2.SampleRequest, prompt_length: int) -> int | None:
+        if not request.HasField("prompt_logprobs_last_n"):
+            return None
+        field, last_n = "sample.prompt_logprobs_last_n", request.prompt_logprobs_last_n
+        if not (request.include_prompt_logprobs or request.topk_prompt_logprobs):
+            raise invalid(f"{field}: needs include_prompt_logprobs or topk_prompt_logprobs")
+        if not 1 <= last_n < prompt_length:
+            raise invalid(f"{field}: {last_n}; expected 1..{prompt_length - 1} (below the prompt length)")
+        return last_n
 
     def _sampling_params(self, params: sampling_pb2.SamplingParams, prompt_length: int) -> ops.SamplingConfig:
         room = self._model.max_context_length - prompt_length
@@ -386,3 +553,11 @@ class RequestParser:
 
 def new_model_id() -> str:
     return f"run-{secrets.token_hex(8)}"
+
+
+def check_no_access_token(field: str, token: str) -> None:
+    if token:
+        raise invalid(
+            f"{field}: this server has no cross-account access tokens; the checkpoint's owner can publish it "
+            "(SetCheckpointPublic), which makes it readable by every API key"
+        )

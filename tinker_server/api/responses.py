@@ -51,21 +51,31 @@ def _forward_backward(payload: ops.ForwardBackwardResult) -> training_pb2.Forwar
 
 
 def _sample(payload: ops.SampleResult) -> sampling_pb2.SampleResult:
-    result = sampling_pb2.SampleResult(
-        sequences=[
-            sampling_pb2.SampledSequence(
-                stop_reason=sampling_pb2.STOP_REASON_STOP if sequence.stopped else sampling_pb2.STOP_REASON_LENGTH,
-                tokens=encode_array(sequence.tokens),
-                logprobs=encode_array(sequence.logprobs),
-                sampling_logprobs=encode_array(sequence.sampling_logprobs),
-            )
-            for sequence in payload.sequences
-        ]
-    )
+    # prompt_cache_hit_tokens stays 0: there is no prefix cache, so no prompt token is served from one.
+    result = sampling_pb2.SampleResult(sequences=[_sequence(sequence) for sequence in payload.sequences])
     prompt = payload.prompt
     if prompt is not None:
         result.prompt_logprobs.CopyFrom(encode_array(prompt.logprobs))
         if prompt.topk_tokens is not None:
             result.topk_prompt_tokens.CopyFrom(encode_array(prompt.topk_tokens))
             result.topk_prompt_logprobs.CopyFrom(encode_array(prompt.topk_logprobs))
+    if payload.target_prompt_logprobs is not None:
+        result.target_prompt_logprobs.CopyFrom(encode_array(payload.target_prompt_logprobs))
+    if payload.prompt_alt_tokens is not None:
+        result.prompt_alt_tokens.CopyFrom(encode_array(payload.prompt_alt_tokens))
+        result.prompt_alt_logprobs.CopyFrom(encode_array(payload.prompt_alt_logprobs))
     return result
+
+
+def _sequence(sequence: ops.SequenceArrays) -> sampling_pb2.SampledSequence:
+    encoded = sampling_pb2.SampledSequence(
+        sequence_id=sequence.sequence_id,
+        stop_reason=sampling_pb2.STOP_REASON_STOP if sequence.stopped else sampling_pb2.STOP_REASON_LENGTH,
+        tokens=encode_array(sequence.tokens),
+        logprobs=encode_array(sequence.logprobs),
+        sampling_logprobs=encode_array(sequence.sampling_logprobs),
+    )
+    if sequence.topk_tokens is not None:
+        encoded.topk_tokens.CopyFrom(encode_array(sequence.topk_tokens))
+        encoded.topk_logprobs.CopyFrom(encode_array(sequence.topk_logprobs))
+    return encoded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tarfile
 import tempfile
 import time
@@ -19,7 +20,7 @@ from tinker_server.api.requests import LORA_ALPHA, ParsedRequest, RequestError, 
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import Checkpoint, CheckpointPath, TrainingRun
+from tinker_server.store import Checkpoint, CheckpointPath, Session, TrainingRun
 
 ARCHIVE_CHUNK_BYTES = 1 << 20
 _IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -33,20 +34,47 @@ def checkpoint_message(checkpoint: Checkpoint) -> runs_pb2.Checkpoint:
         time=checkpoint.created_at,
         tinker_path=str(checkpoint.path),
         size_bytes=checkpoint.size_bytes,
+        public=checkpoint.public,
+        user_metadata=checkpoint.user_metadata,
     )
     if checkpoint.expires_at is not None:
         message.expires_at = checkpoint.expires_at
     return message
 
 
+def lora_settings(run: TrainingRun) -> runs_pb2.LoraSettings:
+    lora = run.lora
+    return runs_pb2.LoraSettings(
+        rank=lora.rank, train_mlp=lora.train_mlp, train_attn=lora.train_attn, train_unembed=lora.train_unembed
+    )
+
+
+def _page(request: runs_pb2.ListTrainingRunsRequest | runs_pb2.ListSessionsRequest, default: int) -> tuple[int, int]:
+    """(limit, offset) of a listing request; raises RequestError."""
+    limit = request.limit or default
+    if not 1 <= limit <= 1000 or request.offset < 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"limit {request.limit} / offset {request.offset}: need 1..1000 / >= 0"
+        )
+    return limit, request.offset
+
+
 class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
+    """Owners see their own runs, checkpoints, sessions and samplers; a published checkpoint
+    (and the run that holds it) is readable by every key, never writable by another."""
+
     def __init__(self, served: ServedModel, runs: Runs, dispatcher: Dispatcher) -> None:
         self._served = served
         self._runs = runs
         self._dispatcher = dispatcher
 
-    def _run_message(self, run: TrainingRun) -> runs_pb2.TrainingRun:
+    def _visible_checkpoints(self, run: TrainingRun) -> list[Checkpoint]:
         checkpoints = self._runs.store.checkpoints(run.model_id)
+        owned = run.owner == current_owner.get()
+        return [checkpoint for checkpoint in checkpoints if owned or checkpoint.public]
+
+    def _run_message(self, run: TrainingRun) -> runs_pb2.TrainingRun:
+        checkpoints = self._visible_checkpoints(run)
         message = runs_pb2.TrainingRun(
             training_run_id=run.model_id,
             base_model=run.base_model,
@@ -56,6 +84,9 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             last_request_time=run.last_request_time,
             user_metadata=run.user_metadata,
             size_bytes=sum(checkpoint.size_bytes for checkpoint in checkpoints),
+            session_id=run.session_id,
+            project_id=run.project_id,
+            lora=lora_settings(run),
         )
         for checkpoint in checkpoints:  # oldest first: the last of each kind wins
             field = (
@@ -66,31 +97,36 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             field.CopyFrom(checkpoint_message(checkpoint))
         return message
 
-    async def _run_or_abort(self, model_id: str, context: grpc.aio.ServicerContext) -> TrainingRun:
-        run = self._runs.owned_run(model_id, current_owner.get())
-        if run is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"training_run_id {model_id!r}: no such training run")
-        return run
+    def _run(self, model_id: str, readable: bool = False) -> TrainingRun:
+        """The caller's run (or, when `readable`, one with a published checkpoint); else NOT_FOUND."""
+        run = self._runs.store.run(model_id)
+        if run is not None and (run.owner == current_owner.get() or (readable and self._visible_checkpoints(run))):
+            return run
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"training_run_id {model_id!r}: no such training run")
 
-    async def _checkpoint_or_abort(self, text: str, context: grpc.aio.ServicerContext) -> CheckpointPath:
+    def _checkpoint(self, text: str, writable: bool = False) -> tuple[CheckpointPath, Checkpoint, TrainingRun]:
+        """A checkpoint the caller may read (theirs, or published) or, when `writable`, change."""
         try:
             path = CheckpointPath.parse(text)
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tinker_path: {error}")
-        if self._runs.owned_run(path.model_id, current_owner.get()) is None or self._runs.checkpoint(path) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"tinker_path: no checkpoint {text}")
-        return path
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"tinker_path: {error}") from error
+        found = self._runs.readable_checkpoint(path, current_owner.get())
+        if found is None or (writable and found[1].owner != current_owner.get()):
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"tinker_path: no checkpoint {text}")
+        return path, *found
+
+    def _session(self, session_id: str) -> Session:
+        session = self._runs.store.session(session_id)
+        if session is None or session.owner != current_owner.get():
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r}: no such session")
+        return session
 
     async def ListTrainingRuns(
         self, request: runs_pb2.ListTrainingRunsRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.ListTrainingRunsResponse:
-        limit = request.limit or 20
-        if not 1 <= limit <= 1000 or request.offset < 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"limit {request.limit} / offset {request.offset}: need 1..1000 / >= 0",
-            )
-        runs, total = self._runs.store.runs(current_owner.get(), limit, request.offset)
+        limit, offset = _page(request, 20)
+        accessible = request.access_scope == runs_pb2.ACCESS_SCOPE_ACCESSIBLE
+        runs, total = self._runs.store.runs(current_owner.get(), limit, offset, accessible, request.project_id)
         return runs_pb2.ListTrainingRunsResponse(
             training_runs=[self._run_message(run) for run in runs], total_count=total
         )
@@ -98,42 +134,148 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     async def GetTrainingRun(
         self, request: runs_pb2.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.GetTrainingRunResponse:
-        run = await self._run_or_abort(request.training_run_id, context)
+        accessible = request.access_scope == runs_pb2.ACCESS_SCOPE_ACCESSIBLE
+        run = self._run(request.training_run_id, readable=accessible)
         return runs_pb2.GetTrainingRunResponse(training_run=self._run_message(run))
 
     async def ListCheckpoints(
         self, request: runs_pb2.ListCheckpointsRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.ListCheckpointsResponse:
-        run = await self._run_or_abort(request.training_run_id, context)
-        checkpoints = self._runs.store.checkpoints(run.model_id)
+        run = self._run(request.training_run_id, readable=True)
+        checkpoints = self._visible_checkpoints(run)
         return runs_pb2.ListCheckpointsResponse(checkpoints=[checkpoint_message(c) for c in checkpoints])
+
+    async def ListUserCheckpoints(
+        self, request: runs_pb2.ListUserCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.ListUserCheckpointsResponse:
+        limit, offset = _page(request, 100)
+        checkpoints, total = self._runs.store.owner_checkpoints(current_owner.get(), limit, offset)
+        return runs_pb2.ListUserCheckpointsResponse(
+            checkpoints=[checkpoint_message(checkpoint) for checkpoint in checkpoints], total_count=total
+        )
+
+    async def GetWeightsInfo(
+        self, request: runs_pb2.GetWeightsInfoRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.GetWeightsInfoResponse:
+        _, _, run = self._checkpoint(request.tinker_path)
+        return runs_pb2.GetWeightsInfoResponse(
+            base_model=run.base_model, is_lora=True, lora=lora_settings(run), optimizer_type=run.optimizer
+        )
 
     async def DeleteCheckpoint(
         self, request: runs_pb2.DeleteCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.DeleteCheckpointResponse:
-        path = await self._checkpoint_or_abort(request.tinker_path, context)
-        await self._delete(path, context)
+        path, _, _ = self._checkpoint(request.tinker_path, writable=True)
+        await self._dispatcher.delete_checkpoint(path)
         return runs_pb2.DeleteCheckpointResponse()
 
     async def DeleteRunCheckpoints(
         self, request: runs_pb2.DeleteRunCheckpointsRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.DeleteRunCheckpointsResponse:
-        run = await self._run_or_abort(request.training_run_id, context)
+        run = self._run(request.training_run_id)
         checkpoints = self._runs.store.checkpoints(run.model_id)
         for checkpoint in checkpoints:
-            await self._delete(checkpoint.path, context)
+            await self._dispatcher.delete_checkpoint(checkpoint.path)
         return runs_pb2.DeleteRunCheckpointsResponse(deleted=len(checkpoints))
 
-    async def _delete(self, path: CheckpointPath, context: grpc.aio.ServicerContext) -> None:
-        try:
-            await self._dispatcher.delete_checkpoint(path)
-        except RequestError as error:
-            await context.abort(error.code, str(error))
+    async def SetCheckpointPublic(
+        self, request: runs_pb2.SetCheckpointPublicRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.SetCheckpointPublicResponse:
+        path, _, _ = self._checkpoint(request.tinker_path, writable=True)
+        self._runs.store.set_checkpoint_public(path, request.public)
+        return runs_pb2.SetCheckpointPublicResponse()
+
+    async def SetCheckpointTtl(
+        self, request: runs_pb2.SetCheckpointTtlRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.SetCheckpointTtlResponse:
+        path, _, _ = self._checkpoint(request.tinker_path, writable=True)
+        expires_at = None
+        if request.HasField("ttl_seconds"):
+            if request.ttl_seconds < 1:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"ttl_seconds: {request.ttl_seconds}; must be >= 1 (leave it unset to keep the checkpoint)",
+                )
+            expires_at = time.time() + request.ttl_seconds
+        self._runs.store.set_checkpoint_expiry(path, expires_at)
+        return runs_pb2.SetCheckpointTtlResponse()
+
+    async def CopyCheckpoint(
+        self, request: runs_pb2.CopyCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.CopyCheckpointResponse:
+        """The copy lives in a new run of the caller's that holds only it (continue training
+        from it with create_training_client_from_state)."""
+        path, _, source = self._checkpoint(request.tinker_path)
+        if request.HasField("ttl_seconds") and request.ttl_seconds < 1:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds: {request.ttl_seconds}; must be >= 1")
+        now = time.time()
+        copy = CheckpointPath(new_model_id(), path.checkpoint_type, path.name)
+        run = TrainingRun(
+            copy.model_id,
+            current_owner.get(),
+            source.base_model,
+            source.lora,
+            {"copied_from": str(path)},
+            project_id=request.project_id,
+            optimizer=source.optimizer,
+        )
+        await asyncio.to_thread(shutil.copytree, self._runs.directory(path), self._runs.directory(copy))
+        self._runs.store.add_run(run)
+        expires_at = now + request.ttl_seconds if request.HasField("ttl_seconds") else None
+        size = await asyncio.to_thread(_directory_bytes, self._runs.directory(copy))
+        self._runs.store.put_checkpoint(Checkpoint(copy, now, size, expires_at))
+        return runs_pb2.CopyCheckpointResponse(tinker_path=str(copy))
+
+    # -- sessions and samplers -------------------------------------------------------
+
+    async def GetSession(
+        self, request: runs_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.GetSessionResponse:
+        session = self._session(request.session_id)
+        store = self._runs.store
+        return runs_pb2.GetSessionResponse(
+            training_run_ids=store.session_runs(session.session_id),
+            sampler_ids=store.session_samplers(session.session_id),
+            user_metadata=session.user_metadata,
+            display_name=session.display_name,
+            project_id=session.project_id,
+            created_at=session.created_at,
+            status=session.status,
+        )
+
+    async def ListSessions(
+        self, request: runs_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.ListSessionsResponse:
+        limit, offset = _page(request, 20)
+        session_ids, total = self._runs.store.sessions(current_owner.get(), limit, offset)
+        return runs_pb2.ListSessionsResponse(session_ids=session_ids, total_count=total)
+
+    async def AssignSessionProject(
+        self, request: runs_pb2.AssignSessionProjectRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.AssignSessionProjectResponse:
+        session = self._session(request.session_id)
+        self._runs.store.assign_session_project(session.session_id, request.project_id)
+        return runs_pb2.AssignSessionProjectResponse()
+
+    async def GetSampler(
+        self, request: runs_pb2.GetSamplerRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.GetSamplerResponse:
+        sampler = self._runs.store.sampler(request.sampler_id)
+        if sampler is None or sampler.owner != current_owner.get():
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"sampler_id {request.sampler_id!r}: no such sampler")
+        return runs_pb2.GetSamplerResponse(
+            sampler_id=sampler.sampler_id, base_model=sampler.base_model, model_path=sampler.model_path
+        )
+
+    async def Whoami(
+        self, request: runs_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.WhoamiResponse:
+        return runs_pb2.WhoamiResponse(owner=current_owner.get())
 
     async def DownloadCheckpointArchive(
         self, request: runs_pb2.DownloadCheckpointArchiveRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[runs_pb2.DownloadCheckpointArchiveResponse]:
-        path = await self._checkpoint_or_abort(request.tinker_path, context)
+        path, _, _ = self._checkpoint(request.tinker_path)
         with tempfile.TemporaryFile() as archive:
             total = await asyncio.to_thread(_write_tar, self._runs.directory(path), archive)
             archive.seek(0)
@@ -171,6 +313,10 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         size = sum(len(content) for content in request.files.values())
         self._runs.store.put_checkpoint(Checkpoint(path, time.time(), size, None))
         return runs_pb2.ImportPeftAdapterResponse(model_id=model_id, path=str(path))
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(file.stat().st_size for file in directory.iterdir())
 
 
 def _write_tar(directory: Path, archive) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -21,8 +23,10 @@ from tinker_server.api.responses import error_result
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
+from tinker_server.store import Sampler, Session
 
 log = logging.getLogger(__name__)
+SESSION_STATUSES = ("success", "errored", "interrupted")
 
 
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
@@ -207,6 +211,58 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 train_unembed=lora.train_unembed,
             ),
             lora_alpha=lora.alpha,
+            optimizer=training_pb2.OptimizerConfig(type=run.optimizer),
+        )
+
+    async def CreateSession(
+        self, request: service_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.CreateSessionResponse:
+        session_id = f"session-{secrets.token_hex(8)}"
+        self._runs.store.add_session(
+            Session(
+                session_id,
+                current_owner.get(),
+                time.time(),
+                request.project_id,
+                request.display_name,
+                dict(request.user_metadata),
+            )
+        )
+        return service_pb2.CreateSessionResponse(session_id=session_id)
+
+    async def CloseSession(
+        self, request: service_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.CloseSessionResponse:
+        session = self._runs.store.session(request.session_id)
+        if session is None or session.owner != current_owner.get():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"session_id {request.session_id!r}: no such session")
+        if request.status not in SESSION_STATUSES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"status {request.status!r}; expected one of {SESSION_STATUSES}"
+            )
+        self._runs.store.close_session(request.session_id, request.status, request.detail)
+        return service_pb2.CloseSessionResponse()
+
+    async def CreateSampler(
+        self, request: service_pb2.CreateSamplerRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.CreateSamplerResponse:
+        await self._served.wait()
+        try:
+            base_model, model_path = self._parser.sampler_source(request)
+        except RequestError as error:
+            await context.abort(error.code, str(error))
+        sampler = Sampler(
+            f"sampler-{secrets.token_hex(8)}",
+            current_owner.get(),
+            request.session_id,
+            base_model,
+            model_path,
+            request.record_stability_info,
+            time.time(),
+        )
+        self._runs.store.add_sampler(sampler)
+        return service_pb2.CreateSamplerResponse(
+            sampler_id=sampler.sampler_id, base_model=base_model, model_path=model_path
         )
 
     async def GetTokenizer(

@@ -35,11 +35,14 @@ from tinker_server.worker.lora import (
     init_lora_pairs,
     wrap_linear_layers,
 )
-from tinker_server.worker.losses import LOSS_FUNCTIONS
+from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
 from tinker_server.worker.models import LoadedModel, tokenizer_files
 from tinker_server.worker.sampling import SampleRow, generate
 
 log = logging.getLogger(__name__)
+
+DatumOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+"""One datum's target logprobs and per-token loss (detached), and the loss inputs it used."""
 
 
 class OperationError(Exception):
@@ -222,18 +225,16 @@ class Engine:
             for item_index, item in enumerate(items)
             for datum_index, datum in enumerate(item.operation.data)
         ]
-        outputs: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [
-            [None] * len(item.operation.data) for item in items
-        ]
+        outputs: list[list[DatumOutput | None]] = [[None] * len(item.operation.data) for item in items]
         for bucket in length_buckets([len(datum.tokens) for _, _, datum in rows]):
             self._forward_bucket(items, [rows[row] for row in bucket], outputs)
-        return [self._forward_result(item_outputs) for item_outputs in outputs]
+        return [self._forward_result(item.operation, output) for item, output in zip(items, outputs, strict=True)]
 
     def _forward_bucket(
         self,
         items: list[ops.WorkItem],
         rows: list[tuple[int, int, ops.DatumArrays]],
-        outputs: list[list[tuple[torch.Tensor, torch.Tensor] | None]],
+        outputs: list[list[DatumOutput | None]],
     ) -> None:
         """One padded pass; backward right away, so each bucket's graph is freed before the next."""
         rows = sorted(rows, key=lambda row: items[row[0]].model_id)  # contiguous rows per adapter
@@ -253,7 +254,7 @@ class Engine:
                 inputs = {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()}
                 logprobs = self._target_logprobs(logits[row], log_normalizer[row], inputs.pop("target_tokens"))
                 loss = LOSS_FUNCTIONS[operation.loss_fn](logprobs, inputs, operation.loss_fn_config)
-                outputs[item_index][datum_index] = (logprobs.detach(), loss.detach())
+                outputs[item_index][datum_index] = (logprobs.detach(), loss.detach(), inputs)
                 if operation.backward:
                     to_backward.append(loss.sum())
         if to_backward:
@@ -268,16 +269,19 @@ class Engine:
         return picked.reshape(targets.shape)
 
     @staticmethod
-    def _forward_result(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> ops.ForwardBackwardResult:
+    def _forward_result(operation: ops.ForwardBackward, outputs: list[DatumOutput]) -> ops.ForwardBackwardResult:
         loss_fn_outputs = [
             {
-                "logprobs": logprobs.detach().cpu().numpy().astype(np.float32),
-                "elementwise_loss": loss.detach().cpu().numpy().astype(np.float32),
+                "logprobs": logprobs.cpu().numpy().astype(np.float32),
+                "elementwise_loss": loss.cpu().numpy().astype(np.float32),
             }
-            for logprobs, loss in outputs
+            for logprobs, loss, _ in outputs
         ]
-        loss_sum = float(sum(float(loss.detach().sum()) for _, loss in outputs))
-        return ops.ForwardBackwardResult(loss_fn_outputs, {"loss:sum": loss_sum})
+        metrics = {"loss:sum": float(sum(float(loss.sum()) for _, loss, _ in outputs))}
+        if (loss_metrics := LOSS_METRICS.get(operation.loss_fn)) is not None:
+            logprobs, inputs = [output[0] for output in outputs], [output[2] for output in outputs]
+            metrics |= loss_metrics(logprobs, inputs, operation.loss_fn_config)
+        return ops.ForwardBackwardResult(loss_fn_outputs, metrics)
 
     # -- optimizer -------------------------------------------------------------------
 

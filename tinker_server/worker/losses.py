@@ -1,7 +1,8 @@
 """Built-in losses, one short function each, as the Tinker docs define them.
 
 Each takes one datum's per-token target logprobs [N] (with gradient), its loss inputs
-and the loss config, and returns the per-token loss [N]; a datum's loss is the sum.
+and the loss config, and returns the per-token loss [N]; a datum's loss is the sum. A loss
+may also report metrics over a batch (LOSS_METRICS).
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tinker_server.loss_specs import RECORDED_LOGPROBS, SAMPLED_MASK
+
 Inputs = dict[str, Tensor]
 Config = dict[str, float]
 LossFn = Callable[[Tensor, Inputs, Config], Tensor]
+MetricsFn = Callable[[list[Tensor], list[Inputs], Config], dict[str, float]]
+"""A batch's per-datum target logprobs, loss inputs and the config -> metrics."""
 
 
 def cross_entropy(logprobs: Tensor, inputs: Inputs, config: Config) -> Tensor:
@@ -57,6 +62,35 @@ def gspo(logprobs: Tensor, inputs: Inputs, config: Config) -> Tensor:
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
+def truncated_importance_weight(logprobs: Tensor, sampler_logprobs: Tensor, config: Config) -> Tensor:
+    """min(exp(p - q), max_importance_weight), detached: it scales the gradient, it does not get one."""
+    return torch.exp(logprobs - sampler_logprobs).clamp(max=config["max_importance_weight"]).detach()
+
+
+def stable_reinforce(logprobs: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    """Off-policy REINFORCE with truncated importance weights, against the sampler's recorded
+    logprobs q (never the client's copy), plus a quadratic pull towards the sampler:
+    -w * advantage * p + kl_coeff * (p - q)^2 / 2 at sampled positions; prompt positions give 0."""
+    sampler_logprobs = inputs[RECORDED_LOGPROBS]
+    weight = truncated_importance_weight(logprobs, sampler_logprobs, config)
+    penalty = 0.5 * (logprobs - sampler_logprobs) ** 2
+    return (-weight * inputs["advantages"] * logprobs + config["kl_coeff"] * penalty) * inputs[SAMPLED_MASK]
+
+
+def importance_weight_metrics(logprobs: list[Tensor], inputs: list[Inputs], config: Config) -> dict[str, float]:
+    """Mean and max of stable_reinforce's importance weights over the batch's sampled positions."""
+    weights = torch.cat(
+        [
+            truncated_importance_weight(datum_logprobs, datum[RECORDED_LOGPROBS], config)[datum[SAMPLED_MASK] > 0]
+            for datum_logprobs, datum in zip(logprobs, inputs, strict=True)
+        ]
+    )
+    if weights.numel() == 0:
+        return {}
+    return {"importance_weight:mean": float(weights.mean()), "importance_weight:max": float(weights.max())}
+
+
 LOSS_FUNCTIONS: dict[str, LossFn] = {
-    fn.__name__: fn for fn in (cross_entropy, importance_sampling, ppo, cispo, dro, gspo)
+    fn.__name__: fn for fn in (cross_entropy, importance_sampling, ppo, cispo, dro, gspo, stable_reinforce)
 }
+LOSS_METRICS: dict[str, MetricsFn] = {"stable_reinforce": importance_weight_metrics}

@@ -27,14 +27,21 @@ class SampleRow:
     sampling_logprobs: list[float] = field(default_factory=list)
     stopped: bool = False
     finished: bool = False
+    topk_tokens: list[torch.Tensor] = field(default_factory=list)
+    """[k] per generated position, when the request asked for topk_sample_logprobs."""
+    topk_logprobs: list[torch.Tensor] = field(default_factory=list)
 
 
-def row_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:
-    """One independent stream per sample, derived from the request's seed."""
+PROMPT_DRAWS_STREAM = (0, 1)
+"""The random stream of a request's prompt_alt_tokens draws: a two-word key, so never a sample's."""
+
+
+def seeded_generator(seed: int | None, stream: tuple[int, ...], device: torch.device) -> torch.Generator:
+    """One independent random stream per use, derived from the request's seed: sample i uses (i,)."""
     if seed is None:
         state = secrets.randbits(63)
     else:
-        state = int(np.random.SeedSequence(seed, spawn_key=(sample_index,)).generate_state(1, np.uint64)[0])
+        state = int(np.random.SeedSequence(seed, spawn_key=stream).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state & ((1 << 63) - 1))
 
 
@@ -93,9 +100,9 @@ def generate(
         attention_mask[index, prompt_width - len(prompt) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [row_generator(row.request.params.seed, row.sample_index, device) for row in rows]
+    generators = [seeded_generator(row.request.params.seed, (row.sample_index,), device) for row in rows]
     stops = [_StopChecker(row.request.params, tokenizer.eos_token_id, tokenizer) for row in rows]
-    want_prompt_logprobs = any(request.include_prompt_logprobs or request.topk_prompt_logprobs for request in requests)
+    want_prompt_scores = any(_scores_prompt(request) for request in requests)
 
     cache = DynamicCache(config=model.config)
     with routing.route(segments):
@@ -105,9 +112,9 @@ def generate(
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=0 if want_prompt_logprobs else 1,
+            logits_to_keep=0 if want_prompt_scores else 1,
         )
-        prompt_logprobs = _prompt_logprobs(out.logits, input_ids, rows, prompt_width) if want_prompt_logprobs else {}
+        scored = _score_prompts(out.logits, input_ids, rows, prompt_width) if want_prompt_scores else {}
         logits = out.logits[:, -1].float()
         while True:
             next_tokens = _choose_tokens(logits, rows, generators, stops)
@@ -124,17 +131,24 @@ def generate(
             )
             logits = out.logits[:, -1].float()
 
-    results = [ops.SampleResult([], prompt_logprobs.get(index)) for index in range(len(requests))]
+    results = [scored.get(index, ops.SampleResult([])) for index in range(len(requests))]
     for row in sorted(rows, key=lambda row: (row.request_index, row.sample_index)):
-        results[row.request_index].sequences.append(
-            ops.SequenceArrays(
-                tokens=np.asarray(row.tokens, dtype=np.int32),
-                logprobs=np.asarray(row.logprobs, dtype=np.float32),
-                sampling_logprobs=np.asarray(row.sampling_logprobs, dtype=np.float32),
-                stopped=row.stopped,
-            )
-        )
+        results[row.request_index].sequences.append(_sequence_arrays(row))
     return results
+
+
+def _sequence_arrays(row: SampleRow) -> ops.SequenceArrays:
+    sequence = ops.SequenceArrays(
+        sequence_id=f"seq-{secrets.token_hex(12)}",
+        tokens=np.asarray(row.tokens, dtype=np.int32),
+        logprobs=np.asarray(row.logprobs, dtype=np.float32),
+        sampling_logprobs=np.asarray(row.sampling_logprobs, dtype=np.float32),
+        stopped=row.stopped,
+    )
+    if row.topk_tokens:
+        sequence.topk_tokens = torch.stack(row.topk_tokens).cpu().numpy().astype(np.int32)
+        sequence.topk_logprobs = torch.stack(row.topk_logprobs).cpu().numpy().astype(np.float32)
+    return sequence
 
 
 def _choose_tokens(
@@ -160,6 +174,10 @@ def _choose_tokens(
         row.tokens.append(token)
         row.logprobs.append(float(model_logprobs[index, token]))
         row.sampling_logprobs.append(sampling_logprob)
+        if k := row.request.topk_sample_logprobs:
+            values, tokens = torch.topk(model_logprobs[index], k)
+            row.topk_tokens.append(tokens)
+            row.topk_logprobs.append(values)
         next_tokens[index] = token
         if stops[index].hit(row.tokens):
             row.stopped = row.finished = True
@@ -168,23 +186,76 @@ def _choose_tokens(
     return next_tokens
 
 
-def _prompt_logprobs(
+def _scores_prompt(request: ops.Sample) -> bool:
+    return bool(
+        request.include_prompt_logprobs
+        or request.topk_prompt_logprobs
+        or request.target_prompt_logprobs is not None
+        or request.prompt_alt_tokens_k
+    )
+
+
+def _score_prompts(
     logits: torch.Tensor, input_ids: torch.Tensor, rows: list[SampleRow], width: int
-) -> dict[int, ops.PromptLogprobs]:
-    """Per request that asked: log p(prompt[i] | prompt[:i]) (NaN at i = 0), and the top k."""
-    found: dict[int, ops.PromptLogprobs] = {}
+) -> dict[int, ops.SampleResult]:
+    """Per request with a prompt option: a result holding what it asked about its prompt (no sequences yet)."""
+    scored: dict[int, ops.SampleResult] = {}
     for index, row in enumerate(rows):
         request = row.request
-        if not (request.include_prompt_logprobs or request.topk_prompt_logprobs) or row.request_index in found:
+        if row.request_index in scored or not _scores_prompt(request):
             continue
         start = width - len(request.prompt)
-        row_logprobs = torch.log_softmax(logits[index, start : width - 1].float(), dim=-1)  # [P-1, V]
-        targets = input_ids[index, start + 1 : width]
-        picked = row_logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().numpy()
-        prompt = ops.PromptLogprobs(np.concatenate([[np.nan], picked]).astype(np.float32), None, None)
-        if k := request.topk_prompt_logprobs:
-            values, tokens = torch.topk(row_logprobs, k, dim=-1)
-            prompt.topk_tokens = np.concatenate([np.full((1, k), -1), tokens.cpu().numpy()]).astype(np.int32)
-            prompt.topk_logprobs = np.concatenate([np.full((1, k), np.nan), values.cpu().numpy()]).astype(np.float32)
-        found[row.request_index] = prompt
-    return found
+        row_logits = logits[index, start : width - 1].float()  # [P-1, V]: row i predicts prompt[i + 1]
+        row_logprobs = torch.log_softmax(row_logits, dim=-1)
+        result = ops.SampleResult([])
+        if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+            result.prompt = _prompt_logprobs(row_logprobs, input_ids[index, start + 1 : width], request)
+        if request.target_prompt_logprobs is not None:
+            result.target_prompt_logprobs = _target_logprobs(row_logprobs, request.target_prompt_logprobs)
+        if request.prompt_alt_tokens_k:
+            result.prompt_alt_tokens, result.prompt_alt_logprobs = _draw_alternatives(row_logits, row_logprobs, request)
+        scored[row.request_index] = result
+    return scored
+
+
+def _prompt_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, request: ops.Sample) -> ops.PromptLogprobs:
+    """log p(prompt[i] | prompt[:i]) and the top k, for the last N positions (all but the first
+    by default); the positions before them are NaN / -1."""
+    scored = request.prompt_logprobs_last_n or len(targets)
+    unscored = len(targets) + 1 - scored
+    tail = logprobs[len(targets) - scored :]
+    picked = tail.gather(-1, targets[-scored:, None]).squeeze(-1)
+    prompt = ops.PromptLogprobs(_after_fill(np.nan, unscored, picked).astype(np.float32), None, None)
+    if k := request.topk_prompt_logprobs:
+        values, tokens = torch.topk(tail, k, dim=-1)
+        prompt.topk_tokens = _after_fill(-1, unscored, tokens).astype(np.int32)
+        prompt.topk_logprobs = _after_fill(np.nan, unscored, values).astype(np.float32)
+    return prompt
+
+
+def _after_fill(fill: float, count: int, values: torch.Tensor) -> np.ndarray:
+    """`count` rows of `fill`, then `values`."""
+    return np.concatenate([np.full((count, *values.shape[1:]), fill), values.cpu().numpy()])
+
+
+def _target_logprobs(logprobs: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """The log-probability of each requested id at its prompt position; 0 where the request has -1."""
+    ids = torch.tensor(targets, device=logprobs.device)
+    picked = logprobs.gather(-1, ids.clamp(min=0))
+    return torch.where(ids >= 0, picked, 0.0).cpu().numpy().astype(np.float32)
+
+
+def _draw_alternatives(
+    logits: torch.Tensor, logprobs: torch.Tensor, request: ops.Sample
+) -> tuple[np.ndarray, np.ndarray]:
+    """k independent draws per prompt position at the request's temperature (all the argmax at 0),
+    and the model's own log-probability of each: int32 and float32 [P-1, k]."""
+    k, temperature = request.prompt_alt_tokens_k, request.params.temperature
+    if temperature == 0:
+        tokens = logprobs.argmax(dim=-1, keepdim=True).expand(-1, k)
+    else:
+        generator = seeded_generator(request.params.seed, PROMPT_DRAWS_STREAM, logits.device)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        tokens = torch.multinomial(probs, k, replacement=True, generator=generator)
+    picked = logprobs.gather(-1, tokens)
+    return tokens.cpu().numpy().astype(np.int32), picked.cpu().numpy().astype(np.float32)
