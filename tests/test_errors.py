@@ -34,3 +34,14 @@ def test_status_codes_map_to_typed_errors(code, error_type):
 def test_server_errors_and_connection_errors_are_distinct_families():
     assert issubclass(errors.BadRequestError, errors.APIStatusError)
     assert not issubclass(errors.APIConnectionError, errors.APIStatusError)
+
+
+def test_errors_carry_tinkers_attributes_and_an_acked_failure_is_a_request_failed_error():
+    rejected = errors.error_for_status(grpc.StatusCode.NOT_FOUND.value[0], "no such run", request_id="r1")
+    assert rejected.status_code == 404 and rejected.body == {"code": "NOT_FOUND", "message": "no such run"}
+    assert not isinstance(rejected, errors.RequestFailedError)
+    failed = errors.error_for_status(grpc.StatusCode.INTERNAL.value[0], "worker died", "r2", acked=True)
+    assert isinstance(failed, errors.InternalServerError) and isinstance(failed, errors.RequestFailedError)
+    assert failed.category == errors.RequestErrorCategory.Server and failed.request_id == "r2"
+    user = errors.error_for_status(grpc.StatusCode.INVALID_ARGUMENT.value[0], "bad", "r3", acked=True)
+    assert user.category == errors.RequestErrorCategory.User and type(user).__name__ == "BadRequestError"

@@ -22,6 +22,13 @@ SOURCE = os.environ.get("PACKAGING_TEST_REPO", str(ROOT))
 # every installed file (transformers has thousands) would be most of the installs' time, and is not under test.
 ENV = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"}, "PIP_COMPILE": "0"}
 
+ALIAS_SCRIPT = """
+import subprocess
+import sys
+import tinker
+print(tinker.__name__)
+subprocess.run([sys.executable, "-c", "import tinker; print(tinker.__name__)"], check=True)
+"""
 CLIENT_SCRIPT = """
 import importlib.resources, sys
 import tinker_client
@@ -102,6 +109,10 @@ def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_ins
     loss = run(python, "-c", CLIENT_SCRIPT, server.address, cwd=workdir).stdout
     assert float(loss) > 0
     assert "usage: tinker-grpc" in run(venv / "bin" / "tinker-grpc", "--help", cwd=workdir).stdout
+    # Unchanged tinker code runs on the installed wheel, in spawned processes too.
+    (workdir / "uses_tinker.py").write_text(ALIAS_SCRIPT)
+    aliased = run(python, "-m", "tinker_client.as_tinker", workdir / "uses_tinker.py", cwd=workdir).stdout
+    assert aliased.split() == ["tinker_client", "tinker_client"]
 
     installing = run(*pip, "install", "-v", fresh_clone(workdir, "for-install"), cwd=workdir)
     assert "Successfully installed tinker-grpc" in installing.stdout

@@ -59,3 +59,50 @@ def test_model_input_keeps_numpy_tokens_as_arrays():
     assert model_input.chunks[0].tokens is tokens  # no per-token Python objects
     assert model_input.to_numpy().dtype == np.int64 and model_input.to_ints() == [0, 1, 2, 3, 4, 9]
     assert model_input.length == 6
+
+
+def test_a_sparse_tensor_round_trips_through_csr_and_only_when_that_is_smaller():
+    dense = torch.zeros(4, 50)
+    dense[1, 7], dense[3, 0] = 2.5, -1.0
+    sparse = types.TensorData.from_torch_sparse(dense)
+    assert sparse.is_sparse and sparse.sparse_crow_indices == [0, 0, 1, 1, 2] and sparse.sparse_col_indices == [7, 0]
+    assert torch.equal(sparse.to_torch(), dense)
+    padded = types.TensorData.from_torch_sparse(torch.full((2, 30), -1, dtype=torch.int64), pad_value=-1)
+    assert padded.is_sparse and padded.to_numpy(pad_value=-1).tolist() == [[-1] * 30] * 2
+    assert not types.TensorData.from_torch_sparse(torch.ones(2, 3)).is_sparse  # denser as it is
+
+
+def test_with_provenance_checks_that_the_spans_tile_their_fields():
+    datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3, 4]})
+    spans = [
+        types.PromptProvenanceSpan(sequence_id="s", length=2),
+        types.SampledProvenanceSpan(sequence_id="s", length=1),
+    ]
+    tagged = datum.with_provenance(model_input=spans, loss_fn_inputs=spans)
+    assert tagged.model_input_spans == spans and datum.model_input_spans is None
+    with pytest.raises(ValueError, match="cover 2 positions but the field has 3"):
+        datum.with_provenance(model_input=spans[:1], loss_fn_inputs=spans)
+    with pytest.raises(ValueError, match="non-empty"):
+        types.SampledProvenanceSpan(sequence_id="", length=1)
+    with pytest.raises(ValueError, match="pair"):
+        types.Datum(model_input=datum.model_input, model_input_spans=spans)
+
+
+def test_sampled_sequences_read_as_lists_and_top_k_pairs():
+    topk = types.TopkLogprobs(
+        np.array([[5, 6], [7, 0]], np.int32), np.array([[-0.1, -2.0], [-0.5, -99999.0]], np.float32)
+    )
+    sequence = types.SampledSequence(
+        "stop", "seq-1", np.array([5, 7], np.int32), np.array([-0.1, -0.5], np.float32), topk
+    )
+    assert sequence.tokens == [5, 7] and sequence.logprobs == pytest.approx([-0.1, -0.5])
+    assert sequence.topk_logprobs == [[(5, pytest.approx(-0.1)), (6, -2.0)], [(7, -0.5)]]
+    response = types.SampleResponse([sequence], prompt_logprobs_np=np.array([np.nan, -1.5], np.float32))
+    assert response.prompt_logprobs == [None, -1.5] and response.prompt_cache_hit_tokens == 0
+
+
+def test_model_input_with_an_image_has_a_length_but_no_token_list():
+    image = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[1]), types.ImageChunk(b"png", "png", 16)])
+    assert image.length == 17
+    with pytest.raises(ValueError, match="EncodedTextChunk"):
+        image.to_ints()
