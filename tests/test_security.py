@@ -201,3 +201,41 @@ def test_the_adapter_limit_is_enforced_and_reported(tmp_path):
         with pytest.raises(RateLimitError, match="holds 2 training runs, its limit"):
             service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
         service.close()
+
+
+def test_a_published_checkpoint_is_readable_by_another_key_and_never_writable(keyed_server, tmp_path):
+    alice = ServiceClient(base_url=keyed_server, api_key="alice-key")
+    bob = ServiceClient(base_url=keyed_server, api_key="bob-key")
+    training = alice.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
+    state = training.save_state("shared").result().path
+    alice_rest, bob_rest = alice.create_rest_client(), bob.create_rest_client()
+    with pytest.raises(NotFoundError):
+        bob.create_training_client_from_state(state).result()
+    alice_rest.publish_checkpoint_from_tinker_path(state).result()
+
+    # Readable: loaded into a run of bob's, described, listed as accessible, downloaded, copied.
+    expected = training.forward(DATA, "cross_entropy").result().metrics["loss:sum"]
+    bobs_run = bob.create_training_client_from_state(state).result()
+    assert bobs_run.forward(DATA, "cross_entropy").result().metrics["loss:sum"] == expected
+    assert bob_rest.get_weights_info_by_tinker_path(state).result().lora_rank == 4
+    accessible = bob_rest.list_training_runs(access_scope="accessible").result().training_runs
+    assert training.model_id in [run.training_run_id for run in accessible]
+    assert training.model_id not in [
+        run.training_run_id for run in bob_rest.list_training_runs().result().training_runs
+    ]
+    assert bob_rest.download_checkpoint_archive_from_tinker_path(state, tmp_path / "shared.tar").result().stat().st_size
+    copy = bob_rest.copy_weights(state).result()
+    assert bob_rest.get_training_run_by_tinker_path(copy).result().model_owner == "bob"
+
+    # Never writable: bob cannot unpublish, time out or delete it.
+    for attempt in (
+        lambda: bob_rest.unpublish_checkpoint_from_tinker_path(state).result(),
+        lambda: bob_rest.set_checkpoint_ttl_from_tinker_path(state, 60).result(),
+        lambda: bob_rest.delete_checkpoint_from_tinker_path(state).result(),
+    ):
+        with pytest.raises(NotFoundError):
+            attempt()
+    assert alice_rest.list_checkpoints(training.model_id).result().checkpoints[0].public
+    alice_rest.unpublish_checkpoint_from_tinker_path(state).result()
+    with pytest.raises(NotFoundError):
+        bob_rest.get_weights_info_by_tinker_path(state).result()
