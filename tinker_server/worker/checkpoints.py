@@ -94,10 +94,9 @@ def read_adapter(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{key}: {found}; this base model needs {list(shape)} (rank {rank})",
                 )
-        dtype = base.weight.dtype
-        pairs[path] = LoraPair(
-            A=torch.nn.Parameter(a.to(device=device, dtype=dtype)),
-            B=torch.nn.Parameter(b.to(device=device, dtype=dtype)),
+        pairs[path] = LoraPair(  # adapters are float32 whatever the base model's dtype
+            A=torch.nn.Parameter(a.to(device=device, dtype=torch.float32)),
+            B=torch.nn.Parameter(b.to(device=device, dtype=torch.float32)),
             scaling=alpha / rank,
         )
     if unknown := sorted(set(tensors) - expected_keys):

@@ -4,6 +4,8 @@ peft's mixed-adapter batches are inference-only, so training many adapters in on
 needs this layer. Rows of a batch are grouped by adapter; `RowRouting` says which rows
 (a contiguous slice each) belong to which adapter, and every wrapped layer reads it.
 The update of adapter a on its rows is  y = W x + (alpha / r) * B_a (A_a x).
+Adapters are float32 whatever the base model's dtype: the update is computed in float32 and
+added to the base layer's output in its dtype.
 """
 
 from __future__ import annotations
@@ -87,26 +89,32 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, ..., in_features]; each segment's rows go through their own adapter."""
         out = self.base(x)
+        delta = self._delta(x, out)
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def _delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """The adapters' update of `out`, in float32; None when no row has an adapter here."""
         pairs = [
             (segment, self.adapters.get(segment.adapter) if segment.adapter is not None else None)
             for segment in self.routing.segments
         ]
         if all(pair is None for _, pair in pairs):
-            return out
+            return None
+        x = x.float()
         if len(pairs) == 1:
-            return out + pairs[0][1].delta(x)
+            return pairs[0][1].delta(x)
         ranks = {pair.A.shape[0] for _, pair in pairs if pair is not None}
         gathered = x.shape[0] * max(ranks) * (self.base.in_features + self.base.out_features)
         if all(pair is not None for _, pair in pairs) and len(ranks) == 1 and gathered <= GATHER_BUDGET:
-            return out + self._gathered_delta(x, pairs)
+            return self._gathered_delta(x, pairs)
         # Mixed ranks, or rows without this layer: one delta per segment, joined once.
         deltas = [
             pair.delta(x[segment.start : segment.stop])
             if pair
-            else out.new_zeros(out[segment.start : segment.stop].shape)
+            else x.new_zeros(out[segment.start : segment.stop].shape)
             for segment, pair in pairs
         ]
-        return out + torch.cat(deltas)
+        return torch.cat(deltas)
 
     def _gathered_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
         """All rows through their own adapters in two batched matmuls, however many adapters:
@@ -188,9 +196,9 @@ def init_lora_pairs(layers: dict[str, MultiLoRALinear], spec: LoraSpec) -> dict[
         if layer.kind not in kinds:
             continue
         base = layer.base
-        a = torch.empty(spec.rank, base.in_features, dtype=base.weight.dtype)
+        a = torch.empty(spec.rank, base.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        b = torch.zeros(base.out_features, spec.rank, dtype=base.weight.dtype)
+        b = torch.zeros(base.out_features, spec.rank, dtype=torch.float32)
         device = base.weight.device
         pairs[path] = LoraPair(
             A=nn.Parameter(a.to(device)), B=nn.Parameter(b.to(device)), scaling=spec.alpha / spec.rank
