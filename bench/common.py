@@ -57,14 +57,22 @@ def peft_trainer(base_model: str | None, rank: int) -> tuple[torch.nn.Module, to
     return model, torch.optim.AdamW(params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps)
 
 
-def torch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list[types.Datum]) -> float:
-    """One forward_backward (weighted cross-entropy over one padded batch) + AdamW step."""
-    tokens = torch.tensor(np.stack([datum.model_input.to_ints() for datum in data]))
-    targets = torch.tensor(np.stack([datum.loss_fn_inputs["target_tokens"].to_numpy() for datum in data]))
-    weights = torch.tensor(np.stack([datum.loss_fn_inputs["weights"].to_numpy() for datum in data]))
+def torch_loss(model: torch.nn.Module, data: list[types.Datum]) -> torch.Tensor:
+    """Weighted cross-entropy over one padded batch, the plain way: the batch's whole logits at once."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor(np.stack([datum.model_input.to_ints() for datum in data]), device=device)
+    targets = torch.tensor(
+        np.stack([datum.loss_fn_inputs["target_tokens"].to_numpy() for datum in data]), device=device
+    )
+    weights = torch.tensor(np.stack([datum.loss_fn_inputs["weights"].to_numpy() for datum in data]), device=device)
     logits = model(input_ids=tokens).logits.float()
     logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    loss = -(logprobs * weights).sum()
+    return -(logprobs * weights).sum()
+
+
+def torch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list[types.Datum]) -> float:
+    """One forward_backward (weighted cross-entropy over one padded batch) + AdamW step."""
+    loss = torch_loss(model, data)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import latency, load, sampling, training, wire
+from bench import latency, load, memory, sampling, training, wire
 
 
 def main() -> None:
@@ -14,6 +14,7 @@ def main() -> None:
     latency.main(extra)
     wire.main([])
     sampling.main(extra)
+    memory.main(extra)
     load.main(extra)
 
 

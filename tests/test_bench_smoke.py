@@ -45,3 +45,12 @@ def test_load_benchmark_counts_every_result_once():
 
     (result,) = load.run(None, clients=2, seconds=1.0, rows=1, length=8)["results"]
     assert result["errors"] == 0 and result["steps_completed"] > 0 and result["every_ack_got_one_result"]
+
+
+def test_memory_benchmark_measures_both_systems_in_their_own_processes():
+    from bench import memory
+
+    (row,) = memory.run([(2, 16)], hidden=64, layers=1, vocab=512, rank=2, repeats=1)["results"]
+    assert row["engine_peak_mb"] > 0 and row["peft_peak_mb"] > 0
+    assert row["memory_ratio"] == pytest.approx(row["engine_peak_mb"] / row["peft_peak_mb"], rel=0.05)
+    assert row["speed_ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["peft_tokens_per_s"], rel=0.05)

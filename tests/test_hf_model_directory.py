@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from server_process import running_server
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tinker_client import ServiceClient, types
 from tinker_server.worker.models import byte_tokenizer
 
-from .helpers import ragged_batch, reference_logprobs
+from .architectures import save_model
+from .helpers import ragged_batch, reference_logprobs, sampler_dir
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,32 @@ def test_a_directory_without_a_model_fails_at_start_with_the_reason(tmp_path: Pa
         running_server(tmp_path / "data", ["--base-model", str(tmp_path)], startup_timeout=60),
     ):
         pass
+
+
+def test_a_mixture_of_experts_model_trains_its_experts_with_train_mlp_alone(tmp_path: Path):
+    directory = save_model("qwen3_moe", tmp_path / "tiny-qwen3-moe")
+    data = ragged_batch(seed=7, lengths=[9, 5])
+    with running_server(tmp_path / "data", ["--base-model", str(directory)]) as address:
+        service = ServiceClient(base_url=address)
+        training = service.create_lora_training_client(
+            str(directory), rank=4, seed=0, train_mlp=True, train_attn=False, train_unembed=False
+        ).result()
+        trained = training.get_info().trained_modules
+        assert trained == [
+            f"model.layers.{layer}.mlp.experts.{name}" for layer in (0, 1) for name in ("down_proj", "gate_up_proj")
+        ]
+        losses = []
+        for _ in range(6):
+            losses.append(training.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
+            training.optim_step(types.AdamParams(learning_rate=1e-2))
+        after = training.forward(data, "cross_entropy").result()
+        sampler_path = training.save_weights_for_sampler("experts").result().path
+        service.close()
+    assert losses[-1] < 0.9 * losses[0]
+    adapter = sampler_dir(tmp_path / "data", sampler_path)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(directory), str(adapter))
+    with torch.no_grad():
+        for output, datum in zip(after.loss_fn_outputs, data, strict=True):
+            np.testing.assert_allclose(
+                output["logprobs"].to_numpy(), reference_logprobs(reference, datum).numpy(), atol=1e-4
+            )

@@ -81,12 +81,15 @@ class _LoopThread:
             return
 
         async def cancel_everything() -> None:
-            for connection in list(self.connections):
-                await connection.aclose()
+            # Tasks first (streams, requests' readers, reconnects), then the channels.
             tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(
+                *(connection.aclose() for connection in list(self.connections)), return_exceptions=True
+            )
+            await self.loop.shutdown_asyncgens()
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_everything(), self.loop).result(timeout)
@@ -342,9 +345,12 @@ class Connection:
 
         self._call = call = self.stub.Session(requests(), metadata=self.metadata)
         self._outgoing = outgoing
-        self._pump()
-        async for response in call:
-            self._dispatch(response)
+        try:
+            self._pump()
+            async for response in call:
+                self._dispatch(response)
+        finally:
+            outgoing.put_nowait(None)  # gRPC's reader of this stream's requests ends with it
 
     def _dispatch(self, response: service_pb2.SessionResponse) -> None:
         pending = self._pending.get(response.request_id)

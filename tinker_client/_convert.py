@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -94,23 +95,33 @@ def forward_backward_input(
     )
 
 
-def chunk_data(data: list[types.Datum], max_request_bytes: int) -> list[list[training_pb2.Datum]]:
-    """Encodes a batch and splits it so each request stays under the server's message cap."""
+def chunk_data(
+    data: list[types.Datum], max_request_bytes: int, max_tokens: float = math.inf
+) -> list[list[training_pb2.Datum]]:
+    """Encodes a batch and splits it so each request stays under the server's message cap and
+    its tokens per request (max_batch_tokens)."""
     chunks: list[list[training_pb2.Datum]] = [[]]
-    size = 0
+    size = tokens = 0
     for index, datum in enumerate(data):
         message = datum_to_proto(datum)
         datum_bytes = message.ByteSize() + 16  # field tag and length prefix, generously
+        datum_tokens = datum.model_input.length
         if datum_bytes > max_request_bytes:
             raise ValueError(
                 f"data[{index}] encodes to {datum_bytes} bytes, more than the server accepts in one "
                 f"message ({max_request_bytes}); shorten it or raise the server's --max-message-bytes"
             )
-        if chunks[-1] and size + datum_bytes > max_request_bytes:
+        if datum_tokens > max_tokens:
+            raise ValueError(
+                f"data[{index}] has {datum_tokens} tokens, more than the server accepts in one request "
+                f"({max_tokens}); shorten it or raise the server's --max-batch-tokens"
+            )
+        if chunks[-1] and (size + datum_bytes > max_request_bytes or tokens + datum_tokens > max_tokens):
             chunks.append([])
-            size = 0
+            size = tokens = 0
         chunks[-1].append(message)
         size += datum_bytes
+        tokens += datum_tokens
     return chunks
 
 
@@ -302,6 +313,7 @@ def info(response: service_pb2.GetInfoResponse) -> types.GetInfoResponse:
         model_name=response.model_name,
         lora_config=lora_config(response.lora_config),
         lora_alpha=response.lora_alpha,
+        trained_modules=list(response.trained_modules),
     )
 
 

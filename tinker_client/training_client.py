@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -75,10 +76,12 @@ class TrainingClient:
     def _forward_requests(
         self, kind: str, data: list[types.Datum], loss_fn: str, loss_fn_config: Mapping[str, float | str] | None
     ) -> list[service_pb2.SessionRequest]:
-        """One request per chunk that fits in a message; the server runs them back to back."""
+        """One request per chunk that fits in a message and in the server's tokens per request;
+        the server runs them back to back."""
+        max_tokens = self._connection.capabilities().result().max_batch_tokens or math.inf  # 0: not reported
         return [
             self._request(**{kind: _convert.forward_backward_input(chunk, loss_fn, loss_fn_config)})
-            for chunk in _convert.chunk_data(data, self._max_request_bytes())
+            for chunk in _convert.chunk_data(data, self._max_request_bytes(), max_tokens)
         ]
 
     def forward(

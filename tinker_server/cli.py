@@ -13,6 +13,7 @@ from tinker_server.api.requests import Limits
 from tinker_server.auth import ApiKeys
 from tinker_server.config import ServerConfig
 from tinker_server.logs import configure_logging
+from tinker_server.ops import WorkerOptions
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
 
@@ -33,6 +34,8 @@ def apply_environment(parser: argparse.ArgumentParser) -> None:
                 action.default = action.type(value) if action.type else value
             except (TypeError, ValueError) as error:
                 parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: {error}")
+            if action.choices is not None and action.default not in action.choices:  # argparse checks only flags
+                parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r}: choose from {', '.join(action.choices)}")
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -51,6 +54,26 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         metavar="NAME",
         help="the name clients use for the base model, e.g. its hub id for code written against it "
         "(default: embedded/tiny-llama, or the --base-model path)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=WorkerOptions.dtype,
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="the base weights' dtype; auto: bfloat16 on a GPU that has it, else float32 (LoRA weights and "
+        "their optimizer state are float32 always)",
+    )
+    parser.add_argument(
+        "--max-tokens-per-pass",
+        type=int,
+        default=WorkerOptions.max_tokens_per_pass,
+        help="padded tokens one forward/backward pass takes; larger batches run as micro-batches whose "
+        "gradients add up (default %(default)s)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer in backward instead of keeping its activations: less memory, "
+        "for one more forward pass of the decoder",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
@@ -122,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    if args.max_tokens_per_pass < 1:
+        parser.error(f"--max-tokens-per-pass: {args.max_tokens_per_pass}; give at least 1")
     try:
         api_keys = ApiKeys.load(args.api_keys_file, os.environ.get("TINKER_API_KEYS"), args.allow_unauthenticated)
     except (OSError, ValueError) as error:
@@ -133,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         base_model=args.base_model,
         served_model_name=args.served_model_name,
         data_dir=args.data_dir,
+        worker=WorkerOptions(args.dtype, args.max_tokens_per_pass, args.activation_checkpointing),
         cycle=args.cycle,
         max_cycle_tokens=args.max_cycle_tokens,
         limits=Limits(

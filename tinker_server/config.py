@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tinker_server.api.requests import Limits
 from tinker_server.auth import ApiKeys
+from tinker_server.ops import WorkerOptions
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 
 
@@ -19,6 +20,8 @@ class ServerConfig:
     served_model_name: str | None = None
     """The name clients use for the base model; None: the embedded model's name, or the directory."""
     data_dir: Path = Path("tinker-data")
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
+    """How the worker runs the base model: dtype, tokens per pass, activation checkpointing."""
     cycle: CyclePolicy = field(default_factory=CyclePolicy)
     max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
     """A cycle's size cap, so one tenant's backlog cannot stall everyone's next cycle."""
@@ -37,9 +40,12 @@ class ServerConfig:
     def describe(self) -> str:
         """Every setting, for the start-up log; API keys appear only as a count of owners."""
         settings = {
-            name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("api_keys", "limits")
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name not in ("api_keys", "limits", "worker")
         }
         settings |= {f"limits.{name}": value for name, value in vars(self.limits).items()}
+        settings |= {f"worker.{name}": value for name, value in vars(self.worker).items()}
         settings["api_keys"] = (
             "open (no auth)" if self.api_keys.open else f"{len(set(self.api_keys.owners.values()))} owner(s)"
         )

@@ -184,6 +184,8 @@ class CreateAdapterResult:
     model_id: str
     lora: LoraSpec
     """The adapter as created (for one loaded from a file: what the file holds)."""
+    trained_modules: tuple[str, ...] = ()
+    """The weights it adapts, by path."""
 
 
 @dataclass
@@ -268,3 +270,25 @@ class ModelInfo:
     max_context_length: int
     eos_token_id: int | None
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+    model_type: str = ""
+    """The Hugging Face model_type, e.g. "qwen3_moe"."""
+    lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The weights each LoRA flag ("attn", "mlp", "unembed") adapts, by path."""
+    lora_unsupported: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Weights a flag covers that this server cannot adapt (the flag is refused)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Every id sampling stops at (unless ignore_eos): the generation config's and the tokenizer's."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How the worker runs its base model (server flags)."""
+
+    dtype: str = "auto"
+    """The base weights' dtype: auto (bfloat16 on a CUDA device that has it, else float32), bfloat16,
+    float16 or float32. LoRA weights and their Adam state are float32 whatever it is."""
+    max_tokens_per_pass: int = 16384
+    """Padded tokens (rows x longest row) one forward/backward pass takes; a bigger batch runs as
+    micro-batches whose gradients add up. A single longer row runs alone."""
+    activation_checkpointing: bool = False
+    """Keep no decoder layer's activations for backward; recompute them (one more forward of the decoder)."""

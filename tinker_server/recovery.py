@@ -15,11 +15,18 @@ log = logging.getLogger(__name__)
 
 
 class SupervisedWorker:
-    def __init__(self, base_model: str | None, runs: Runs, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        base_model: str | None,
+        options: ops.WorkerOptions,
+        runs: Runs,
+        set_serving: Callable[[bool], Awaitable[None]],
+    ) -> None:
         self._base_model = base_model
+        self._options = options
         self._runs = runs
         self._set_serving = set_serving
-        self._worker = WorkerClient(base_model)
+        self._worker = WorkerClient(base_model, options)
         self.restarts = 0
 
     async def start(self) -> ops.ModelInfo:
@@ -39,7 +46,7 @@ class SupervisedWorker:
     async def _restart(self) -> str:
         await self._set_serving(False)  # health: NOT_SERVING until the runs are back
         await self._worker.stop()
-        self._worker = WorkerClient(self._base_model)
+        self._worker = WorkerClient(self._base_model, self._options)
         await self._worker.start()
         self.restarts += 1
         metrics.WORKER_RESTARTS.inc()

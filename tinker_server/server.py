@@ -54,7 +54,7 @@ class TinkerServer:
         self._served = ServedModel()
         self._health = health.aio.HealthServicer()
         await self._set_serving(False)
-        self._worker = SupervisedWorker(config.base_model, runs, self._set_serving)
+        self._worker = SupervisedWorker(config.base_model, config.worker, runs, self._set_serving)
         self._scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         self._runs = runs
         self._dispatcher = Dispatcher(self._scheduler, runs, config.result_retention_seconds)

@@ -101,6 +101,9 @@ MIGRATIONS = [
     );
     CREATE INDEX sampled_sequences_last_used ON sampled_sequences(last_used);
     """,
+    """
+    ALTER TABLE training_runs ADD COLUMN trained_modules TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -147,6 +150,8 @@ class TrainingRun:
     session_id: str = ""
     project_id: str = ""
     optimizer: str = "adamw"
+    trained_modules: list[str] = field(default_factory=list)
+    """The weights its adapter adapts, by path, as the worker built it."""
 
 
 @dataclass
@@ -189,7 +194,7 @@ class Checkpoint:
 
 _RUN_COLUMNS = (
     "model_id, owner, base_model, lora_rank, lora_seed, train_mlp, train_attn, train_unembed, lora_alpha, "
-    "user_metadata, created_at, last_request_time, session_id, project_id, optimizer"
+    "user_metadata, created_at, last_request_time, session_id, project_id, optimizer, trained_modules"
 )
 _CHECKPOINT_COLUMNS = "model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, user_metadata"
 
@@ -236,7 +241,7 @@ class Store:
     def add_run(self, run: TrainingRun) -> None:
         lora = run.lora
         self._db.execute(
-            f"INSERT INTO training_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO training_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.model_id,
                 run.owner,
@@ -253,6 +258,7 @@ class Store:
                 run.session_id,
                 run.project_id,
                 run.optimizer,
+                json.dumps(run.trained_modules),
             ),
         )
 
@@ -290,11 +296,20 @@ class Store:
         )
         return [row[0] for row in rows]
 
-    def set_lora(self, model_id: str, lora: LoraSpec) -> None:
+    def set_lora(self, model_id: str, lora: LoraSpec, trained_modules: list[str]) -> None:
         self._db.execute(
             "UPDATE training_runs SET lora_rank = ?, lora_seed = ?, train_mlp = ?, train_attn = ?, train_unembed = ?,"
-            " lora_alpha = ? WHERE model_id = ?",
-            (lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed, lora.alpha, model_id),
+            " lora_alpha = ?, trained_modules = ? WHERE model_id = ?",
+            (
+                lora.rank,
+                lora.seed,
+                lora.train_mlp,
+                lora.train_attn,
+                lora.train_unembed,
+                lora.alpha,
+                json.dumps(trained_modules),
+                model_id,
+            ),
         )
 
     def touch_run(self, model_id: str, when: float) -> None:
@@ -511,8 +526,11 @@ class RecordedSequence:
 
 def _run_from_row(row: tuple) -> TrainingRun:
     (model_id, owner, base_model, rank, seed, mlp, attn, unembed, alpha, metadata, created, last, *rest) = row
+    *labels, trained_modules = rest
     lora = LoraSpec(rank, seed, bool(mlp), bool(attn), bool(unembed), alpha)
-    return TrainingRun(model_id, owner, base_model, lora, json.loads(metadata), created, last, *rest)
+    return TrainingRun(
+        model_id, owner, base_model, lora, json.loads(metadata), created, last, *labels, json.loads(trained_modules)
+    )
 
 
 def _checkpoint_from_row(row: tuple) -> Checkpoint:

@@ -164,6 +164,8 @@ class GetInfoResponse:
     """The adapter's configuration; its seed is the one the server used."""
     lora_alpha: float | None = None
     """LoRA scaling numerator: the update is (lora_alpha / rank) * B @ A."""
+    trained_modules: list[str] | None = None
+    """Exactly the weights the adapter adapts, by module path (fused experts: "<module>.<parameter>")."""
 
 
 def no_console() -> str:

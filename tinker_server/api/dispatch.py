@@ -99,7 +99,7 @@ class Dispatcher:
             return
         payload = outcome.result
         if isinstance(payload, ops.CreateAdapterResult):
-            self._runs.store.set_lora(payload.model_id, payload.lora)
+            self._runs.store.set_lora(payload.model_id, payload.lora, list(payload.trained_modules))
         if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
             expires = None if parsed.ttl_seconds is None else now + parsed.ttl_seconds
             metadata = parsed.checkpoint_metadata or {}

@@ -177,6 +177,21 @@ class RequestParser:
             raise invalid(f"{field}.type: {config.type!r} is not implemented by this server; it trains with 'adamw'")
         return "adamw"
 
+    def _check_lora_flags(self, field: str, lora: training_pb2.LoraConfig) -> None:
+        """Every flag set is honoured in full on this architecture, or refused naming what it misses."""
+        model = self._model
+        for kind, flag in (("attn", "train_attn"), ("mlp", "train_mlp"), ("unembed", "train_unembed")):
+            if not getattr(lora, flag):
+                continue
+            if unsupported := model.lora_unsupported.get(kind):
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{field}.{flag}: {model.model_type or model.arch} has weights this flag covers that this server "
+                    f"cannot adapt: {', '.join(unsupported[:3])}; set {flag}=False to train the rest",
+                )
+            if not model.lora_targets.get(kind):
+                raise invalid(f"{field}.{flag}: {model.model_type or model.arch} has no {kind} weights to adapt")
+
     def _create_model(self, request: training_pb2.CreateModelRequest) -> ParsedRequest:
         self._check_base_model("create_model.base_model", request.base_model)
         optimizer = self._optimizer("create_model.optimizer", request.optimizer)
@@ -188,6 +203,7 @@ class RequestParser:
             )
         if not (lora.train_mlp or lora.train_attn or lora.train_unembed):
             raise invalid("create_model.lora_config: at least one of train_mlp, train_attn, train_unembed must be true")
+        self._check_lora_flags("create_model.lora_config", lora)
         seed = lora.seed if lora.HasField("seed") else secrets.randbits(31)
         spec = ops.LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed, LORA_ALPHA)
         run = self._new_run("create_model", request, request.base_model, spec, optimizer)

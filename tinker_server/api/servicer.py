@@ -212,6 +212,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             ),
             lora_alpha=lora.alpha,
             optimizer=training_pb2.OptimizerConfig(type=run.optimizer),
+            trained_modules=run.trained_modules,
         )
 
     async def CreateSession(

@@ -2,12 +2,16 @@
 
 peft's format (adapter_config.json + adapter_model.safetensors, keys
 `base_model.model.<module path>.lora_A.weight`) means a saved adapter loads in peft, vLLM
-or anything else that reads peft adapters, with no merge. Nothing here is pickled.
+or anything else that reads peft adapters, with no merge. Fused expert weights are saved as
+peft's `target_parameters` saves them: A [experts * r, in], B [out, r * experts], under the
+experts module's path with one `.base_layer` per wrapper peft nests around it. Nothing here
+is pickled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -16,7 +20,8 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from tinker_server import ops
-from tinker_server.worker.lora import ATTN, MLP, UNEMBED, LoraPair, MultiLoRALinear
+from tinker_server.worker.lora import ExpertSite, LoraPair, LoraSite
+from tinker_server.worker.targets import ATTN, MLP, UNEMBED
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,22 +41,70 @@ def _key(path: str, matrix: str) -> str:
     return f"{_PREFIX}{path}.lora_{matrix}.weight"
 
 
-def write_adapter(directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str) -> None:
+def _peft_key(sites: dict[str, LoraSite], path: str, matrix: str) -> str:
+    """Where peft keeps a site's A or B: for an expert weight, under its experts module, inside
+    one `.base_layer` per parameter peft wraps after it (it wraps them in declaration order)."""
+    site = sites[path]
+    if not isinstance(site, ExpertSite):
+        return _key(path, matrix)
+    module = path.rsplit(".", 1)[0]
+    siblings = [other for other in sites if isinstance(sites[other], ExpertSite) and other.rsplit(".", 1)[0] == module]
+    depth = len(siblings) - 1 - siblings.index(path)
+    return _key(module + ".base_layer" * depth, matrix)
+
+
+def _to_peft(site: LoraSite, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [E, r, in] -> [E * r, in] and B [E, out, r] -> [out, r * E] (rank-major, as peft reads it)."""
+    if not site.experts:
+        return a, b
+    return a.reshape(-1, a.shape[-1]), b.permute(1, 2, 0).reshape(b.shape[1], -1)
+
+
+def _peft_shapes(site: LoraSite, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    experts = max(site.experts, 1)
+    return (experts * rank, site.in_features), (site.out_features, rank * experts)
+
+
+def _from_peft(site: LoraSite, a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not site.experts:
+        return a, b
+    return a.reshape(site.experts, rank, -1), b.reshape(b.shape[0], rank, site.experts).permute(2, 0, 1)
+
+
+def _peft_targets(sites: dict[str, LoraSite], adapted: set[str]) -> dict[str, object]:
+    """LoraConfig's target fields naming exactly the adapted sites: module leaf names where
+    those name no other adaptable module (else an exact regex), expert parameters by suffix."""
+    layers = [path for path in sites if not isinstance(sites[path], ExpertSite)]
+    chosen = [path for path in layers if path in adapted]
+    leaves = {path.rsplit(".", 1)[-1] for path in chosen}
+    if any(path.rsplit(".", 1)[-1] in leaves for path in layers if path not in adapted):
+        target_modules: object = "^(" + "|".join(re.escape(path) for path in sorted(chosen)) + ")$"
+    else:
+        target_modules = sorted(leaves) or None
+    experts = sorted({".".join(path.rsplit(".", 2)[-2:]) for path in adapted if isinstance(sites[path], ExpertSite)})
+    conv1d = any(getattr(sites[path], "fan_in_fan_out", False) for path in chosen)
+    return {"target_modules": target_modules, "target_parameters": experts or None, "fan_in_fan_out": conv1d}
+
+
+def write_adapter(
+    directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str, sites: dict[str, LoraSite]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=sorted({path.rsplit(".", 1)[-1] for path in pairs}),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
+        **_peft_targets(sites, set(pairs)),
     )
     config.save_pretrained(str(directory))
     tensors = {}
     for path, pair in pairs.items():
-        tensors[_key(path, "A")] = pair.A.detach().cpu().contiguous()
-        tensors[_key(path, "B")] = pair.B.detach().cpu().contiguous()
+        a, b = _to_peft(sites[path], pair.A.detach().cpu(), pair.B.detach().cpu())
+        tensors[_peft_key(sites, path, "A")] = a.contiguous()
+        tensors[_peft_key(sites, path, "B")] = b.contiguous()
     save_file(tensors, str(directory / ADAPTER_WEIGHTS))
 
 
@@ -66,9 +119,9 @@ def write_optimizer_state(directory: Path, pairs: dict[str, LoraPair], optimizer
 
 
 def read_adapter(
-    directory: Path, layers: dict[str, MultiLoRALinear], device: torch.device
+    directory: Path, sites: dict[str, LoraSite], device: torch.device
 ) -> tuple[ops.LoraSpec, dict[str, LoraPair]]:
-    """Loads a peft adapter, checking every tensor against this base model's layers."""
+    """Loads a peft adapter, checking every tensor against this base model's adaptable weights."""
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise CheckpointError(grpc.StatusCode.NOT_FOUND, f"{directory.name}: no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS}")
@@ -80,23 +133,24 @@ def read_adapter(
         raise CheckpointError(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable adapter: {error}") from error
     pairs: dict[str, LoraPair] = {}
     expected_keys = set()
-    for path, layer in layers.items():
-        a_key, b_key = _key(path, "A"), _key(path, "B")
+    for path, site in sites.items():
+        a_key, b_key = _peft_key(sites, path, "A"), _peft_key(sites, path, "B")
         if a_key not in tensors and b_key not in tensors:
             continue
         expected_keys |= {a_key, b_key}
         a, b = tensors.get(a_key), tensors.get(b_key)
-        base = layer.base
-        for key, tensor, shape in ((a_key, a, (rank, base.in_features)), (b_key, b, (base.out_features, rank))):
+        a_shape, b_shape = _peft_shapes(site, rank)
+        for key, tensor, shape in ((a_key, a, a_shape), (b_key, b, b_shape)):
             if tensor is None or tuple(tensor.shape) != shape:
                 found = "missing" if tensor is None else f"shape {list(tensor.shape)}"
                 raise CheckpointError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{key}: {found}; this base model needs {list(shape)} (rank {rank})",
                 )
+        a, b = _from_peft(site, a, b, rank)
         pairs[path] = LoraPair(  # adapters are float32 whatever the base model's dtype
-            A=torch.nn.Parameter(a.to(device=device, dtype=torch.float32)),
-            B=torch.nn.Parameter(b.to(device=device, dtype=torch.float32)),
+            A=torch.nn.Parameter(a.to(device=device, dtype=torch.float32).contiguous()),
+            B=torch.nn.Parameter(b.to(device=device, dtype=torch.float32).contiguous()),
             scaling=alpha / rank,
         )
     if unknown := sorted(set(tensors) - expected_keys):
@@ -106,7 +160,7 @@ def read_adapter(
         )
     if not pairs:
         raise CheckpointError(grpc.StatusCode.INVALID_ARGUMENT, f"{ADAPTER_WEIGHTS} holds no LoRA weights")
-    kinds = {layers[path].kind for path in pairs}
+    kinds = {sites[path].kind for path in pairs}
     spec = ops.LoraSpec(rank, 0, MLP in kinds, ATTN in kinds, UNEMBED in kinds, alpha)
     return spec, pairs
 

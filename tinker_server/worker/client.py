@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 
 from tinker_server.logs import current_format
-from tinker_server.ops import Cycle, ModelInfo, Outcome
+from tinker_server.ops import Cycle, ModelInfo, Outcome, WorkerOptions
 from tinker_server.worker.main import WorkerStartupError, worker_main
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,13 @@ class WorkerDied(RuntimeError):
 
 
 class WorkerClient:
-    def __init__(self, base_model: str | None) -> None:
+    def __init__(self, base_model: str | None, options: WorkerOptions) -> None:
         self._base_model = base_model
         context = multiprocessing.get_context("spawn")  # never fork a process with gRPC threads
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
             target=worker_main,
-            args=(child_conn, base_model, logging.getLogger().getEffectiveLevel(), current_format()),
+            args=(child_conn, base_model, options, logging.getLogger().getEffectiveLevel(), current_format()),
             name="tinker-worker",
             daemon=True,
         )

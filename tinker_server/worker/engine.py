@@ -33,11 +33,12 @@ from tinker_server.worker.lora import (
     RowRouting,
     contiguous_segments,
     init_lora_pairs,
-    wrap_linear_layers,
 )
 from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
-from tinker_server.worker.models import LoadedModel, tokenizer_files
+from tinker_server.worker.models import LoadedModel, final_hidden_states, tokenizer_files
+from tinker_server.worker.passes import gradients_all_or_nothing, target_logprobs
 from tinker_server.worker.sampling import SampleRow, generate
+from tinker_server.worker.targets import KINDS, wrap_lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,20 @@ def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, device: torch.device) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        max_tokens_per_pass: int = ops.WorkerOptions.max_tokens_per_pass,
+    ) -> None:
         self.loaded = loaded
+        self.max_tokens_per_pass = max_tokens_per_pass
         self.device = device
         self.model = loaded.model.to(device)
         self.model.requires_grad_(False)
         self.routing = RowRouting()
-        self.layers = wrap_linear_layers(self.model, self.routing)
+        self.targets = wrap_lora_targets(self.model, self.routing)
+        self.layers = self.targets.sites
         self.adapters: dict[str, Adapter] = {}
         self.snapshots: set[str] = set()
 
@@ -94,7 +102,11 @@ class Engine:
             vocab_size=int(config.vocab_size),
             max_context_length=self.loaded.max_context_length,
             eos_token_id=self.loaded.tokenizer.eos_token_id,
+            eos_token_ids=self.loaded.eos_token_ids,
             tokenizer_files=tokenizer_files(self.loaded.tokenizer),
+            model_type=getattr(config, "model_type", ""),
+            lora_targets={kind: tuple(self.targets.paths(kind)) for kind in KINDS},
+            lora_unsupported={kind: tuple(found) for kind, found in self.targets.unsupported.items()},
         )
 
     # -- the cycle -------------------------------------------------------------------
@@ -190,14 +202,14 @@ class Engine:
     def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
         operation: ops.CreateAdapter = item.operation
         if operation.source_dir is None:
-            spec, pairs = operation.lora, init_lora_pairs(self.layers, operation.lora)
+            spec, pairs = operation.lora, init_lora_pairs(self.layers, operation.lora, self.device)
         else:
             spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
             spec = dataclasses.replace(spec, seed=operation.lora.seed)
         adapter = self._install(item.model_id, spec, pairs)
         if operation.with_optimizer:
             read_optimizer_state(Path(operation.source_dir), pairs, adapter.optimizer)
-        return ops.CreateAdapterResult(item.model_id, spec)
+        return ops.CreateAdapterResult(item.model_id, spec, tuple(sorted(pairs)))
 
     def _load_state(self, item: ops.WorkItem) -> ops.LoadStateResult:
         operation: ops.LoadState = item.operation
@@ -218,17 +230,29 @@ class Engine:
     # -- forward / backward ----------------------------------------------------------
 
     def _forward_backward(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
-        """Every datum of every item, in length buckets (little padding); within a bucket
-        the rows of all adapters share one pass over the base model."""
+        """Every datum of every item, in length buckets (little padding) of at most
+        max_tokens_per_pass padded tokens; within a bucket the rows of all adapters share one
+        pass over the base model. The phase's gradients land all together or, if anything fails,
+        not at all."""
         rows = [
             (item_index, datum_index, datum)
             for item_index, item in enumerate(items)
             for datum_index, datum in enumerate(item.operation.data)
         ]
         outputs: list[list[DatumOutput | None]] = [[None] * len(item.operation.data) for item in items]
-        for bucket in length_buckets([len(datum.tokens) for _, _, datum in rows]):
-            self._forward_bucket(items, [rows[row] for row in bucket], outputs)
-        return [self._forward_result(item.operation, output) for item, output in zip(items, outputs, strict=True)]
+        with gradients_all_or_nothing(self._adapter_parameters(items, True), self._adapter_parameters(items, False)):
+            for bucket in length_buckets([len(datum.tokens) for _, _, datum in rows], self.max_tokens_per_pass):
+                self._forward_bucket(items, [rows[row] for row in bucket], outputs)
+            return [self._forward_result(item.operation, output) for item, output in zip(items, outputs, strict=True)]
+
+    def _adapter_parameters(self, items: list[ops.WorkItem], backward: bool) -> list[torch.Tensor]:
+        """The parameters of the adapters of the items that do (or do not) train them."""
+        return [
+            param
+            for item in items
+            if item.operation.backward == backward
+            for param in self._adapter(item.model_id).parameters()
+        ]
 
     def _forward_bucket(
         self,
@@ -236,37 +260,44 @@ class Engine:
         rows: list[tuple[int, int, ops.DatumArrays]],
         outputs: list[list[DatumOutput | None]],
     ) -> None:
-        """One padded pass; backward right away, so each bucket's graph is freed before the next."""
+        """One padded pass, its backward right away and with the rows' adapters still routed (the
+        recomputed chunks and layers go through them again); each pass's graph is freed before
+        the next one's."""
         rows = sorted(rows, key=lambda row: items[row[0]].model_id)  # contiguous rows per adapter
         width = max(len(datum.tokens) for _, _, datum in rows)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (_, _, datum) in enumerate(rows):
             input_ids[row, : len(datum.tokens)] = torch.from_numpy(datum.tokens)
+        inputs = [
+            {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()} for *_, datum in rows
+        ]
+        targets = [row_inputs.pop("target_tokens") for row_inputs in inputs]
         segments = contiguous_segments([items[item_index].model_id for item_index, _, _ in rows])
         needs_grad = any(items[item_index].operation.backward for item_index, _, _ in rows)
 
         with torch.set_grad_enabled(needs_grad), self.routing.route(segments):
-            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()  # [B, T, V]
-            log_normalizer = torch.logsumexp(logits, dim=-1)  # [B, T]
+            hidden = final_hidden_states(self.model, input_ids=input_ids.to(self.device), use_cache=False)
+            logprobs = target_logprobs(self.model, hidden, self._padded_targets(targets, width))  # [B, T, K]
             to_backward = []
-            for row, (item_index, datum_index, datum) in enumerate(rows):
+            for row, (item_index, datum_index, _) in enumerate(rows):
                 operation: ops.ForwardBackward = items[item_index].operation
-                inputs = {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()}
-                logprobs = self._target_logprobs(logits[row], log_normalizer[row], inputs.pop("target_tokens"))
-                loss = LOSS_FUNCTIONS[operation.loss_fn](logprobs, inputs, operation.loss_fn_config)
-                outputs[item_index][datum_index] = (logprobs.detach(), loss.detach(), inputs)
+                target = targets[row]
+                row_logprobs = logprobs[row, : target.shape[0], : target[0].numel()].reshape(target.shape)
+                loss = LOSS_FUNCTIONS[operation.loss_fn](row_logprobs, inputs[row], operation.loss_fn_config)
+                outputs[item_index][datum_index] = (row_logprobs.detach(), loss.detach(), inputs[row])
                 if operation.backward:
                     to_backward.append(loss.sum())
-        if to_backward:
-            torch.stack(to_backward).sum().backward()
+            if to_backward:
+                torch.stack(to_backward).sum().backward()
 
-    @staticmethod
-    def _target_logprobs(logits: torch.Tensor, log_normalizer: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[i] | tokens[:i+1]); targets are [N] or [N, K] (top-K form)."""
-        length = targets.shape[0]
-        flat = targets.reshape(length, -1).long()
-        picked = logits[:length].gather(-1, flat) - log_normalizer[:length, None]
-        return picked.reshape(targets.shape)
+    def _padded_targets(self, targets: list[torch.Tensor], width: int) -> torch.Tensor:
+        """Each row's targets, [N] or [N, K] (top-K form), zero-padded into one [B, width, K]."""
+        flat = [target.reshape(target.shape[0], -1).long() for target in targets]
+        shape = (len(flat), width, max(target.shape[1] for target in flat))
+        padded = torch.zeros(shape, dtype=torch.long, device=self.device)
+        for row, target in enumerate(flat):
+            padded[row, : target.shape[0], : target.shape[1]] = target
+        return padded
 
     @staticmethod
     def _forward_result(operation: ops.ForwardBackward, outputs: list[DatumOutput]) -> ops.ForwardBackwardResult:
@@ -315,14 +346,14 @@ class Engine:
         self._register(operation.path, snapshot)
         self.snapshots.add(operation.path)
         directory = Path(operation.directory)
-        write_adapter(directory, adapter.spec, snapshot, self.loaded.name)
+        write_adapter(directory, adapter.spec, snapshot, self.loaded.name, self.layers)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
 
     def _save_state(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveState = item.operation
         directory = Path(operation.directory)
-        write_adapter(directory, adapter.spec, adapter.pairs, self.loaded.name)
+        write_adapter(directory, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
         write_optimizer_state(directory, adapter.pairs, adapter.optimizer)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
 
@@ -357,4 +388,5 @@ class Engine:
             for request_index, request in enumerate(requests)
             for sample_index in range(request.num_samples)
         ]
-        return generate(self.model, self.routing, self.loaded.tokenizer, self.device, requests, rows)
+        loaded = self.loaded
+        return generate(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, rows)

@@ -1,9 +1,11 @@
-"""Multi-LoRA linear layers: one batch, each row through its own adapter.
+"""Multi-LoRA layers: one batch, each row through its own adapter.
 
 peft's mixed-adapter batches are inference-only, so training many adapters in one pass
-needs this layer. Rows of a batch are grouped by adapter; `RowRouting` says which rows
+needs these layers. Rows of a batch are grouped by adapter; `RowRouting` says which rows
 (a contiguous slice each) belong to which adapter, and every wrapped layer reads it.
 The update of adapter a on its rows is  y = W x + (alpha / r) * B_a (A_a x).
+A fused mixture-of-experts layer gets one such update per expert (A_a[e], B_a[e]), applied
+to the tokens routed to expert e, each token with its own row's adapter.
 Adapters are float32 whatever the base model's dtype: the update is computed in float32 and
 added to the base layer's output in its dtype.
 """
@@ -65,22 +67,49 @@ def contiguous_segments(adapters: Sequence[str | None]) -> list[RowSegment]:
 
 @dataclass
 class LoraPair:
-    A: torch.Tensor  # [r, in_features]
-    B: torch.Tensor  # [out_features, r]
+    A: torch.Tensor  # [r, in_features], or [experts, r, in_features]
+    B: torch.Tensor  # [out_features, r], or [experts, out_features, r]
     scaling: float
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x @ self.A.T) * self.scaling) @ self.B.T  # scale the rank-r intermediate: cheaper
+    def delta(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        a, b = (self.A, self.B) if expert is None else (self.A[expert], self.B[expert])
+        return ((x @ a.T) * self.scaling) @ b.T  # scale the rank-r intermediate: cheaper
 
 
-class MultiLoRALinear(nn.Module):
-    """A frozen nn.Linear plus any number of named LoRA pairs, chosen per row."""
+class LoraSite:
+    """A weight that adapters can adapt: its path (in peft's naming), the flag that covers
+    it, its shape, and the adapters attached to it by name."""
 
-    def __init__(self, base: nn.Linear, routing: RowRouting, kind: str) -> None:
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    experts: int = 0
+    """0 for a matrix; E for a fused [E, ...] expert parameter (one LoRA per expert)."""
+    adapters: dict[str, LoraPair]
+
+    def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B for this site."""
+        stack = (self.experts,) if self.experts else ()
+        return (*stack, rank, self.in_features), (*stack, self.out_features, rank)
+
+
+class MultiLoRALinear(nn.Module, LoraSite):
+    """A frozen nn.Linear (or GPT-2's Conv1D, weight [in, out]) plus any number of named LoRA
+    pairs, chosen per row."""
+
+    def __init__(self, base: nn.Module, routing: RowRouting, kind: str, path: str) -> None:
         super().__init__()
         self.base = base
         self.routing = routing
         self.kind = kind
+        self.path = path
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        """GPT-2's Conv1D computes x @ W + b, with W [in, out] (peft's fan_in_fan_out)."""
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         # Not registered as submodules: adapters stay out of the base model's parameters.
         self.adapters: dict[str, LoraPair] = {}
         self._index_generation = -1
@@ -104,7 +133,7 @@ class MultiLoRALinear(nn.Module):
         if len(pairs) == 1:
             return pairs[0][1].delta(x)
         ranks = {pair.A.shape[0] for _, pair in pairs if pair is not None}
-        gathered = x.shape[0] * max(ranks) * (self.base.in_features + self.base.out_features)
+        gathered = x.shape[0] * max(ranks) * (self.in_features + self.out_features)
         if all(pair is not None for _, pair in pairs) and len(ranks) == 1 and gathered <= GATHER_BUDGET:
             return self._gathered_delta(x, pairs)
         # Mixed ranks, or rows without this layer: one delta per segment, joined once.
@@ -145,36 +174,6 @@ class MultiLoRALinear(nn.Module):
         return self._index, self._scaling
 
 
-def layer_kind(module_path: str, model: nn.Module) -> str | None:
-    """Which LoRA flag covers a linear layer: attention, MLP, the unembedding, or none."""
-    if model.get_output_embeddings() is model.get_submodule(module_path):
-        return UNEMBED
-    parent = module_path.rsplit(".", 1)[0].lower() if "." in module_path else ""
-    leaf = parent.rsplit(".", 1)[-1]
-    if "attn" in leaf or "attention" in leaf:
-        return ATTN
-    if "mlp" in leaf or "feed_forward" in leaf or "ffn" in leaf:
-        return MLP
-    return None
-
-
-def wrap_linear_layers(model: nn.Module, routing: RowRouting) -> dict[str, MultiLoRALinear]:
-    """Replaces every attention, MLP and unembedding nn.Linear with a MultiLoRALinear."""
-    targets = [
-        (path, module, kind)
-        for path, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (kind := layer_kind(path, model)) is not None
-    ]
-    wrapped: dict[str, MultiLoRALinear] = {}
-    for path, module, kind in targets:
-        parent_path, _, attribute = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = MultiLoRALinear(module, routing, kind)
-        setattr(parent, attribute, layer)
-        wrapped[path] = layer
-    return wrapped
-
-
 def trained_kinds(spec: LoraSpec) -> set[str]:
     return {
         kind
@@ -183,24 +182,100 @@ def trained_kinds(spec: LoraSpec) -> set[str]:
     }
 
 
-def init_lora_pairs(layers: dict[str, MultiLoRALinear], spec: LoraSpec) -> dict[str, LoraPair]:
-    """peft's default init, seeded: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
+def init_lora_pairs(sites: dict[str, LoraSite], spec: LoraSpec, device: torch.device) -> dict[str, LoraPair]:
+    """peft's default init, seeded: A ~ kaiming_uniform(a=sqrt(5)) (per expert), B = 0.
 
-    Layers are visited in sorted path order so that one seed gives one adapter.
+    Sites are visited in sorted path order so that one seed gives one adapter.
     """
     generator = torch.Generator().manual_seed(spec.seed)
     kinds = trained_kinds(spec)
     pairs: dict[str, LoraPair] = {}
-    for path in sorted(layers):
-        layer = layers[path]
-        if layer.kind not in kinds:
+    for path in sorted(sites):
+        site = sites[path]
+        if site.kind not in kinds:
             continue
-        base = layer.base
-        a = torch.empty(spec.rank, base.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        b = torch.zeros(base.out_features, spec.rank, dtype=torch.float32)
-        device = base.weight.device
+        a_shape, b_shape = site.lora_shapes(spec.rank)
+        a = torch.empty(a_shape, dtype=torch.float32)
+        for matrix in a.reshape(-1, *a_shape[-2:]):  # fan-in of one expert's A, as peft has it
+            nn.init.kaiming_uniform_(matrix, a=math.sqrt(5), generator=generator)
+        b = torch.zeros(b_shape, dtype=torch.float32)
         pairs[path] = LoraPair(
             A=nn.Parameter(a.to(device)), B=nn.Parameter(b.to(device)), scaling=spec.alpha / spec.rank
         )
     return pairs
+
+
+class MultiLoRAExperts(nn.Module):
+    """A fused mixture-of-experts module (transformers' experts protocol: 3-D `gate_up_proj` /
+    `up_proj` and `down_proj`, optional biases, `is_transposed`, `_apply_gate`) whose expert
+    projections take per-expert LoRA updates, each token through its own row's adapter.
+
+    The expert loop mirrors transformers' eager experts forward, with each projection
+    x @ W_e (+ bias_e) followed by the adapters' updates of the tokens that reach expert e.
+    """
+
+    def __init__(self, experts: nn.Module, routing: RowRouting, sites: dict[str, ExpertSite]) -> None:
+        super().__init__()
+        self.experts = experts
+        self.routing = routing
+        self.sites = sites  # by parameter name
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        experts = self.experts
+        adapter_of_token = self._adapter_of_token(hidden_states.shape[0])
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        first = "gate_up_proj" if experts.has_gate else "up_proj"
+        for expert in hit[:, 0].tolist():
+            if expert == experts.num_experts:
+                continue
+            top_k_position, tokens = torch.where(mask[expert])
+            adapters = adapter_of_token[tokens] if adapter_of_token is not None else None
+            hidden = self._project(first, expert, hidden_states[tokens], adapters)
+            hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
+            out = self._project("down_proj", expert, hidden, adapters)
+            out = out * top_k_weights[tokens, top_k_position, None]
+            final.index_add_(0, tokens, out.to(final.dtype))
+        return final
+
+    def _adapter_of_token(self, tokens: int) -> torch.Tensor | None:
+        """Index (into the routing's segments) of each flattened token's row; None without routing."""
+        segments = self.routing.segments
+        if not segments:
+            return None
+        per_row = tokens // segments[-1].stop  # rows are flattened [rows * positions, hidden]
+        lengths = torch.tensor([(segment.stop - segment.start) * per_row for segment in segments])
+        return torch.repeat_interleave(torch.arange(len(segments)), lengths)
+
+    def _project(self, name: str, expert: int, x: torch.Tensor, adapters: torch.Tensor | None) -> torch.Tensor:
+        experts = self.experts
+        weight = getattr(experts, name)[expert]
+        out = x @ weight if experts.is_transposed else nn.functional.linear(x, weight)
+        if experts.has_bias:
+            out = out + getattr(experts, f"{name}_bias")[expert]
+        site = self.sites.get(name)
+        if site is None or adapters is None:
+            return out
+        for index, segment in enumerate(self.routing.segments):
+            pair = site.adapters.get(segment.adapter) if segment.adapter is not None else None
+            rows = (adapters == index).nonzero()[:, 0].to(x.device)
+            if pair is not None and len(rows):
+                update = pair.delta(x[rows].float(), expert).to(out.dtype)
+                out = out.index_add(0, rows, update)
+        return out
+
+
+@dataclass(eq=False)
+class ExpertSite(LoraSite):
+    """One fused expert parameter of a MultiLoRAExperts module."""
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    experts: int
+    adapters: dict[str, LoraPair] = field(default_factory=dict)

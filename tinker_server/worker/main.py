@@ -6,11 +6,15 @@ import logging
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinker_server.logs import configure_logging
-from tinker_server.ops import Cycle
+from tinker_server.ops import Cycle, WorkerOptions
+
+if TYPE_CHECKING:
+    from tinker_server.worker.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -20,22 +24,35 @@ class WorkerStartupError:
     message: str
 
 
-def worker_main(conn: Connection, base_model: str | None, log_level: int, log_format: str) -> None:
+def build_engine(base_model: str | None, options: WorkerOptions, device: torch.device) -> Engine:
+    """The base model in the options' dtype on `device`, checked and ready for adapters."""
+    # Imported here so the parent process never loads torch model code for the worker.
+    from tinker_server.worker.engine import Engine
+    from tinker_server.worker.models import check_output_logits, load_base_model, resolve_dtype
+    from tinker_server.worker.passes import checkpoint_decoder_layers
+
+    loaded = load_base_model(base_model, resolve_dtype(options.dtype, device))
+    if options.activation_checkpointing:
+        checkpoint_decoder_layers(loaded.model)
+    engine = Engine(loaded, device, options.max_tokens_per_pass)
+    check_output_logits(engine.model)
+    return engine
+
+
+def worker_main(
+    conn: Connection, base_model: str | None, options: WorkerOptions, log_level: int, log_format: str
+) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format)
-    # Imported here so the parent process never loads torch model code for the worker.
-    from tinker_server.worker.engine import Engine
-    from tinker_server.worker.models import load_base_model
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        engine = Engine(load_base_model(base_model), device)
+        engine = build_engine(base_model, options, device)
     except Exception as error:  # reported to the server, which exits with the reason
         conn.send(WorkerStartupError(f"{type(error).__name__}: {error}"))
         return
     conn.send(engine.info())
-    logging.getLogger(__name__).info("worker ready on %s", device)
+    logging.getLogger(__name__).info("worker ready on %s, base weights in %s", device, engine.model.dtype)
     while True:
         try:
             message: Cycle | None = conn.recv()

@@ -15,6 +15,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
 from tinker_server.worker.lora import RowRouting, contiguous_segments
+from tinker_server.worker.models import final_hidden_states, output_logits
 
 
 @dataclass
@@ -63,11 +64,11 @@ def sampling_distribution(logits: torch.Tensor, params: ops.SamplingConfig) -> t
 
 class _StopChecker:
     def __init__(
-        self, params: ops.SamplingConfig, eos_token_id: int | None, tokenizer: PreTrainedTokenizerBase
+        self, params: ops.SamplingConfig, eos_token_ids: tuple[int, ...], tokenizer: PreTrainedTokenizerBase
     ) -> None:
         self.token_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and eos_token_id is not None:
-            self.token_ids.add(eos_token_id)
+        if not params.ignore_eos:
+            self.token_ids.update(eos_token_ids)
         self.strings = params.stop_strings
         self.tokenizer = tokenizer
 
@@ -85,10 +86,12 @@ def generate(
     model: PreTrainedModel,
     routing: RowRouting,
     tokenizer: PreTrainedTokenizerBase,
+    eos_token_ids: tuple[int, ...],
     device: torch.device,
     requests: list[ops.Sample],
     rows: list[SampleRow],
 ) -> list[ops.SampleResult]:
+    """Logits come from the same output_logits as training's, so sampled and trained logprobs agree."""
     rows = sorted(rows, key=lambda row: row.request.adapter or "")
     segments = contiguous_segments([row.request.adapter for row in rows])
     prompt_width = max(len(row.request.prompt) for row in rows)
@@ -101,35 +104,38 @@ def generate(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generators = [seeded_generator(row.request.params.seed, (row.sample_index,), device) for row in rows]
-    stops = [_StopChecker(row.request.params, tokenizer.eos_token_id, tokenizer) for row in rows]
+    stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in rows]
     want_prompt_scores = any(_scores_prompt(request) for request in requests)
 
     cache = DynamicCache(config=model.config)
     with routing.route(segments):
-        out = model(
+        hidden = final_hidden_states(
+            model,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            logits_to_keep=0 if want_prompt_scores else 1,
         )
-        scored = _score_prompts(out.logits, input_ids, rows, prompt_width) if want_prompt_scores else {}
-        logits = out.logits[:, -1].float()
+        scored = (
+            _score_prompts(output_logits(model, hidden), input_ids, rows, prompt_width) if want_prompt_scores else {}
+        )
+        logits = output_logits(model, hidden[:, -1:])[:, -1]
         while True:
             next_tokens = _choose_tokens(logits, rows, generators, stops)
             if all(row.finished for row in rows):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
-            out = model(
+            hidden = final_hidden_states(
+                model,
                 input_ids=next_tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
             )
-            logits = out.logits[:, -1].float()
+            logits = output_logits(model, hidden)[:, -1]
 
     results = [scored.get(index, ops.SampleResult([])) for index in range(len(requests))]
     for row in sorted(rows, key=lambda row: (row.request_index, row.sample_index)):
@@ -205,7 +211,7 @@ def _score_prompts(
         if row.request_index in scored or not _scores_prompt(request):
             continue
         start = width - len(request.prompt)
-        row_logits = logits[index, start : width - 1].float()  # [P-1, V]: row i predicts prompt[i + 1]
+        row_logits = logits[index, start : width - 1]  # [P-1, V]: row i predicts prompt[i + 1]
         row_logprobs = torch.log_softmax(row_logits, dim=-1)
         result = ops.SampleResult([])
         if request.include_prompt_logprobs or request.topk_prompt_logprobs:
