@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import latency, load, memory, sampling, training, wire
+from bench import latency, load, memory, rl_loop, sampling, training, wire
 
 
 def main() -> None:
@@ -15,6 +15,7 @@ def main() -> None:
     wire.main([])
     sampling.main(extra)
     memory.main(extra)
+    rl_loop.main(extra)
     load.main(extra)
 
 

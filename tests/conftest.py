@@ -26,9 +26,10 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default server: embedded model, continuous cycles."""
+    """The default server: embedded model, continuous cycles. The whole suite shares its one
+    owner, hence a per-owner run cap above the default."""
     data_dir = tmp_path_factory.mktemp("server")
-    with running_server(data_dir) as address:
+    with running_server(data_dir, ["--max-runs-per-owner", "1024"]) as address:
         yield Server(address, data_dir)
 
 

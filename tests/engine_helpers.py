@@ -26,7 +26,7 @@ def engine_with_adapters(
         assert created.error is None, created.error
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for pair in engine.adapters[name].pairs.values():
+            for pair in engine.residency.run(name).pairs.values():
                 pair.B.copy_(0.05 * torch.randn(pair.B.shape, generator=generator))
     return engine
 
@@ -71,9 +71,12 @@ def forward_backward(
 
 def gradients(engine: Engine) -> dict[str, list[torch.Tensor | None]]:
     """Each adapter's parameters' current gradients (the tensors themselves)."""
-    return {name: [param.grad for param in adapter.parameters()] for name, adapter in engine.adapters.items()}
+    return {
+        name: [param.grad for param in adapter.parameters()]
+        for name, adapter in engine.residency.resident_runs().items()
+    }
 
 
 def clear_gradients(engine: Engine) -> None:
-    for adapter in engine.adapters.values():
+    for adapter in engine.residency.resident_runs().values():
         adapter.optimizer.zero_grad(set_to_none=True)

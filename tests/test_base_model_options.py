@@ -61,7 +61,7 @@ def test_bfloat16_base_weights_train_like_float32_to_bfloat16_precision():
     grads = {dtype: gradients(engine) for dtype, engine in engines.items()}
     adam = ops.AdamConfig(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0)  # moves logprobs by ~2.7
     for engine in engines.values():
-        steps = [ops.WorkItem(name, name, ops.OptimStep(adam)) for name in engine.adapters]
+        steps = [ops.WorkItem(name, name, ops.OptimStep(adam)) for name in engine.residency.resident_runs()]
         assert all(outcome.error is None for outcome in engine.run_cycle(ops.Cycle(2, steps)))
     after = {dtype: forward_backward(engine, data, backward=False) for dtype, engine in engines.items()}
 
@@ -73,7 +73,7 @@ def test_bfloat16_base_weights_train_like_float32_to_bfloat16_precision():
         assert float(error.norm() / flat(expected).norm()) < BFLOAT16_TOLERANCE  # measured: 0.017 and 0.028
     engine = engines[torch.bfloat16]
     assert engine.model.dtype == torch.bfloat16
-    adapter = engine.adapters["a"]
+    adapter = engine.residency.run("a")
     assert {param.dtype for param in adapter.parameters()} == {torch.float32}
     assert {state["exp_avg_sq"].dtype for state in adapter.optimizer.state.values()} == {torch.float32}
 

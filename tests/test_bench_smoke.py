@@ -54,3 +54,11 @@ def test_memory_benchmark_measures_both_systems_in_their_own_processes():
     assert row["engine_peak_mb"] > 0 and row["peft_peak_mb"] > 0
     assert row["memory_ratio"] == pytest.approx(row["engine_peak_mb"] / row["peft_peak_mb"], rel=0.05)
     assert row["speed_ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["peft_tokens_per_s"], rel=0.05)
+
+
+def test_rl_loop_benchmark_reports_growth_and_the_save_ratio():
+    from bench import rl_loop
+
+    (row,) = rl_loop.run(steps=3, warmup=1, rank=4, base_model=None)["results"]
+    assert row["rss_mb"] > 0 and row["resident_adapter_mb"] > 0
+    assert row["save_over_step"] == pytest.approx(row["save_ms"] / row["step_ms"], rel=0.05, abs=0.002)

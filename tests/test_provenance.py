@@ -217,3 +217,19 @@ def test_stable_reinforce_config_is_checked(recorded, options, message):
 def test_text_config_values_are_rejected_for_every_loss(recorded):
     message = recorded.rejection(recorded.datum("cross_entropy"), "cross_entropy", loss_fn_config_strings={"w": "x"})
     assert "forward_backward.loss_fn_config_strings['w']: cross_entropy takes no text values" in message
+
+
+def test_a_datum_naming_an_expired_record_is_told_it_expired(recorded, server):
+    sample = record_sample(recorded.session, PROMPT, num_samples=1, seed=5)
+    expiring = Recorded(recorded.session, recorded.model_id, sample.sequences[0])
+    database = sqlite3.connect(server.data_dir / "tinker.db")
+    with database:  # what the sweep does a day after the record's last use
+        database.execute(
+            "INSERT INTO expired_sequences SELECT sequence_id, owner, 0 FROM sampled_sequences WHERE sequence_id = ?",
+            (expiring.sequence.sequence_id,),
+        )
+        database.execute("DELETE FROM sampled_sequences WHERE sequence_id = ?", (expiring.sequence.sequence_id,))
+    database.close()
+    result = expiring.forward_backward([expiring.datum()])
+    assert result.error.code == 9  # FAILED_PRECONDITION: the request is right, the record is gone
+    assert f"the record of sequence {expiring.sequence.sequence_id!r} expired" in result.error.message

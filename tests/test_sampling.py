@@ -40,7 +40,7 @@ def test_greedy_sample_equals_plain_torch_argmax(service, server, trained):
         for _ in range(5):
             training.forward_backward(ragged_batch(seed=8, lengths=[16]), "cross_entropy")
             training.optim_step(types.AdamParams(learning_rate=1e-2))
-    sampler = training.save_weights_and_get_sampling_client().result()
+    sampler = training.save_weights_and_get_sampling_client("greedy").result()  # named: its files are written now
     prompts = [[256, 72, 105], [256, 65, 66, 67, 68, 69, 70]]  # ragged: left padding in one batch
     params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
     futures = [sampler.sample(types.ModelInput.from_ints(prompt), 2, params) for prompt in prompts]

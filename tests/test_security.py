@@ -192,13 +192,13 @@ def test_tls_serves_with_a_certificate_and_refuses_plaintext(tmp_path):
     assert Path(cert).exists()
 
 
-def test_the_adapter_limit_is_enforced_and_reported(tmp_path):
-    with running_server(tmp_path, ["--max-adapters", "2"]) as address:
+def test_the_run_limit_per_owner_is_enforced_and_the_resident_limit_reported(tmp_path):
+    with running_server(tmp_path, ["--max-adapters", "1", "--max-runs-per-owner", "2"]) as address:
         service = ServiceClient(base_url=address)
-        assert service.get_server_capabilities().max_adapters == 2
+        assert service.get_server_capabilities().max_adapters == 1
         service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
-        service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
-        with pytest.raises(RateLimitError, match="holds 2 training runs, its limit"):
+        service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()  # beyond the resident one
+        with pytest.raises(RateLimitError, match="you have 2 live training runs, the limit per owner"):
             service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
         service.close()
 

@@ -11,6 +11,7 @@ import pytest
 
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
+from tinker_server.api.requests import Limits
 from tinker_server.ops import LoraSpec
 from tinker_server.runs import Runs
 from tinker_server.store import MIGRATIONS, Checkpoint, CheckpointPath, RecordedSequence, Store, TrainingRun
@@ -84,10 +85,23 @@ def test_sampled_sequences_belong_to_their_owner_and_expire_a_day_after_their_la
     runs = Runs(store, tmp_path)
     store.put_sampled_sequences("alice", [recorded("seq-now")], now=time.time())
     store.touch_sampled_sequences(["seq-b"], now=time.time() - day + 60)  # used 23h59m ago
-    asyncio.run(Dispatcher(None, runs, result_retention_seconds=60.0).sweep())
+    asyncio.run(Dispatcher(None, runs, Limits(), result_retention_seconds=60.0).sweep())
     kept = [
         sequence_id
         for sequence_id in ("seq-a", "seq-b", "seq-now")
         if store.sampled_sequence(sequence_id, "alice", 0.0)
     ]
     assert kept == ["seq-b", "seq-now"]
+    assert store.sequence_expired("seq-a", "alice") and not store.sequence_expired("seq-a", "bob")
+
+
+def test_an_owners_records_beyond_the_limit_expire_least_recently_used_first(tmp_path):
+    store = Store(tmp_path / "db")
+    for index in range(5):
+        store.put_sampled_sequences("alice", [recorded(f"seq-{index}")], now=float(index))
+    store.put_sampled_sequences("bob", [recorded("seq-bob")], now=0.0)
+    store.touch_sampled_sequences(["seq-0"], now=10.0)  # used again: now the newest
+    assert store.cap_sampled_sequences("alice", keep=3, now=20.0) == 2
+    kept = [f"seq-{index}" for index in range(5) if store.sampled_sequence(f"seq-{index}", "alice", -1.0)]
+    assert kept == ["seq-0", "seq-3", "seq-4"]
+    assert store.sequence_expired("seq-1", "alice") and store.sampled_sequence("seq-bob", "bob", -1.0)

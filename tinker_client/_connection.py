@@ -243,9 +243,10 @@ class Connection:
     async def unary(self, call: Callable[..., Any], request: Any) -> Any:
         return await asyncio.wrap_future(self.unary_future(call, request))
 
-    def capabilities(self) -> concurrent.futures.Future[service_pb2.GetServerCapabilitiesResponse]:
-        """The server's capabilities, asked for once per connection."""
-        if self._capabilities is None or self._capabilities.exception() is not None:
+    def capabilities(self, fresh: bool = False) -> concurrent.futures.Future[service_pb2.GetServerCapabilitiesResponse]:
+        """The server's capabilities: its limits, asked for once per connection, or (`fresh`) now,
+        with the current state of its adapters."""
+        if fresh or self._capabilities is None or self._capabilities.exception() is not None:
             request = service_pb2.GetServerCapabilitiesRequest()
             self._capabilities = self.unary_future(self.stub.GetServerCapabilities, request)
         return self._capabilities

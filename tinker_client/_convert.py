@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -284,6 +285,12 @@ def capabilities(response: service_pb2.GetServerCapabilitiesResponse) -> types.G
         max_inflight_requests=response.max_inflight_requests,
         max_batch_tokens=response.max_batch_tokens,
         max_num_samples=response.max_num_samples,
+        residency=types.AdapterResidency(
+            **{
+                field.name: getattr(response.residency, field.name)
+                for field in dataclasses.fields(types.AdapterResidency)
+            }
+        ),
     )
 
 

@@ -74,7 +74,7 @@ class RestClient:
         return None
 
     def get_server_capabilities(self) -> APIFuture[types.GetServerCapabilitiesResponse]:
-        return AwaitableConcurrentFuture(self._connection.capabilities(), convert=_convert.capabilities)
+        return AwaitableConcurrentFuture(self._connection.capabilities(fresh=True), convert=_convert.capabilities)
 
     def whoami(self) -> APIFuture[types.WhoamiResponse]:
         return self._future(self._runs.Whoami, runs_pb2.WhoamiRequest(), _convert.whoami)

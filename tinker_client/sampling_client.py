@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import json
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from tinker_client import _convert, types
@@ -48,9 +50,16 @@ class SamplingClient:
     >>> response.sequences[0].tokens
     """
 
-    def __init__(self, connection: Connection, state: _SamplerState) -> None:
+    def __init__(self, connection: Connection, state: _SamplerState, hold: bool = False) -> None:
+        """`hold`: this instance takes a hold of its sampler now (one made by CreateSampler holds
+        it already); every instance lets go when it is garbage-collected, so the server knows
+        when no client holds an unnamed snapshot any more."""
         self._connection = connection
         self._state = state
+        if hold:
+            _hold(connection, state.sampler_id, True).result()
+        release = weakref.finalize(self, _hold, connection, state.sampler_id, False)
+        release.atexit = False  # a process that exits lets go of everything anyway
 
     @property
     def model_path(self) -> str | None:
@@ -121,7 +130,12 @@ class SamplingClient:
             prompt_alt_tokens_k,
             prompt_logprobs_last_n,
         )
-        return submit(self._connection, request, _convert.sample_response)
+        return submit(self._connection, request, self._sample_response)
+
+    def _sample_response(self, result: service_pb2.Result) -> types.SampleResponse:
+        # A bound method: a request in flight keeps its client, and so its hold on the weights,
+        # alive until the result is in, even when the caller dropped the client.
+        return _convert.sample_response(result)
 
     async def sample_async(
         self,
@@ -152,9 +166,8 @@ class SamplingClient:
         params = types.SamplingParams(max_tokens=1, temperature=0.0, stop=[])
         return self._request(prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=last_n)
 
-    @staticmethod
-    def _prompt_logprobs(result: service_pb2.Result) -> list[float | None]:
-        return _convert.sample_response(result).prompt_logprobs or []
+    def _prompt_logprobs(self, result: service_pb2.Result) -> list[float | None]:
+        return self._sample_response(result).prompt_logprobs or []
 
     def compute_logprobs(
         self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
@@ -209,7 +222,16 @@ class SamplingClient:
 
 
 def _restore(settings: ConnectionSettings, state: _SamplerState) -> SamplingClient:
-    return SamplingClient(settings.connect(), state)
+    return SamplingClient(settings.connect(), state, hold=True)
+
+
+def _hold(connection: Connection, sampler_id: str, held: bool) -> concurrent.futures.Future[object]:
+    request = service_pb2.HoldSamplerRequest(sampler_id=sampler_id, held=held)
+    if connection.loop.is_closed() or connection.closed:
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        future.set_result(None)
+        return future
+    return connection.unary_future(connection.stub.HoldSampler, request)
 
 
 async def new_sampling_client(
@@ -230,8 +252,16 @@ async def new_sampling_client(
         record_stability_info=record_stability_info,
     )
     response = await connection.unary(connection.stub.CreateSampler, request)
-    state = _SamplerState(response.sampler_id, response.base_model, response.model_path or None, record_stability_info)
-    return SamplingClient(connection, state)
+    return registered_sampling_client(
+        connection, response.sampler_id, response.base_model, response.model_path or None, record_stability_info
+    )
+
+
+def registered_sampling_client(
+    connection: Connection, sampler_id: str, base_model: str, model_path: str | None, record_stability_info: bool
+) -> SamplingClient:
+    """The client of a sampler the server just registered for this caller (and counts as held)."""
+    return SamplingClient(connection, _SamplerState(sampler_id, base_model, model_path, record_stability_info))
 
 
 def start_sampling_client(connection: Connection, coroutine: Any) -> BackcompatSamplingClientFuture:

@@ -94,10 +94,10 @@ class ServiceClient:
     # -- server ----------------------------------------------------------------------
 
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
-        return _convert.capabilities(self._connection.capabilities().result())
+        return _convert.capabilities(self._connection.capabilities(fresh=True).result())
 
     async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
-        return _convert.capabilities(await asyncio.wrap_future(self._connection.capabilities()))
+        return _convert.capabilities(await asyncio.wrap_future(self._connection.capabilities(fresh=True)))
 
     def get_console_url(self) -> str:
         return types.training.no_console()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +18,7 @@ from tinker_client.sampling_client import (
     SamplingClient,
     check_no_retry_config,
     new_sampling_client,
+    registered_sampling_client,
     start_sampling_client,
 )
 from tinker_rpc.v1 import service_pb2, training_pb2
@@ -279,10 +279,14 @@ class TrainingClient:
     # -- sampling --------------------------------------------------------------------
 
     def _save_request(
-        self, name: str, ttl_seconds: int | None, user_metadata: dict[str, str] | None
+        self,
+        name: str,
+        ttl_seconds: int | None,
+        user_metadata: dict[str, str] | None,
+        sampler: training_pb2.NewSampler | None = None,
     ) -> service_pb2.SessionRequest:
         save = training_pb2.SaveWeightsForSamplerRequest(
-            name=name, ttl_seconds=ttl_seconds, user_metadata=user_metadata or {}
+            name=name, ttl_seconds=ttl_seconds, user_metadata=user_metadata or {}, sampler=sampler
         )
         return self._request(save_weights_for_sampler=save)
 
@@ -324,20 +328,34 @@ class TrainingClient:
         record_stability_info: bool = False,
         kind: types.SamplingClientKind = "snapshot",
     ) -> BackcompatSamplingClientFuture:
-        """Snapshots the current adapter and returns a future of a sampling client for it.
+        """A future of a sampling client for the run's current weights.
 
-        `name` keeps the snapshot as tinker://<run>/sampler_weights/<name>; without it the
-        snapshot gets a fresh name. Only `kind="snapshot"` exists on this server so far.
+        `kind="snapshot"` (the default) saves them: without `name` the snapshot is unnamed, usable
+        as soon as the server copied it on its device, and goes once a newer one of this run exists
+        and no sampling client holds it (or its TTL passes); with `name` it is kept as
+        tinker://<run>/sampler_weights/<name>. `kind="inflight"` saves nothing: its samples read
+        the run's live weights, each at its place in the run's order of requests.
         """
         check_no_retry_config(retry_config)
-        if kind != "snapshot":
-            raise UnsupportedFeatureError(f"kind={kind!r}: this server makes snapshot sampling clients only")
-        save = self.save_weights_for_sampler(name or f"sampler-{uuid.uuid4().hex[:12]}")
+        if kind not in ("snapshot", "inflight"):
+            raise ValueError(f"kind: {kind!r}; expected 'snapshot' or 'inflight'")
+        if kind == "inflight":
+            inflight = new_sampling_client(
+                self._connection,
+                self._session_id,
+                model_path=f"tinker://{self.model_id}/inflight",
+                record_stability_info=record_stability_info,
+            )
+            return start_sampling_client(self._connection, inflight)
+        # One request saves the weights and registers a sampler of them, held by the new client.
+        sampler = training_pb2.NewSampler(session_id=self._session_id, record_stability_info=record_stability_info)
+        request = self._save_request(name or "", None, None, sampler)
+        saved = submit(self._sequencer, request, lambda result: result.save_weights_for_sampler)
 
         async def create() -> SamplingClient:
-            path = (await save).path
-            return await new_sampling_client(
-                self._connection, self._session_id, model_path=path, record_stability_info=record_stability_info
+            result = await saved
+            return registered_sampling_client(
+                self._connection, result.sampler_id, self._base_model, result.path, record_stability_info
             )
 
         return start_sampling_client(self._connection, create())

@@ -116,7 +116,45 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain; with --tls-key enables TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
-    parser.add_argument("--max-adapters", type=int, default=Limits.max_adapters, help="training runs held at once")
+    parser.add_argument(
+        "--max-adapters",
+        type=int,
+        default=Limits.max_adapters,
+        help="training runs resident on the device at once; others wait, exactly, in host memory or on disk",
+    )
+    parser.add_argument(
+        "--max-runs-per-owner", type=int, default=Limits.max_runs_per_owner, help="live training runs per API key owner"
+    )
+    parser.add_argument(
+        "--max-resident-snapshot-bytes",
+        type=int,
+        default=WorkerOptions.max_resident_snapshot_bytes,
+        help="device bytes of sampler snapshots; least recently used ones move to host memory, then disk",
+    )
+    parser.add_argument(
+        "--max-host-adapter-bytes",
+        type=int,
+        default=WorkerOptions.max_host_adapter_bytes,
+        help="host memory for adapters moved off a GPU; beyond it they go to disk (default %(default)s)",
+    )
+    parser.add_argument(
+        "--adapter-idle-seconds",
+        type=float,
+        default=WorkerOptions.adapter_idle_seconds,
+        help="an adapter unused this long leaves the device for disk (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ephemeral-ttl-seconds",
+        type=float,
+        default=Limits.ephemeral_ttl_seconds,
+        help="how long an unnamed sampler snapshot lives (a newer one of its run replaces it sooner)",
+    )
+    parser.add_argument(
+        "--max-recorded-sequences-per-owner",
+        type=int,
+        default=Limits.max_recorded_sequences_per_owner,
+        help="sampled sequences kept for stable_reinforce per owner; the least recently used go beyond it",
+    )
     parser.add_argument("--max-lora-rank", type=int, default=Limits.max_lora_rank, help="largest LoRA rank accepted")
     parser.add_argument(
         "--max-batch-tokens", type=int, default=Limits.max_batch_tokens, help="tokens one forward/backward may carry"
@@ -158,12 +196,24 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         base_model=args.base_model,
         served_model_name=args.served_model_name,
         data_dir=args.data_dir,
-        worker=WorkerOptions(args.dtype, args.max_tokens_per_pass, args.activation_checkpointing),
+        worker=WorkerOptions(
+            dtype=args.dtype,
+            max_tokens_per_pass=args.max_tokens_per_pass,
+            activation_checkpointing=args.activation_checkpointing,
+            max_resident_runs=args.max_adapters,
+            max_resident_snapshot_bytes=args.max_resident_snapshot_bytes,
+            max_host_adapter_bytes=args.max_host_adapter_bytes,
+            adapter_idle_seconds=args.adapter_idle_seconds,
+            spill_dir=str(args.data_dir / "spill"),
+        ),
         cycle=args.cycle,
         max_cycle_tokens=args.max_cycle_tokens,
         limits=Limits(
             max_message_bytes=args.max_message_bytes,
             max_adapters=args.max_adapters,
+            max_runs_per_owner=args.max_runs_per_owner,
+            ephemeral_ttl_seconds=args.ephemeral_ttl_seconds,
+            max_recorded_sequences_per_owner=args.max_recorded_sequences_per_owner,
             max_lora_rank=args.max_lora_rank,
             max_batch_tokens=args.max_batch_tokens,
             max_num_samples=args.max_num_samples,

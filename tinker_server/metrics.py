@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tinker_server.ops import ResidencyStats
 
 REGISTRY = CollectorRegistry()
 
@@ -28,6 +32,34 @@ TOKENS = Counter(
     registry=REGISTRY,
 )
 WORKER_RESTARTS = Counter("tinker_worker_restarts", "Worker processes replaced after a crash", registry=REGISTRY)
+ADAPTERS = Gauge(
+    "tinker_adapters",
+    "The worker's adapters by where they are: resident_runs, resident_snapshots, offloaded",
+    ["where"],
+    registry=REGISTRY,
+)
+ADAPTER_BYTES = Gauge(
+    "tinker_adapter_bytes",
+    "Bytes of adapters on the device, in host memory, spilled to disk",
+    ["where"],
+    registry=REGISTRY,
+)
+ADAPTER_MOVES = Gauge(
+    "tinker_adapter_moves",
+    "Adapters moved off the device (offloads) and back (reloads) so far",
+    ["move"],
+    registry=REGISTRY,
+)
+
+
+def watch_residency(residency: Callable[[], ResidencyStats]) -> None:
+    """The adapter gauges read the worker's latest report when scraped."""
+    for where in ("resident_runs", "resident_snapshots", "offloaded"):
+        ADAPTERS.labels(where).set_function(lambda where=where: getattr(residency(), where))
+    for where, field in (("device", "device_bytes"), ("host", "host_bytes"), ("disk", "spilled_bytes")):
+        ADAPTER_BYTES.labels(where).set_function(lambda field=field: getattr(residency(), field))
+    for move in ("offloads", "reloads"):
+        ADAPTER_MOVES.labels(move).set_function(lambda move=move: getattr(residency(), move))
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -104,6 +104,8 @@ class SaveForSampler:
     """tinker://<model_id>/sampler_weights/<name>; also the snapshot's adapter name."""
     directory: str
     """Where the snapshot is written in peft's format."""
+    ephemeral: bool = False
+    """An unnamed save: usable at once, its files written in the background."""
 
 
 @dataclass
@@ -120,6 +122,13 @@ class DeleteCheckpoint:
     phase: ClassVar[Phase] = Phase.SAVE
     path: str
     directory: str
+
+
+@dataclass
+class Unload:
+    """Frees a run's adapter (its weights, gradients and optimizer state) wherever it is."""
+
+    phase: ClassVar[Phase] = Phase.SAVE
 
 
 @dataclass
@@ -143,7 +152,15 @@ class Sample:
 
 
 Operation: TypeAlias = (
-    CreateAdapter | LoadState | ForwardBackward | OptimStep | SaveForSampler | SaveState | DeleteCheckpoint | Sample
+    CreateAdapter
+    | LoadState
+    | ForwardBackward
+    | OptimStep
+    | SaveForSampler
+    | SaveState
+    | DeleteCheckpoint
+    | Unload
+    | Sample
 )
 
 
@@ -199,6 +216,11 @@ class DeleteCheckpointResult:
 
 
 @dataclass
+class UnloadResult:
+    pass
+
+
+@dataclass
 class SaveCheckpointResult:
     """For SaveForSampler and SaveState."""
 
@@ -246,6 +268,7 @@ OpResult: TypeAlias = (
     | OptimStepResult
     | SaveCheckpointResult
     | DeleteCheckpointResult
+    | UnloadResult
     | SampleResult
 )
 
@@ -292,3 +315,38 @@ class WorkerOptions:
     micro-batches whose gradients add up. A single longer row runs alone."""
     activation_checkpointing: bool = False
     """Keep no decoder layer's activations for backward; recompute them (one more forward of the decoder)."""
+    max_resident_runs: int = 256
+    """Training adapters resident on the device between cycles (--max-adapters); the others wait,
+    exactly, in host memory or on disk."""
+    max_resident_snapshot_bytes: int = 1 << 30
+    """Device bytes of sampler snapshots; least recently used ones leave beyond it."""
+    max_host_adapter_bytes: int = 4 << 30
+    """Host memory for adapters moved off a GPU; beyond it they go to disk."""
+    adapter_idle_seconds: float = 600.0
+    """An adapter unused this long leaves the device for disk."""
+    spill_dir: str | None = None
+    """Where offloaded training adapters are written (the server's data dir /spill)."""
+
+
+@dataclass(frozen=True)
+class ResidencyStats:
+    """Where the worker's adapters are, and how often they moved."""
+
+    resident_runs: int = 0
+    resident_snapshots: int = 0
+    offloaded: int = 0
+    """Adapters off the device (in host memory or on disk)."""
+    device_bytes: int = 0
+    host_bytes: int = 0
+    spilled_bytes: int = 0
+    """Training adapters written to the worker's spill directory."""
+    offloads: int = 0
+    reloads: int = 0
+
+
+@dataclass
+class CycleReport:
+    """The worker's answer to a cycle: an outcome per item, and where its adapters are now."""
+
+    outcomes: list[Outcome]
+    residency: ResidencyStats

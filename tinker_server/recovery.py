@@ -32,6 +32,10 @@ class SupervisedWorker:
     async def start(self) -> ops.ModelInfo:
         return await self._worker.start()
 
+    @property
+    def residency(self) -> ops.ResidencyStats:
+        return self._worker.residency
+
     async def stop(self) -> None:
         await self._worker.stop()
 

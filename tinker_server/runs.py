@@ -3,34 +3,44 @@ this server process (adapters loaded in the worker, checkpoint saves in flight).
 
 from __future__ import annotations
 
+import secrets
+import time
 from pathlib import Path
 
-from tinker_server.store import Checkpoint, CheckpointPath, Store, TrainingRun
+from tinker_server.store import Checkpoint, CheckpointPath, Sampler, Store, TrainingRun
 
 
 class Runs:
     def __init__(self, store: Store, data_dir: Path) -> None:
         self.store = store
         self.data_dir = data_dir
-        # Runs whose adapter the current worker holds; others need a checkpoint to go on.
-        self._live: set[str] = set()
+        # Runs whose adapter the current worker holds (on its device, or waiting in host memory
+        # or on disk), by owner; others need a checkpoint to go on.
+        self._live: dict[str, str] = {}
         # Checkpoints being saved: reserved at submission so two saves cannot claim a name.
         self._saving: set[CheckpointPath] = set()
+        # Why a run is not live any more, when the client closed it (else: a restart or crash).
+        self._closed: set[str] = set()
+        # Sampler weights in use: clients' holds on samplers, and each run's unnamed snapshots,
+        # oldest first (a newer one replaces them once nothing holds them).
+        self._holds: dict[str, int] = {}
+        self._sampler_paths: dict[str, str] = {}
+        self._ephemeral: dict[str, list[CheckpointPath]] = {}
 
     def owned_run(self, model_id: str, owner: str) -> TrainingRun | None:
         """The run, if `owner` owns it: another owner's run does not exist for them."""
         run = self.store.run(model_id)
         return run if run is not None and run.owner == owner else None
 
-    def live_count(self) -> int:
-        return len(self._live)
+    def live_count(self, owner: str) -> int:
+        return sum(run_owner == owner for run_owner in self._live.values())
 
     def live_runs(self) -> list[TrainingRun]:
         return [run for model_id in sorted(self._live) if (run := self.store.run(model_id)) is not None]
 
     def mark_lost(self, model_id: str) -> None:
-        """Its adapter is gone from the worker (a crash); the record and checkpoints stay."""
-        self._live.discard(model_id)
+        """Its adapter is gone from the worker (a crash, or closed); the record and checkpoints stay."""
+        self._live.pop(model_id, None)
 
     def last_checkpoint(self, model_id: str, checkpoint_type: str) -> Checkpoint | None:
         kept = [c for c in self.store.checkpoints(model_id) if c.path.checkpoint_type == checkpoint_type]
@@ -39,12 +49,59 @@ class Runs:
     def is_live(self, model_id: str) -> bool:
         return model_id in self._live
 
+    def close(self, model_id: str) -> None:
+        """The client closed the run (its session): its adapter is freed; checkpoints stay."""
+        self._live.pop(model_id, None)
+        self._closed.add(model_id)
+
+    def was_closed(self, model_id: str) -> bool:
+        return model_id in self._closed
+
+    # -- what holds sampler weights --------------------------------------------------
+
+    def new_sampler(
+        self, owner: str, session_id: str, base_model: str, model_path: str, record_stability_info: bool
+    ) -> Sampler:
+        """Registers a sampler; its creator holds it."""
+        sampler_id = f"sampler-{secrets.token_hex(8)}"
+        sampler = Sampler(sampler_id, owner, session_id, base_model, model_path, record_stability_info, time.time())
+        self.store.add_sampler(sampler)
+        self.hold_sampler(sampler_id, model_path, +1)
+        return sampler
+
+    def forget_samplers(self, model_path: str) -> None:
+        """The weights at `model_path` are deleted: their samplers go with them."""
+        for sampler_id in [sampler for sampler, path in self._sampler_paths.items() if path == model_path]:
+            del self._sampler_paths[sampler_id]
+            self._holds.pop(sampler_id, None)
+        self.store.delete_samplers(model_path)
+
+    def hold_sampler(self, sampler_id: str, model_path: str, change: int) -> None:
+        """A sampling client (an instance of it, in any process) took (+1) or let go (-1) of it."""
+        self._sampler_paths[sampler_id] = model_path
+        self._holds[sampler_id] = max(0, self._holds.get(sampler_id, 0) + change)
+
+    def add_ephemeral(self, path: CheckpointPath) -> None:
+        self._ephemeral.setdefault(path.model_id, []).append(path)
+
+    def replaced_snapshots(self) -> list[CheckpointPath]:
+        """Unnamed snapshots that a newer one of their run replaced and no sampling client holds;
+        forgotten here (their deletion is the caller's)."""
+        held = {path for sampler, path in self._sampler_paths.items() if self._holds.get(sampler, 0) > 0}
+        released = []
+        for model_id, paths in self._ephemeral.items():
+            *older, newest = paths
+            kept = [path for path in older if str(path) in held]
+            released += [path for path in older if str(path) not in held]
+            self._ephemeral[model_id] = [*kept, newest]
+        return released
+
     def add_live(self, run: TrainingRun) -> None:
         self.store.add_run(run)
-        self._live.add(run.model_id)
+        self._live[run.model_id] = run.owner
 
     def drop(self, model_id: str) -> None:
-        self._live.discard(model_id)
+        self._live.pop(model_id, None)
         self.store.remove_run(model_id)
 
     def checkpoint_exists(self, path: CheckpointPath) -> bool:

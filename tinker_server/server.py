@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc, service_pb2, service_pb2_grpc
-from tinker_server import ops
+from tinker_server import metrics, ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.interceptors import AuthInterceptor, LoggingInterceptor
 from tinker_server.api.requests import ParsedRequest, RequestParser
@@ -57,9 +57,12 @@ class TinkerServer:
         self._worker = SupervisedWorker(config.base_model, config.worker, runs, self._set_serving)
         self._scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         self._runs = runs
-        self._dispatcher = Dispatcher(self._scheduler, runs, config.result_retention_seconds)
+        self._dispatcher = Dispatcher(self._scheduler, runs, config.limits, config.result_retention_seconds)
         parser = RequestParser(self._served, runs, config.limits)
-        self._servicer = TinkerServicer(self._served, runs, parser, self._dispatcher, config.limits)
+        metrics.watch_residency(lambda: self._worker.residency)
+        self._servicer = TinkerServicer(
+            self._served, runs, parser, self._dispatcher, config.limits, lambda: self._worker.residency
+        )
         options = [
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
             ("grpc.max_send_message_length", config.limits.max_message_bytes),
@@ -99,6 +102,11 @@ class TinkerServer:
             asyncio.create_task(self._scheduler.run(), name="scheduler-clock"),
             asyncio.create_task(
                 _every(config.sweep_interval_seconds, self._dispatcher.sweep), name="checkpoint-sweeper"
+            ),
+            # An empty cycle lets the worker move idle adapters off its device even when no one trains.
+            asyncio.create_task(
+                _every(config.sweep_interval_seconds, lambda: self._worker.run_cycle(ops.Cycle(0, []))),
+                name="adapter-residency",
             ),
         ]
         await self._set_serving(True)

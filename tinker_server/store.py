@@ -104,6 +104,15 @@ MIGRATIONS = [
     """
     ALTER TABLE training_runs ADD COLUMN trained_modules TEXT NOT NULL DEFAULT '[]';
     """,
+    """
+    CREATE TABLE expired_sequences (
+        sequence_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expired_at REAL NOT NULL
+    );
+    CREATE INDEX sampled_sequences_owner ON sampled_sequences(owner, last_used);
+    CREATE INDEX samplers_path ON samplers(model_path);
+    """,
 ]
 
 
@@ -136,6 +145,18 @@ class CheckpointPath:
 
     def directory(self, data_dir: Path) -> Path:
         return data_dir / "runs" / self.model_id / _SEGMENT_OF[self.checkpoint_type] / self.name
+
+
+INFLIGHT = "inflight"
+
+
+def inflight_run(path: str) -> str | None:
+    """The run of an in-flight sampler path, tinker://<run>/inflight (its live weights); None for
+    any other path."""
+    parts = path.removeprefix(TINKER_SCHEME).split("/") if path.startswith(TINKER_SCHEME) else []
+    if len(parts) == 2 and parts[1] == INFLIGHT and _SAFE_SEGMENT.match(parts[0]):
+        return parts[0]
+    return None
 
 
 @dataclass
@@ -453,6 +474,9 @@ class Store:
             dataclasses.astuple(sampler),
         )
 
+    def delete_samplers(self, model_path: str) -> None:
+        self._db.execute("DELETE FROM samplers WHERE model_path = ?", (model_path,))
+
     def sampler(self, sampler_id: str) -> Sampler | None:
         row = self._db.execute(
             "SELECT sampler_id, owner, session_id, base_model, model_path, record_stability_info, created_at"
@@ -509,8 +533,31 @@ class Store:
                 [(now, sequence_id) for sequence_id in sequence_ids],
             )
 
-    def purge_sampled_sequences(self, used_before: float) -> int:
-        return self._db.execute("DELETE FROM sampled_sequences WHERE last_used <= ?", (used_before,)).rowcount
+    def purge_sampled_sequences(self, used_before: float, now: float) -> int:
+        """Expires records unused since `used_before`, remembering their ids (so a later use is told
+        they expired, not that they never were) until `used_before` passes their expiry too."""
+        expired = "SELECT sequence_id, owner, ? FROM sampled_sequences WHERE last_used <= ?"
+        return self._expire(expired, (now, used_before), "last_used <= ?", (used_before,))
+
+    def cap_sampled_sequences(self, owner: str, keep: int, now: float) -> int:
+        """Expires the owner's least recently used records beyond the newest `keep`."""
+        beyond = "SELECT sequence_id FROM sampled_sequences WHERE owner = ? ORDER BY last_used DESC LIMIT -1 OFFSET ?"
+        expired = f"SELECT sequence_id, owner, ? FROM sampled_sequences WHERE sequence_id IN ({beyond})"
+        return self._expire(expired, (now, owner, keep), f"sequence_id IN ({beyond})", (owner, keep))
+
+    def _expire(self, select: str, select_arguments: tuple, where: str, where_arguments: tuple) -> int:
+        with self._transaction():
+            self._db.execute(f"INSERT OR REPLACE INTO expired_sequences {select}", select_arguments)
+            return self._db.execute(f"DELETE FROM sampled_sequences WHERE {where}", where_arguments).rowcount
+
+    def sequence_expired(self, sequence_id: str, owner: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM expired_sequences WHERE sequence_id = ? AND owner = ?", (sequence_id, owner)
+        ).fetchone()
+        return row is not None
+
+    def purge_expired_sequence_ids(self, expired_before: float) -> int:
+        return self._db.execute("DELETE FROM expired_sequences WHERE expired_at <= ?", (expired_before,)).rowcount
 
 
 @dataclass(frozen=True)

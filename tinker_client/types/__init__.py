@@ -17,6 +17,7 @@ from tinker_client.types.inputs import (
     SampledProvenanceSpan,
 )
 from tinker_client.types.records import (
+    AdapterResidency,
     Checkpoint,
     CheckpointsListResponse,
     CheckpointType,
@@ -72,6 +73,7 @@ from tinker_client.types.training import (
 
 __all__ = [
     "AdamOptimizerConfig",
+    "AdapterResidency",
     "AdamParams",
     "Checkpoint",
     "CheckpointType",

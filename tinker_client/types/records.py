@@ -26,6 +26,21 @@ class SupportedModel:
 
 
 @dataclass(frozen=True)
+class AdapterResidency:
+    """Where the server's adapters are: a bounded number on its device, the others waiting
+    (exactly) in host memory or on disk."""
+
+    resident_runs: int = 0
+    resident_snapshots: int = 0
+    offloaded: int = 0
+    device_bytes: int = 0
+    host_bytes: int = 0
+    spilled_bytes: int = 0
+    offloads: int = 0
+    reloads: int = 0
+
+
+@dataclass(frozen=True)
 class GetServerCapabilitiesResponse:
     supported_models: list[SupportedModel]
     max_lora_rank: int | None = None
@@ -35,6 +50,7 @@ class GetServerCapabilitiesResponse:
     """Requests one client may have in flight; the SDK queues the rest (flow control)."""
     max_batch_tokens: int | None = None
     max_num_samples: int | None = None
+    residency: AdapterResidency | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import grpc
 from tinker_rpc.v1 import service_pb2
 from tinker_server import metrics, ops
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
-from tinker_server.api.requests import ParsedRequest, RequestError
+from tinker_server.api.requests import Limits, ParsedRequest, RequestError
 from tinker_server.api.responses import outcome_result
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
@@ -33,9 +33,11 @@ class Submitted:
 
 
 class Dispatcher:
-    def __init__(self, scheduler: Scheduler, runs: Runs, result_retention_seconds: float) -> None:
+    def __init__(self, scheduler: Scheduler, runs: Runs, limits: Limits, result_retention_seconds: float) -> None:
         self._scheduler = scheduler
         self._runs = runs
+        self._limits = limits
+        self._tasks: set[asyncio.Task[None]] = set()
         self.retention_seconds = result_retention_seconds
         self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
         # (owner, idempotency key) -> (future_id, seq, when) of the request it first named, for
@@ -77,6 +79,8 @@ class Dispatcher:
             outcome = done.result()
             self._record(parsed, outcome, owner)
             message = outcome_result(outcome)
+            if parsed.sampler is not None and outcome.error is None:
+                message.save_weights_for_sampler.sampler_id = self._new_sampler(parsed, owner)
             expires = time.time() + self.retention_seconds
             self._runs.store.put_result(ticket.future_id, owner, message.SerializeToString(), expires)
             del self._inflight[ticket.future_id]
@@ -100,6 +104,9 @@ class Dispatcher:
         payload = outcome.result
         if isinstance(payload, ops.CreateAdapterResult):
             self._runs.store.set_lora(payload.model_id, payload.lora, list(payload.trained_modules))
+        if isinstance(payload, ops.SaveCheckpointResult) and parsed.ephemeral and parsed.checkpoint is not None:
+            self._runs.add_ephemeral(parsed.checkpoint)
+            self.release_replaced_snapshots()
         if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
             expires = None if parsed.ttl_seconds is None else now + parsed.ttl_seconds
             metadata = parsed.checkpoint_metadata or {}
@@ -109,8 +116,14 @@ class Dispatcher:
             prompt = parsed.item.operation.prompt
             sequences = [RecordedSequence(s.sequence_id, prompt, s.tokens, s.logprobs) for s in payload.sequences]
             self._runs.store.put_sampled_sequences(owner, sequences, now)
+            self._runs.store.cap_sampled_sequences(owner, self._limits.max_recorded_sequences_per_owner, now)
         if parsed.item.model_id:
             self._runs.store.touch_run(parsed.item.model_id, now)
+
+    def _new_sampler(self, parsed: ParsedRequest, owner: str) -> str:
+        """Registers the sampler a save asked for, held before any later save can release it."""
+        new, path = parsed.sampler, str(parsed.checkpoint)
+        return self._runs.new_sampler(owner, new.session_id, new.base_model, path, new.record_stability_info).sampler_id
 
     # -- checkpoint lifecycle --------------------------------------------------------
 
@@ -122,6 +135,22 @@ class Dispatcher:
         if outcome.error is not None:
             raise RequestError(status_code(outcome.error.code), outcome.error.message)
         self._runs.store.delete_checkpoint(path)
+        self._runs.forget_samplers(str(path))
+
+    def release_replaced_snapshots(self) -> None:
+        """Deletes the unnamed snapshots that newer ones replaced and no sampling client holds."""
+        for path in self._runs.replaced_snapshots():
+            task = asyncio.get_running_loop().create_task(self.delete_checkpoint(path))
+            self._tasks.add(task)  # referenced until done: asyncio keeps only weak references
+            task.add_done_callback(self._tasks.discard)
+
+    async def unload(self, model_id: str) -> None:
+        """Frees a run's adapter after everything queued for it ran; its checkpoints stay."""
+        item = ops.WorkItem("", model_id, ops.Unload())
+        outcome = await self._scheduler.submit(model_id, item).outcome
+        if outcome.error is not None:
+            raise RequestError(status_code(outcome.error.code), outcome.error.message)
+        self._runs.close(model_id)
 
     async def sweep(self) -> None:
         """Deletes expired checkpoints and forgets expired results and sampled sequences."""
@@ -130,7 +159,8 @@ class Dispatcher:
             log.info("checkpoint %s expired; deleting it", checkpoint.path)
             await self.delete_checkpoint(checkpoint.path)
         self._runs.store.purge_results(now)
-        self._runs.store.purge_sampled_sequences(now - SEQUENCE_TTL_SECONDS)
+        self._runs.store.purge_sampled_sequences(now - SEQUENCE_TTL_SECONDS, now)
+        self._runs.store.purge_expired_sequence_ids(now - SEQUENCE_TTL_SECONDS)
         cutoff = now - self.retention_seconds
         self._by_key = {key: entry for key, entry in self._by_key.items() if entry[2] > cutoff}
 

@@ -26,7 +26,12 @@ _PREVIEW_TOKENS = 8
 
 
 class SpanError(ValueError):
-    """A span that does not hold; the message names the field."""
+    """A span that does not hold; the message names the field. `expired`: it names a sequence
+    whose record expired (FAILED_PRECONDITION, not a malformed request)."""
+
+    def __init__(self, message: str, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
 
 
 @dataclass
@@ -135,6 +140,12 @@ class SpanChecker:
         if sequence_id not in self._found:
             self._found[sequence_id] = self._store.sampled_sequence(sequence_id, self._owner, self._used_since)
         found = self._found[sequence_id]
+        if found is None and self._store.sequence_expired(sequence_id, self._owner):
+            raise SpanError(
+                f"{field}.sequence_id: the record of sequence {sequence_id!r} expired (unused for a day, or "
+                "beyond your records' limit); sample again with record_stability_info=True",
+                expired=True,
+            )
         if found is None:
             raise SpanError(
                 f"{field}.sequence_id: no recorded sequence {sequence_id!r} (unknown, unused for a day, or not "

@@ -23,7 +23,7 @@ from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun
+from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun, inflight_run
 
 LORA_ALPHA = 32.0
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
@@ -49,9 +49,22 @@ class Limits:
     max_batch_tokens: int = 1 << 20
     max_message_bytes: int = 256 << 20
     max_adapters: int = 256
-    """Training runs the worker holds at once."""
+    """Training runs resident on the worker's device at once (others wait in host memory or on disk)."""
+    max_runs_per_owner: int = 64
+    """Live training runs one owner may have."""
+    ephemeral_ttl_seconds: float = 3600.0
+    """How long an unnamed sampler snapshot lives, unless a newer one of its run replaces it sooner."""
+    max_recorded_sequences_per_owner: int = 1_000_000
+    """Sampled sequences kept for provenance per owner; the least recently used expire beyond it."""
     max_inflight_requests: int = 512
     """Requests acked but not yet answered, per session stream."""
+
+
+@dataclass(frozen=True)
+class NewSampler:
+    session_id: str
+    base_model: str
+    record_stability_info: bool
 
 
 @dataclass
@@ -67,6 +80,10 @@ class ParsedRequest:
     """Labels of the checkpoint this request saves."""
     record_stability_info: bool = False
     """A sample whose sequences are recorded for provenance when it succeeds."""
+    ephemeral: bool = False
+    """An unnamed sampler snapshot: it expires, and a newer one of its run replaces it."""
+    sampler: NewSampler | None = None
+    """A sampler to register, held by the caller, when the snapshot this request saves is made."""
     sequence_ids: frozenset[str] = frozenset()
     """Recorded sequences this request's provenance spans name; queuing it counts as their use."""
 
@@ -101,7 +118,15 @@ class RequestParser:
         elif kind == "save_weights_for_sampler":
             save = request.save_weights_for_sampler
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
-            return self._save(kind, model_id, "sampler", save.name, ttl, False, dict(save.user_metadata))
+            if not save.name:
+                parsed = self._ephemeral_save(model_id, ttl, dict(save.user_metadata))
+            else:
+                parsed = self._save(kind, model_id, "sampler", save.name, ttl, False, dict(save.user_metadata))
+            if save.HasField("sampler"):
+                self._session("save_weights_for_sampler.sampler.session_id", save.sampler.session_id)
+                base_model = self._runs.store.run(model_id).base_model
+                parsed.sampler = NewSampler(save.sampler.session_id, base_model, save.sampler.record_stability_info)
+            return parsed
         elif kind == "save_state":
             save = request.save_state
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
@@ -112,18 +137,23 @@ class RequestParser:
 
     # -- models ----------------------------------------------------------------------
 
-    def _existing_model(self, model_id: str) -> str:
+    def _existing_model(self, model_id: str, field: str = "model_id") -> str:
         if not model_id:
-            raise invalid("model_id: required for this operation")
+            raise invalid(f"{field}: required for this operation")
         if self._runs.owned_run(model_id, current_owner.get()) is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such training run")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field} {model_id!r}: no such training run")
         if not self._runs.is_live(model_id):
             saved = self._runs.last_checkpoint(model_id, "training")
             hint = f"its last checkpoint is {saved.path}" if saved else "it has no saved checkpoint"
+            why = (
+                "its session was closed, which unloaded it"
+                if self._runs.was_closed(model_id)
+                else "the server restarted (or its worker crashed) since this run last trained"
+            )
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"model_id {model_id!r}: the server restarted (or its worker crashed) since this run last "
-                f"trained and its unsaved state is gone; {hint}: continue with create_training_client_from_state",
+                f"{field} {model_id!r}: {why}, and its unsaved state is gone; {hint}: continue with "
+                "create_training_client_from_state",
             )
         return model_id
 
@@ -135,10 +165,14 @@ class RequestParser:
             )
 
     def _check_capacity(self) -> None:
-        if self._runs.live_count() >= self._limits.max_adapters:
+        """Runs beyond the worker's resident ones wait in host memory or on disk: what is bounded
+        here is how many one owner keeps."""
+        limit = self._limits.max_runs_per_owner
+        if self._runs.live_count(current_owner.get()) >= limit:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server holds {self._limits.max_adapters} training runs, its limit; try again later",
+                f"you have {limit} live training runs, the limit per owner; close a session (ServiceClient.close) "
+                "to unload its runs, or continue a run from a checkpoint",
             )
 
     def _session(self, field: str, session_id: str) -> Session:
@@ -367,7 +401,8 @@ class RequestParser:
         try:
             provenance = spans.check(field, datum, tokens, targets)
         except SpanError as error:
-            raise invalid(str(error)) from error
+            code = grpc.StatusCode.FAILED_PRECONDITION if error.expired else grpc.StatusCode.INVALID_ARGUMENT
+            raise RequestError(code, str(error)) from error
         if provenance is None and spec.needs_provenance:
             raise invalid(
                 f"{field}: {spec.name} needs provenance (model_input_spans and loss_fn_input_spans): build the "
@@ -458,6 +493,33 @@ class RequestParser:
         item = ops.WorkItem("", model_id, operation)
         return ParsedRequest(model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata)
 
+    def _ephemeral_save(self, model_id: str, ttl: int | None, user_metadata: dict[str, str]) -> ParsedRequest:
+        """An unnamed snapshot: usable as soon as the device copy is made (its files are written in
+        the background); it expires, and goes sooner once its run has a newer one and no sampling
+        client holds it."""
+        if ttl is not None and ttl < 1:
+            raise invalid(f"save_weights_for_sampler.ttl_seconds: {ttl}; must be >= 1")
+        path = CheckpointPath(model_id, "sampler", f"ephemeral-{secrets.token_hex(6)}")
+        operation = ops.SaveForSampler(str(path), str(self._runs.directory(path)), ephemeral=True)
+        return ParsedRequest(
+            model_id,
+            ops.WorkItem("", model_id, operation),
+            checkpoint=path,
+            ttl_seconds=ttl or int(self._limits.ephemeral_ttl_seconds),
+            checkpoint_metadata=user_metadata,
+            ephemeral=True,
+        )
+
+    def _sampler_weights(self, field: str, text: str) -> tuple[str, str | None, TrainingRun]:
+        """What a sampler path reads: (adapter name, its directory, the run). An in-flight path
+        (tinker://<run>/inflight) reads the caller's run's live weights, in the run's order."""
+        model_id = inflight_run(text)
+        if model_id is None:
+            path, run = self._checkpoint_source(field, text, training_only=False)
+            return str(path), str(self._runs.directory(path)), run
+        self._existing_model(model_id, field)
+        return model_id, None, self._runs.store.run(model_id)
+
     def sampler_source(self, request: service_pb2.CreateSamplerRequest) -> tuple[str, str]:
         """(base model, model path) of a sampler to register; raises RequestError."""
         self._session("create_sampler.session_id", request.session_id)
@@ -467,8 +529,8 @@ class RequestParser:
         if source == "base_model":
             self._check_base_model("create_sampler.base_model", request.base_model)
             return request.base_model, ""
-        path, run = self._checkpoint_source("create_sampler.model_path", request.model_path, training_only=False)
-        return run.base_model, str(path)
+        _, _, run = self._sampler_weights("create_sampler.model_path", request.model_path)
+        return run.base_model, request.model_path
 
     def _sample(self, request: sampling_pb2.SampleRequest) -> ParsedRequest:
         source = request.WhichOneof("weights")
@@ -478,8 +540,7 @@ class RequestParser:
             self._check_base_model("sample.base_model", request.base_model)
             adapter = adapter_dir = None
         else:
-            path, _ = self._checkpoint_source("sample.model_path", request.model_path, training_only=False)
-            adapter, adapter_dir = str(path), str(self._runs.directory(path))
+            adapter, adapter_dir, _ = self._sampler_weights("sample.model_path", request.model_path)
         prompt = self._model_input("sample.prompt", request.prompt)
         if not 1 <= request.num_samples <= self._limits.max_num_samples:
             raise invalid(f"sample.num_samples: {request.num_samples}; expected 1..{self._limits.max_num_samples}")
@@ -501,8 +562,10 @@ class RequestParser:
             prompt_alt_tokens_k=self._per_position_k("sample.prompt_alt_tokens_k", request.prompt_alt_tokens_k),
             prompt_logprobs_last_n=self._prompt_logprobs_last_n(request, len(prompt)),
         )
+        # An in-flight sample takes its place in its run's order; others queue by their weights.
+        in_flight = adapter is not None and adapter_dir is None
         return ParsedRequest(
-            f"sampler:{source}:{adapter or request.base_model}",
+            adapter if in_flight else f"sampler:{source}:{adapter or request.base_model}",
             ops.WorkItem("", "", operation),
             record_stability_info=request.record_stability_info,
         )

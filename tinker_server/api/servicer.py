@@ -7,6 +7,7 @@ acks it; results are written back on the same stream as they complete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -16,14 +17,14 @@ from typing import Any
 import grpc
 
 from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
-from tinker_server import metrics
+from tinker_server import metrics, ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.api.responses import error_result
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import Sampler, Session
+from tinker_server.store import Session
 
 log = logging.getLogger(__name__)
 SESSION_STATUSES = ("success", "errored", "interrupted")
@@ -37,7 +38,9 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         parser: RequestParser,
         dispatcher: Dispatcher,
         limits: Limits,
+        residency: Callable[[], ops.ResidencyStats] = ops.ResidencyStats,
     ) -> None:
+        self._residency = residency
         self._served = served
         self._runs = runs
         self._parser = parser
@@ -186,6 +189,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             max_inflight_requests=self._limits.max_inflight_requests,
             max_batch_tokens=self._limits.max_batch_tokens,
             max_num_samples=self._limits.max_num_samples,
+            residency=service_pb2.AdapterResidency(**dataclasses.asdict(self._residency())),
         )
 
     async def GetInfo(
@@ -242,6 +246,9 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"status {request.status!r}; expected one of {SESSION_STATUSES}"
             )
         self._runs.store.close_session(request.session_id, request.status, request.detail)
+        for model_id in self._runs.store.session_runs(request.session_id):  # closing frees what it trained
+            if self._runs.is_live(model_id):
+                await self._dispatcher.unload(model_id)
         return service_pb2.CloseSessionResponse()
 
     async def CreateSampler(
@@ -252,19 +259,22 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             base_model, model_path = self._parser.sampler_source(request)
         except RequestError as error:
             await context.abort(error.code, str(error))
-        sampler = Sampler(
-            f"sampler-{secrets.token_hex(8)}",
-            current_owner.get(),
-            request.session_id,
-            base_model,
-            model_path,
-            request.record_stability_info,
-            time.time(),
-        )
-        self._runs.store.add_sampler(sampler)
+        owner, record = current_owner.get(), request.record_stability_info
+        sampler = self._runs.new_sampler(owner, request.session_id, base_model, model_path, record)
         return service_pb2.CreateSamplerResponse(
             sampler_id=sampler.sampler_id, base_model=base_model, model_path=model_path
         )
+
+    async def HoldSampler(
+        self, request: service_pb2.HoldSamplerRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.HoldSamplerResponse:
+        sampler = self._runs.store.sampler(request.sampler_id)
+        if sampler is None or sampler.owner != current_owner.get():
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"sampler_id {request.sampler_id!r}: no such sampler")
+        self._runs.hold_sampler(sampler.sampler_id, sampler.model_path, +1 if request.held else -1)
+        if not request.held:
+            self._dispatcher.release_replaced_snapshots()
+        return service_pb2.HoldSamplerResponse()
 
     async def GetTokenizer(
         self, request: service_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext

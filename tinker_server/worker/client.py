@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 
 from tinker_server.logs import current_format
-from tinker_server.ops import Cycle, ModelInfo, Outcome, WorkerOptions
+from tinker_server.ops import Cycle, CycleReport, ModelInfo, Outcome, ResidencyStats, WorkerOptions
 from tinker_server.worker.main import WorkerStartupError, worker_main
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class WorkerClient:
             daemon=True,
         )
         self._child_conn = child_conn
+        self._exchanging = asyncio.Lock()
+        self.residency = ResidencyStats()
+        """Where the worker's adapters are, as of its last cycle."""
 
     async def start(self) -> ModelInfo:
         self._process.start()
@@ -44,9 +47,13 @@ class WorkerClient:
         return reply
 
     async def run_cycle(self, cycle: Cycle) -> list[Outcome]:
-        return await asyncio.to_thread(self._exchange, cycle)
+        """One cycle at a time on the pipe (the scheduler's, and the sweeper's empty ones)."""
+        async with self._exchanging:
+            report: CycleReport = await asyncio.to_thread(self._exchange, cycle)
+        self.residency = report.residency
+        return report.outcomes
 
-    def _exchange(self, cycle: Cycle) -> list[Outcome]:
+    def _exchange(self, cycle: Cycle) -> CycleReport:
         try:
             self._conn.send(cycle)
         except (BrokenPipeError, OSError) as error:

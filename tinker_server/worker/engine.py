@@ -7,11 +7,12 @@ for every tenant's rows, optimizer steps, sampler snapshots, then batched sampli
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -37,7 +38,9 @@ from tinker_server.worker.lora import (
 from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
 from tinker_server.worker.models import LoadedModel, final_hidden_states, tokenizer_files
 from tinker_server.worker.passes import gradients_all_or_nothing, target_logprobs
+from tinker_server.worker.residency import Adapter, Residency, ResidencyLimits, weight_bytes
 from tinker_server.worker.sampling import SampleRow, generate
+from tinker_server.worker.snapshot_writes import SnapshotWrites
 from tinker_server.worker.targets import KINDS, wrap_lora_targets
 
 log = logging.getLogger(__name__)
@@ -54,22 +57,6 @@ class OperationError(Exception):
         self.code = code
 
 
-@dataclass
-class Adapter:
-    """A training run's LoRA weights (one pair per adapted layer) and its own AdamW."""
-
-    name: str
-    spec: ops.LoraSpec
-    pairs: dict[str, LoraPair]
-    optimizer: torch.optim.AdamW = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.parameters())
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [tensor for pair in self.pairs.values() for tensor in (pair.A, pair.B)]
-
-
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     # Arrays decoded from the wire are read-only views; torch needs a writable buffer.
     tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
@@ -82,6 +69,8 @@ class Engine:
         loaded: LoadedModel,
         device: torch.device,
         max_tokens_per_pass: int = ops.WorkerOptions.max_tokens_per_pass,
+        residency: ResidencyLimits | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.loaded = loaded
         self.max_tokens_per_pass = max_tokens_per_pass
@@ -91,8 +80,11 @@ class Engine:
         self.routing = RowRouting()
         self.targets = wrap_lora_targets(self.model, self.routing)
         self.layers = self.targets.sites
-        self.adapters: dict[str, Adapter] = {}
-        self.snapshots: set[str] = set()
+        spill_dir = spill_dir or Path(tempfile.mkdtemp(prefix="tinker-spill-"))
+        self.residency = Residency(
+            device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
+        )
+        self._snapshot_writes = SnapshotWrites()
 
     def info(self) -> ops.ModelInfo:
         config = self.model.config
@@ -127,6 +119,7 @@ class Engine:
             ops.SaveForSampler: self._save_for_sampler,
             ops.SaveState: self._save_state,
             ops.DeleteCheckpoint: self._delete_checkpoint,
+            ops.Unload: self._unload,
         }
         for phase in sorted(by_phase):
             items = by_phase[phase]
@@ -150,6 +143,7 @@ class Engine:
                     else:
                         outcome.result = output
                     results[item.future_id] = outcome
+        self.residency.settle()  # between cycles, adapters keep within the limits
         return [results[item.future_id] for item in cycle.items]
 
     @staticmethod
@@ -178,7 +172,8 @@ class Engine:
         self._adapter(item.model_id)
 
     def _adapter(self, model_id: str) -> Adapter:
-        adapter = self.adapters.get(model_id)
+        """The run's adapter, resident (brought back from host memory or disk if it had left)."""
+        adapter = self.residency.run(model_id)
         if adapter is None:
             raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_id {model_id!r}: no such adapter")
         return adapter
@@ -193,11 +188,7 @@ class Engine:
 
     def _install(self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> Adapter:
         """Makes `pairs` the adapter `name` with a fresh AdamW (no gradients, no moments)."""
-        self._unregister(name)
-        adapter = Adapter(name, spec, pairs)
-        self.adapters[name] = adapter
-        self._register(name, pairs)
-        return adapter
+        return self.residency.add_run(name, spec, pairs)
 
     def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
         operation: ops.CreateAdapter = item.operation
@@ -343,10 +334,14 @@ class Engine:
             path: LoraPair(pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling)
             for path, pair in adapter.pairs.items()
         }
-        self._register(operation.path, snapshot)
-        self.snapshots.add(operation.path)
         directory = Path(operation.directory)
-        write_adapter(directory, adapter.spec, snapshot, self.loaded.name, self.layers)
+        write = functools.partial(write_adapter, directory, adapter.spec, snapshot, self.loaded.name, self.layers)
+        if operation.ephemeral:  # usable now; its files follow in the background, unless it goes first
+            writing = self._snapshot_writes.submit(write)
+            self.residency.add_snapshot(operation.path, adapter.spec, snapshot, directory, writing)
+            return ops.SaveCheckpointResult(operation.path, weight_bytes(snapshot))
+        write()
+        self.residency.add_snapshot(operation.path, adapter.spec, snapshot, directory, None)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
 
     def _save_state(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
@@ -359,25 +354,31 @@ class Engine:
 
     def _delete_checkpoint(self, item: ops.WorkItem) -> ops.DeleteCheckpointResult:
         operation: ops.DeleteCheckpoint = item.operation
+        if self.residency.has_snapshot(operation.path):
+            self.residency.drop(operation.path)  # after its background write, if one is running
         shutil.rmtree(operation.directory, ignore_errors=True)
-        if operation.path in self.snapshots:
-            self.snapshots.discard(operation.path)
-            self._unregister(operation.path)
         return ops.DeleteCheckpointResult()
 
+    def _unload(self, item: ops.WorkItem) -> ops.UnloadResult:
+        self.residency.drop(item.model_id)
+        return ops.UnloadResult()
+
     def _ensure_snapshot(self, item: ops.WorkItem) -> None:
-        """Sampler weights saved by an earlier server process are loaded on first use."""
+        """The weights a sample reads are resident: a snapshot (loaded from its files on first
+        use, e.g. after a restart) or, for an in-flight sampler, the run's live adapter."""
         request: ops.Sample = item.operation
-        if request.adapter is None or request.adapter in self.snapshots:
+        if request.adapter is None:
+            return
+        if request.adapter in self.residency.entries:
+            self.residency.use(request.adapter)
             return
         if request.adapter_dir is None:
             raise OperationError(grpc.StatusCode.NOT_FOUND, f"model_path {request.adapter!r}: not loaded")
-        _, pairs = read_adapter(Path(request.adapter_dir), self.layers, self.device)
-        for pair in pairs.values():
-            pair.A.requires_grad_(False)
-            pair.B.requires_grad_(False)
-        self._register(request.adapter, pairs)
-        self.snapshots.add(request.adapter)
+        spec, pairs = read_adapter(Path(request.adapter_dir), self.layers, self.device)
+        self.residency.add_snapshot(request.adapter, spec, _frozen(pairs), Path(request.adapter_dir), None)
+
+    def _read_snapshot(self, directory: Path) -> dict[str, LoraPair]:
+        return _frozen(read_adapter(directory, self.layers, self.device)[1])
 
     # -- sampling --------------------------------------------------------------------
 
@@ -390,3 +391,11 @@ class Engine:
         ]
         loaded = self.loaded
         return generate(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, rows)
+
+
+def _frozen(pairs: dict[str, LoraPair]) -> dict[str, LoraPair]:
+    """Sampler weights: read, never trained."""
+    for pair in pairs.values():
+        pair.A.requires_grad_(False)
+        pair.B.requires_grad_(False)
+    return pairs

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from tinker_server.logs import configure_logging
-from tinker_server.ops import Cycle, WorkerOptions
+from tinker_server.ops import Cycle, CycleReport, WorkerOptions
 
 if TYPE_CHECKING:
     from tinker_server.worker.engine import Engine
@@ -30,11 +32,21 @@ def build_engine(base_model: str | None, options: WorkerOptions, device: torch.d
     from tinker_server.worker.engine import Engine
     from tinker_server.worker.models import check_output_logits, load_base_model, resolve_dtype
     from tinker_server.worker.passes import checkpoint_decoder_layers
+    from tinker_server.worker.residency import ResidencyLimits
 
     loaded = load_base_model(base_model, resolve_dtype(options.dtype, device))
     if options.activation_checkpointing:
         checkpoint_decoder_layers(loaded.model)
-    engine = Engine(loaded, device, options.max_tokens_per_pass)
+    limits = ResidencyLimits(
+        options.max_resident_runs,
+        options.max_resident_snapshot_bytes,
+        options.max_host_adapter_bytes,
+        options.adapter_idle_seconds,
+    )
+    spill_dir = Path(options.spill_dir) if options.spill_dir else None
+    if spill_dir is not None:
+        shutil.rmtree(spill_dir, ignore_errors=True)  # a previous worker's offloads died with it
+    engine = Engine(loaded, device, options.max_tokens_per_pass, limits, spill_dir)
     check_output_logits(engine.model)
     return engine
 
@@ -60,4 +72,4 @@ def worker_main(
             return
         if message is None:
             return
-        conn.send(engine.run_cycle(message))
+        conn.send(CycleReport(engine.run_cycle(message), engine.residency.stats()))
