@@ -71,6 +71,22 @@ def test_seq_counts_per_model():
     assert asyncio.run(submit()) == [1, 1, 2, 3, 2]
 
 
+def test_the_queue_depth_counts_what_waits_and_is_read_without_the_queues():
+    async def depths() -> list[int]:
+        scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())
+        tickets = [
+            scheduler.submit(key, item) for key, item in [("a", forward("a")), ("a", step("a")), ("b", step("b"))]
+        ]
+        submitted = scheduler.queued()
+        clock = asyncio.create_task(scheduler.run())
+        await asyncio.gather(*(ticket.outcome for ticket in tickets))
+        clock.cancel()
+        scheduler._queues = None  # a metrics thread reading mid-change: the count needs no iteration
+        return [submitted, scheduler.queued()]
+
+    assert asyncio.run(depths()) == [3, 0]
+
+
 def test_continuous_runs_a_lone_request_without_waiting():
     async def latency() -> float:
         scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())

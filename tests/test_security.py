@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import grpc
@@ -239,3 +240,17 @@ def test_a_published_checkpoint_is_readable_by_another_key_and_never_writable(ke
     alice_rest.unpublish_checkpoint_from_tinker_path(state).result()
     with pytest.raises(NotFoundError):
         bob_rest.get_weights_info_by_tinker_path(state).result()
+
+
+@pytest.mark.parametrize(
+    ("base_url", "warned"),
+    [("10.1.2.3:50051", True), ("grpc://tinker.example:50051", True), ("grpcs://tinker.example:443", False)]
+    + [("127.0.0.1:50051", False), ("localhost:50051", False), ("[::1]:50051", False)],
+)
+def test_an_api_key_sent_in_plaintext_off_this_machine_is_warned_about(base_url, warned):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        client = ServiceClient(base_url=base_url, api_key="secret")  # no call made: nothing is sent
+        client.close()
+    messages = [str(warning.message) for warning in caught if "plaintext" in str(warning.message)]
+    assert bool(messages) == warned, messages

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import ipaddress
 import itertools
 import logging
 import os
 import threading
 import uuid
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -113,6 +115,16 @@ def parse_target(base_url: str) -> tuple[str, bool]:
     return f"{host}:{parsed.port or 50051}", parsed.scheme in ("grpcs", "https")
 
 
+def _is_loopback(target: str) -> bool:
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 @dataclass
 class Pending:
     """A request until its result: sent (again, after a reconnect) until it is answered."""
@@ -179,6 +191,12 @@ class Connection:
         self.target, self._tls = parse_target(settings.base_url)
         self._tls = self._tls or settings.tls_root_certificates is not None
         self._root_certificates = settings.tls_root_certificates
+        if settings.api_key and not self._tls and not _is_loopback(self.target):
+            warnings.warn(
+                f"sending the API key in plaintext to {self.target}: anyone on the network path can read it; "
+                "serve with --tls-cert/--tls-key and connect to grpcs://host:port",
+                stacklevel=3,
+            )
         auth = (("authorization", f"Bearer {settings.api_key}"),) if settings.api_key else ()
         self.metadata = auth + settings.extra_metadata
         self._reconnect_timeout = settings.reconnect_timeout

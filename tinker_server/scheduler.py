@@ -98,6 +98,7 @@ class Scheduler:
         self._policy = policy
         self._max_cycle_tokens = max_cycle_tokens
         self._queues: dict[str, deque[_Queued]] = {}
+        self._queued = 0  # kept apart: the metrics thread reads it while the loop changes the queues
         self._seqs: dict[str, itertools.count[int]] = {}
         self._work_available = asyncio.Event()
         self._submitted = asyncio.Event()  # pulses on every submission
@@ -113,12 +114,14 @@ class Scheduler:
         item.future_id = future_id
         ticket = Ticket(future_id, seq, asyncio.get_running_loop().create_future())
         self._queues.setdefault(queue_key, deque()).append(_Queued(queue_key, ticket, item))
+        self._queued += 1
         self._work_available.set()
         self._submitted.set()
         return ticket
 
     def queued(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        """Requests waiting for a cycle; safe to call from any thread."""
+        return self._queued
 
     async def run(self) -> None:
         """The clock: forms and runs cycles until cancelled."""
@@ -194,6 +197,7 @@ class Scheduler:
         for key in keys:
             if not self._queues[key]:
                 del self._queues[key]
+        self._queued -= len(taken)
         return taken
 
     async def drain(self, timeout: float) -> None:
@@ -209,6 +213,7 @@ class Scheduler:
                 outcome = ops.Outcome(queued.item.future_id, 0, error=ops.OpError(code, message))
                 queued.ticket.outcome.set_result(outcome)
         self._queues.clear()
+        self._queued = 0
 
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
         self._running_cycle = True

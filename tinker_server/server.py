@@ -20,6 +20,7 @@ from tinker_server.api.requests import ParsedRequest, RequestParser
 from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.config import ServerConfig
+from tinker_server.files import remove_staging_leftovers
 from tinker_server.metrics import serve_metrics
 from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
@@ -49,6 +50,7 @@ class TinkerServer:
         """Binds and starts the gRPC server, health NOT_SERVING; `boot` loads the model."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        remove_staging_leftovers(config.data_dir)
         self._store = Store(config.data_dir / "tinker.db")
         runs = Runs(self._store, config.data_dir)
         self._served = ServedModel()
@@ -71,7 +73,8 @@ class TinkerServer:
             options=options, interceptors=[LoggingInterceptor(), AuthInterceptor(config.api_keys)]
         )
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
-        runs_pb2_grpc.add_RunsServiceServicer_to_server(RunsServicer(self._served, runs, self._dispatcher), self._grpc)
+        runs_servicer = RunsServicer(self._served, runs, parser, self._dispatcher)
+        runs_pb2_grpc.add_RunsServiceServicer_to_server(runs_servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection([*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
         address = f"{config.host}:{config.port}"
@@ -132,7 +135,7 @@ class TinkerServer:
         grace = self.config.shutdown_grace_seconds
         if self._servicer is not None and self._tasks:
             await self._set_serving(False)
-            self._servicer.draining = True
+            self._dispatcher.draining = True
             await self._scheduler.drain(grace)
             await self._autosave(grace)
         if self._grpc is not None:

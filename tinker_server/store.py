@@ -26,7 +26,14 @@ CheckpointType = Literal["training", "sampler"]
 TINKER_SCHEME = "tinker://"
 _PATH_SEGMENTS: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
 _SEGMENT_OF = {kind: segment for segment, kind in _PATH_SEGMENTS.items()}
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def is_safe_name(text: str) -> bool:
+    """1-128 characters from [A-Za-z0-9._-], not starting with '.': a name that is safe as a
+    directory name (never '..', a separator or a trailing newline)."""
+    return _SAFE_NAME.fullmatch(text) is not None
+
 
 # Each entry upgrades the schema by one version; never edit one that has shipped.
 MIGRATIONS = [
@@ -129,7 +136,7 @@ class CheckpointPath:
         """Raises ValueError with the expected form."""
         parts = path.removeprefix(TINKER_SCHEME).split("/") if path.startswith(TINKER_SCHEME) else []
         # Both ends become directory names: never '..', separators or anything odd.
-        if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not all(map(_SAFE_SEGMENT.match, parts[::2])):
+        if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not all(map(is_safe_name, parts[::2])):
             raise ValueError(
                 f"{path!r} is not a checkpoint path; expected tinker://<run>/weights/<name> "
                 "or tinker://<run>/sampler_weights/<name>"
@@ -154,7 +161,7 @@ def inflight_run(path: str) -> str | None:
     """The run of an in-flight sampler path, tinker://<run>/inflight (its live weights); None for
     any other path."""
     parts = path.removeprefix(TINKER_SCHEME).split("/") if path.startswith(TINKER_SCHEME) else []
-    if len(parts) == 2 and parts[1] == INFLIGHT and _SAFE_SEGMENT.match(parts[0]):
+    if len(parts) == 2 and parts[1] == INFLIGHT and is_safe_name(parts[0]):
         return parts[0]
     return None
 

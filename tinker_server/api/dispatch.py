@@ -16,7 +16,7 @@ from tinker_rpc.v1 import service_pb2
 from tinker_server import metrics, ops
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.api.requests import Limits, ParsedRequest, RequestError
-from tinker_server.api.responses import outcome_result
+from tinker_server.api.responses import error_result, outcome_result
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
 from tinker_server.store import Checkpoint, CheckpointPath, RecordedSequence
@@ -43,6 +43,13 @@ class Dispatcher:
         # (owner, idempotency key) -> (future_id, seq, when) of the request it first named, for
         # as long as results are kept; the result itself is looked up by future_id.
         self._by_key: dict[tuple[str, str], tuple[str, int, float]] = {}
+        self.draining = False
+        """Set at shutdown: new requests are refused, queued ones still run."""
+
+    def check_accepting(self) -> None:
+        """Raises UNAVAILABLE once the server is shutting down."""
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send this elsewhere")
 
     def previous(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
         """(future_id, seq) of the request an idempotency key already named, if any: the
@@ -76,20 +83,34 @@ class Dispatcher:
             self._by_key[(owner, idempotency_key)] = (ticket.future_id, ticket.seq, time.time())
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
-            outcome = done.result()
-            self._record(parsed, outcome, owner)
-            message = outcome_result(outcome)
-            if parsed.sampler is not None and outcome.error is None:
-                message.save_weights_for_sampler.sampler_id = self._new_sampler(parsed, owner)
-            expires = time.time() + self.retention_seconds
-            self._runs.store.put_result(ticket.future_id, owner, message.SerializeToString(), expires)
-            del self._inflight[ticket.future_id]
-            status = status_code(outcome.error.code).name if outcome.error else "OK"
+            try:
+                message = self._settle(ticket.future_id, parsed, done.result(), owner)
+            except Exception as error:  # the client is answered whatever goes wrong here
+                log.exception("recording the result of %s failed", ticket.future_id)
+                message = error_result(
+                    grpc.StatusCode.INTERNAL.value[0],
+                    f"the request ran, but the server could not record its result ({type(error).__name__}: "
+                    f"{error}); what it did to the run stands: check the run (get_info, a forward) before going on",
+                    ticket.future_id,
+                )
+            finally:
+                del self._inflight[ticket.future_id]
+            status = status_code(message.error.code).name if message.HasField("error") else "OK"
             metrics.REQUESTS.labels(type(parsed.item.operation).__name__, status).inc()
             result.set_result(message)
 
         ticket.outcome.add_done_callback(settle)
         return submitted
+
+    def _settle(self, future_id: str, parsed: ParsedRequest, outcome: ops.Outcome, owner: str) -> service_pb2.Result:
+        """The durable record follows the outcome; the result is stored before it is sent."""
+        self._record(parsed, outcome, owner)
+        message = outcome_result(outcome)
+        if parsed.sampler is not None and outcome.error is None:
+            message.save_weights_for_sampler.sampler_id = self._new_sampler(parsed, owner)
+        expires = time.time() + self.retention_seconds
+        self._runs.store.put_result(future_id, owner, message.SerializeToString(), expires)
+        return message
 
     def _record(self, parsed: ParsedRequest, outcome: ops.Outcome, owner: str) -> None:
         """The store follows the outcome: failed creations vanish, saved checkpoints appear,

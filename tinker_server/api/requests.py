@@ -6,8 +6,8 @@ shape, range and finiteness here, and every option is either honoured or rejecte
 
 from __future__ import annotations
 
+import json
 import math
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,17 +16,17 @@ import grpc
 import numpy as np
 
 from tinker_client.tensor_codec import TensorDecodeError, decode_array
-from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
+from tinker_rpc.v1 import runs_pb2, sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
 from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun, inflight_run
+from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun, inflight_run, is_safe_name
 
 LORA_ALPHA = 32.0
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 class RequestError(Exception):
@@ -242,6 +242,29 @@ class RequestParser:
         spec = ops.LoraSpec(lora.rank, seed, lora.train_mlp, lora.train_attn, lora.train_unembed, LORA_ALPHA)
         run = self._new_run("create_model", request, request.base_model, spec, optimizer)
         return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, ops.CreateAdapter(spec)), run=run)
+
+    def import_adapter(self, request: runs_pb2.ImportPeftAdapterRequest) -> tuple[ParsedRequest, CheckpointPath]:
+        """A new run from a peft adapter's files, and where its `imported` checkpoint goes (the
+        caller writes the files there, then queues the request)."""
+        if set(request.files) != IMPORT_FILES:
+            raise invalid(f"files: {sorted(request.files)}; expected exactly {sorted(IMPORT_FILES)}")
+        field = "files['adapter_config.json']"
+        try:
+            config = json.loads(request.files["adapter_config.json"])
+            rank, alpha = config["r"], config.get("lora_alpha", LORA_ALPHA)
+        except (ValueError, KeyError, TypeError) as error:
+            raise invalid(f"{field}: unreadable ({error})") from error
+        limit = self._limits.max_lora_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+            raise invalid(f"{field}.r: {rank!r}; expected an integer in [1, {limit}]")
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+            raise invalid(f"{field}.lora_alpha: {alpha!r}; expected a positive number")
+        self._check_capacity()
+        lora = ops.LoraSpec(rank, 0, False, False, False, float(alpha))  # the worker reports the layers it adapts
+        run = TrainingRun(new_model_id(), "", self._model.name, lora, dict(request.user_metadata))
+        path = CheckpointPath(run.model_id, "training", "imported")
+        item = ops.WorkItem("", run.model_id, ops.CreateAdapter(lora, str(self._runs.directory(path))))
+        return ParsedRequest(run.model_id, item, run=run), path
 
     def _create_model_from_state(self, request: training_pb2.CreateModelFromStateRequest) -> ParsedRequest:
         field = "create_model_from_state"
@@ -477,7 +500,7 @@ class RequestParser:
         overwrite: bool,
         user_metadata: dict[str, str],
     ) -> ParsedRequest:
-        if not _NAME_PATTERN.match(name):
+        if not is_safe_name(name):
             raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
         if ttl is not None and ttl < 1:
             raise invalid(f"{kind}.ttl_seconds: {ttl}; must be >= 1 (leave it unset to keep the checkpoint)")

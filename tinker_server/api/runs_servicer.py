@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import shutil
 import tarfile
 import tempfile
@@ -14,16 +14,15 @@ from pathlib import Path
 import grpc
 
 from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc
-from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher, status_code
-from tinker_server.api.requests import LORA_ALPHA, ParsedRequest, RequestError, new_model_id
+from tinker_server.api.requests import RequestError, RequestParser, new_model_id
 from tinker_server.auth import current_owner
+from tinker_server.files import write_whole
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
 from tinker_server.store import Checkpoint, CheckpointPath, Session, TrainingRun
 
 ARCHIVE_CHUNK_BYTES = 1 << 20
-_IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 _CHECKPOINT_TYPES = {"training": runs_pb2.CHECKPOINT_TYPE_TRAINING, "sampler": runs_pb2.CHECKPOINT_TYPE_SAMPLER}
 
 
@@ -63,9 +62,10 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     """Owners see their own runs, checkpoints, sessions and samplers; a published checkpoint
     (and the run that holds it) is readable by every key, never writable by another."""
 
-    def __init__(self, served: ServedModel, runs: Runs, dispatcher: Dispatcher) -> None:
+    def __init__(self, served: ServedModel, runs: Runs, parser: RequestParser, dispatcher: Dispatcher) -> None:
         self._served = served
         self._runs = runs
+        self._parser = parser
         self._dispatcher = dispatcher
 
     def _visible_checkpoints(self, run: TrainingRun) -> list[Checkpoint]:
@@ -219,7 +219,8 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             project_id=request.project_id,
             optimizer=source.optimizer,
         )
-        await asyncio.to_thread(shutil.copytree, self._runs.directory(path), self._runs.directory(copy))
+        copy_files = functools.partial(shutil.copytree, self._runs.directory(path), dirs_exist_ok=True)
+        await asyncio.to_thread(write_whole, self._runs.directory(copy), copy_files)
         self._runs.store.add_run(run)
         expires_at = now + request.ttl_seconds if request.HasField("ttl_seconds") else None
         size = await asyncio.to_thread(_directory_bytes, self._runs.directory(copy))
@@ -285,34 +286,25 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     async def ImportPeftAdapter(
         self, request: runs_pb2.ImportPeftAdapterRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.ImportPeftAdapterResponse:
-        if set(request.files) != _IMPORT_FILES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"files: {sorted(request.files)}; expected exactly {sorted(_IMPORT_FILES)}",
-            )
-        try:
-            config = json.loads(request.files["adapter_config.json"])
-            rank, alpha = int(config["r"]), float(config.get("lora_alpha", LORA_ALPHA))
-        except (ValueError, KeyError, TypeError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"files['adapter_config.json']: unreadable ({error})")
-        model_id = new_model_id()
-        path = CheckpointPath(model_id, "training", "imported")
+        """A new run from a peft adapter: validated and limited as create_model is."""
+        await self._served.wait()
+        self._dispatcher.check_accepting()
+        parsed, path = self._parser.import_adapter(request)
         directory = self._runs.directory(path)
-        directory.mkdir(parents=True)
-        for name, content in request.files.items():
-            (directory / name).write_bytes(content)
-        lora = ops.LoraSpec(rank, 0, False, False, False, alpha)  # the worker reports the real layers
+        await asyncio.to_thread(write_whole, directory, functools.partial(_write_files, dict(request.files)))
         owner = current_owner.get()
-        model = await self._served.wait()
-        run = TrainingRun(model_id, owner, model.name, lora, dict(request.user_metadata))
-        item = ops.WorkItem("", model_id, ops.CreateAdapter(lora, str(directory)))
-        result = await self._dispatcher.submit(ParsedRequest(model_id, item, run=run), owner=owner).result
+        result = await self._dispatcher.submit(parsed, owner).result
         if result.HasField("error"):
             self._dispatcher.discard_files(path)
-            await context.abort(status_code(result.error.code), f"files: {result.error.message}")
+            raise RequestError(status_code(result.error.code), f"files: {result.error.message}")
         size = sum(len(content) for content in request.files.values())
         self._runs.store.put_checkpoint(Checkpoint(path, time.time(), size, None))
-        return runs_pb2.ImportPeftAdapterResponse(model_id=model_id, path=str(path))
+        return runs_pb2.ImportPeftAdapterResponse(model_id=parsed.run.model_id, path=str(path))
+
+
+def _write_files(files: dict[str, bytes], directory: Path) -> None:
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
 
 
 def _directory_bytes(directory: Path) -> int:

@@ -47,8 +47,6 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         self._dispatcher = dispatcher
         self._limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
-        self.draining = False
-        """Set at shutdown: new requests are refused, queued ones still run."""
 
     # -- the session stream ----------------------------------------------------------
 
@@ -99,8 +97,10 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         try:
             if not request_id:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
-            if self.draining and not request.HasField("resume"):
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send this elsewhere")
+            # Deduplicated first: the resend of a request already accepted is answered, draining or not.
+            previous = self._dispatcher.previous(owner, request.idempotency_key)
+            if previous is None and not request.HasField("resume"):
+                self._dispatcher.check_accepting()
             if request_id in seen:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r}: already used on this stream"
@@ -110,7 +110,6 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{len(pending)} requests in flight on this stream, the limit; wait for results, then resend",
                 )
-            previous = self._dispatcher.previous(owner, request.idempotency_key)
             parsed = None if previous is not None or request.HasField("resume") else self._parser.parse(request)
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)

@@ -89,7 +89,7 @@ def _peft_targets(sites: dict[str, LoraSite], adapted: set[str]) -> dict[str, ob
 def write_adapter(
     directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str, sites: dict[str, LoraSite]
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Into an existing directory (`tinker_server.files.write_whole` makes it whole)."""
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -176,6 +176,13 @@ def read_optimizer_state(directory: Path, pairs: dict[str, LoraPair], optimizer:
         for matrix, param in (("A", pair.A), ("B", pair.B)):
             prefix = f"{_key(path, matrix)}."
             state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+            for name, value in state.items():
+                if name != "step" and value.shape != param.shape:
+                    raise CheckpointError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{OPTIMIZER_STATE}: {prefix}{name} has shape {list(value.shape)}; "
+                        f"its weight has {list(param.shape)}",
+                    )
             if state:
                 optimizer.state[param] = {
                     name: value.to(param.device) if name != "step" else value for name, value in state.items()

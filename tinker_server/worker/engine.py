@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tinker_server import ops
+from tinker_server.files import write_whole
 from tinker_server.worker.batching import length_buckets
 from tinker_server.worker.checkpoints import (
     CheckpointError,
@@ -186,9 +187,15 @@ class Engine:
         for layer in self.layers.values():
             layer.adapters.pop(name, None)
 
-    def _install(self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> Adapter:
-        """Makes `pairs` the adapter `name` with a fresh AdamW (no gradients, no moments)."""
-        return self.residency.add_run(name, spec, pairs)
+    def _install(
+        self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair], optimizer_state: Path | None = None
+    ) -> None:
+        """Makes `pairs` the adapter `name`, with a fresh AdamW or the one saved in `optimizer_state`.
+        Everything is read before anything is replaced: a failure leaves the run as it was."""
+        adapter = Adapter(name, spec, pairs)
+        if optimizer_state is not None:
+            read_optimizer_state(optimizer_state, pairs, adapter.optimizer)
+        self.residency.add_run(adapter)
 
     def _create_adapter(self, item: ops.WorkItem) -> ops.CreateAdapterResult:
         operation: ops.CreateAdapter = item.operation
@@ -197,9 +204,8 @@ class Engine:
         else:
             spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
             spec = dataclasses.replace(spec, seed=operation.lora.seed)
-        adapter = self._install(item.model_id, spec, pairs)
-        if operation.with_optimizer:
-            read_optimizer_state(Path(operation.source_dir), pairs, adapter.optimizer)
+        optimizer_state = Path(operation.source_dir) if operation.with_optimizer else None
+        self._install(item.model_id, spec, pairs, optimizer_state)
         return ops.CreateAdapterResult(item.model_id, spec, tuple(sorted(pairs)))
 
     def _load_state(self, item: ops.WorkItem) -> ops.LoadStateResult:
@@ -213,9 +219,8 @@ class Engine:
                 f"this run's (rank {current.spec.rank}, {len(current.pairs)} layers); use "
                 "create_training_client_from_state to start a run from it",
             )
-        adapter = self._install(item.model_id, current.spec, pairs)
-        if operation.with_optimizer:
-            read_optimizer_state(Path(operation.source_dir), pairs, adapter.optimizer)
+        optimizer_state = Path(operation.source_dir) if operation.with_optimizer else None
+        self._install(item.model_id, current.spec, pairs, optimizer_state)
         return ops.LoadStateResult()
 
     # -- forward / backward ----------------------------------------------------------
@@ -335,7 +340,7 @@ class Engine:
             for path, pair in adapter.pairs.items()
         }
         directory = Path(operation.directory)
-        write = functools.partial(write_adapter, directory, adapter.spec, snapshot, self.loaded.name, self.layers)
+        write = functools.partial(self._write_sampler_weights, directory, adapter.spec, snapshot)
         if operation.ephemeral:  # usable now; its files follow in the background, unless it goes first
             writing = self._snapshot_writes.submit(write)
             self.residency.add_snapshot(operation.path, adapter.spec, snapshot, directory, writing)
@@ -348,9 +353,16 @@ class Engine:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveState = item.operation
         directory = Path(operation.directory)
-        write_adapter(directory, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
-        write_optimizer_state(directory, adapter.pairs, adapter.optimizer)
+
+        def write(staging: Path) -> None:
+            write_adapter(staging, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
+            write_optimizer_state(staging, adapter.pairs, adapter.optimizer)
+
+        write_whole(directory, write)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
+
+    def _write_sampler_weights(self, directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> None:
+        write_whole(directory, lambda staging: write_adapter(staging, spec, pairs, self.loaded.name, self.layers))
 
     def _delete_checkpoint(self, item: ops.WorkItem) -> ops.DeleteCheckpointResult:
         operation: ops.DeleteCheckpoint = item.operation

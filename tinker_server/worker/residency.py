@@ -103,13 +103,12 @@ class Residency:
 
     # -- what the engine asks for ----------------------------------------------------
 
-    def add_run(self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> Adapter:
-        """Makes `pairs` the run's adapter, with a fresh AdamW (no gradients, no moments)."""
+    def add_run(self, adapter: Adapter) -> None:
+        """Makes `adapter` its run's, replacing any earlier one."""
+        name, pairs = adapter.name, adapter.pairs
         self.drop(name)
-        adapter = Adapter(name, spec, pairs)
-        self.entries[name] = Entry(name, spec, _scalings(pairs), 4 * weight_bytes(pairs), adapter=adapter)
+        self.entries[name] = Entry(name, adapter.spec, _scalings(pairs), 4 * weight_bytes(pairs), adapter=adapter)
         self._attach(name, pairs)
-        return adapter
 
     def add_snapshot(
         self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair], directory: Path, writing: PendingWrite | None
