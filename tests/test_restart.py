@@ -8,9 +8,9 @@ import pytest
 import torch
 from server_process import start_server, stop_server
 
-from tinker_client import APIConnectionError, ServiceClient, types
+from tinker_client import APIConnectionError, ServiceClient, _convert, types
 from tinker_client._convert import forward_backward_input
-from tinker_rpc.v1 import service_pb2
+from tinker_rpc.v1 import sampling_pb2, service_pb2
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, adapter_tensors, ragged_batch
@@ -105,3 +105,57 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
 def _directory(data_dir, path: str):
     model_id, kind, name = path.removeprefix("tinker://").split("/")
     return data_dir / "runs" / model_id / kind / name
+
+
+def _sample_request(request_id: str, key: str, model_path: str) -> service_pb2.SessionRequest:
+    sample = sampling_pb2.SampleRequest(
+        model_path=model_path,
+        prompt=_convert.model_input(PROMPT),
+        num_samples=1,
+        sampling_params=_convert.sampling_params(GREEDY),
+    )
+    return service_pb2.SessionRequest(request_id=request_id, idempotency_key=key, sample=sample)
+
+
+def _heavy_forward(request_id: str, key: str, model_id: str) -> service_pb2.SessionRequest:
+    data = ragged_batch(seed=41, lengths=[256] * 16)
+    forward = forward_backward_input(data, "cross_entropy", None)
+    return service_pb2.SessionRequest(request_id=request_id, idempotency_key=key, model_id=model_id, forward=forward)
+
+
+def test_after_a_kill_a_resend_is_answered_by_the_original_never_run_again_and_seq_goes_on(tmp_path):
+    process, address = start_server(tmp_path)
+    try:
+        service = ServiceClient(base_url=address)  # left open: closing its session would free the run
+        training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=6).result()
+        model_path = training.save_weights_for_sampler("kept").result().path
+        session = RawSession(address)
+        session.send(_sample_request("done", "sample-1", model_path))
+        done_ack, done_result = session.receive(), session.receive()
+        for index in range(8):  # queued behind one another: the last cannot finish before the kill
+            session.send(_heavy_forward(f"heavy-{index}", f"heavy-{index}", training.model_id))
+        acks: dict[str, service_pb2.SessionResponse] = {}
+        while "heavy-7" not in acks:
+            response = session.receive()
+            assert not response.result.HasField("error"), response.result.error.message
+            if response.HasField("ack"):
+                acks[response.request_id] = response
+    finally:
+        process.kill()  # no goodbye: SIGKILL
+        process.wait()
+
+    process, address = start_server(tmp_path)
+    try:
+        session = RawSession(address)
+        session.send(_sample_request("again", "sample-1", model_path))  # its ack was lost, say: resent
+        assert session.receive().ack == done_ack.ack
+        assert session.receive().result == done_result.result  # answered, not run a second time
+        session.send(_heavy_forward("heavy-again", "heavy-7", training.model_id))
+        assert session.receive().ack == acks["heavy-7"].ack
+        lost = session.receive().result.error
+        assert lost.code == grpc.StatusCode.ABORTED.value[0] and "before this request finished" in lost.message
+        session.send(_sample_request("next", "sample-2", model_path))
+        assert session.receive().ack.seq == done_ack.ack.seq + 1  # the sampler's order goes on
+        session.close()
+    finally:
+        stop_server(process)

@@ -63,14 +63,6 @@ def test_a_model_never_runs_a_request_before_an_earlier_one():
     assert [outcome.cycle_id for outcome in outcomes] == [1, 1, 2, 2, 2, 1]
 
 
-def test_seq_counts_per_model():
-    async def submit() -> list[int]:
-        scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())
-        return [scheduler.submit(key, forward(key)).seq for key in ("a", "b", "a", "a", "b")]
-
-    assert asyncio.run(submit()) == [1, 1, 2, 3, 2]
-
-
 def test_the_queue_depth_counts_what_waits_and_is_read_without_the_queues():
     async def depths() -> list[int]:
         scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy())

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from tinker_rpc.v1 import service_pb2
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.api.requests import Limits
@@ -105,3 +106,37 @@ def test_an_owners_records_beyond_the_limit_expire_least_recently_used_first(tmp
     kept = [f"seq-{index}" for index in range(5) if store.sampled_sequence(f"seq-{index}", "alice", -1.0)]
     assert kept == ["seq-0", "seq-3", "seq-4"]
     assert store.sequence_expired("seq-1", "alice") and store.sampled_sequence("seq-bob", "bob", -1.0)
+
+
+def test_seq_counts_per_queue_across_reopening_and_keys_are_remembered_until_their_result_expires(tmp_path):
+    store = Store(tmp_path / "db")
+    seqs = [store.accept(f"f{i}", "alice", f"k{i}", queue, expires_at=10.0) for i, queue in enumerate("abaab")]
+    assert seqs == [1, 1, 2, 3, 2]
+    store.close()
+    store = Store(tmp_path / "db")
+    assert store.accept("f5", "alice", "", "a", expires_at=10.0) == 4  # no restart resets it
+    assert store.accepted("alice", "k2") == ("f2", 2) and store.accepted("bob", "k2") is None
+    assert sorted(future_id for future_id, _ in store.unanswered()) == ["f0", "f1", "f2", "f3", "f4", "f5"]
+
+    store.put_result("f2", "alice", b"done", expires_at=20.0)
+    store.purge_results(now=15.0)  # an unanswered request stays; an answered one with its result
+    assert store.accepted("alice", "k2") == ("f2", 2) and store.accepted("alice", "k0") == ("f0", 1)
+    store.purge_results(now=25.0)
+    assert store.accepted("alice", "k2") is None and store.result("f2") is None
+    assert "f2" not in {future_id for future_id, _ in store.unanswered()}
+
+    store.forget_queues("b")
+    assert store.accept("f6", "alice", "", "b", expires_at=10.0) == 1
+
+
+def test_requests_a_crash_cut_short_are_answered_with_an_error_saying_so(tmp_path):
+    async def after_restart() -> tuple[str, service_pb2.Result]:
+        store = Store(tmp_path / "db")
+        store.accept("lost", "alice", "key", "run-a", expires_at=time.time() + 60)
+        dispatcher = Dispatcher(None, Runs(store, tmp_path), Limits(), 60.0)
+        dispatcher.answer_lost_requests()
+        return dispatcher.previous("alice", "key"), await dispatcher.result_of("lost", "alice")
+
+    previous, result = asyncio.run(after_restart())
+    assert previous == ("lost", 1)  # a resend is answered with the original ack, never run again
+    assert result.error.code == 10 and "before this request finished" in result.error.message

@@ -29,10 +29,9 @@ _BATCHABLE = {ops.Phase.FORWARD, ops.Phase.SAVE, ops.Phase.SAMPLE}
 
 @dataclass
 class Ticket:
-    """What the submitter gets back: the ack's fields and the outcome to await."""
+    """What the submitter gets back: the request's future_id and the outcome to await."""
 
     future_id: str
-    seq: int
     outcome: asyncio.Future[ops.Outcome]
 
 
@@ -99,7 +98,6 @@ class Scheduler:
         self._max_cycle_tokens = max_cycle_tokens
         self._queues: dict[str, deque[_Queued]] = {}
         self._queued = 0  # kept apart: the metrics thread reads it while the loop changes the queues
-        self._seqs: dict[str, itertools.count[int]] = {}
         self._work_available = asyncio.Event()
         self._submitted = asyncio.Event()  # pulses on every submission
         self._cycle_ids = itertools.count(1)
@@ -108,11 +106,10 @@ class Scheduler:
         metrics.QUEUE_DEPTH.set_function(self.queued)
 
     def submit(self, queue_key: str, item: ops.WorkItem) -> Ticket:
-        """Queues an operation; its order among `queue_key`'s requests is fixed now."""
-        seq = next(self._seqs.setdefault(queue_key, itertools.count(1)))
-        future_id = uuid.uuid4().hex
-        item.future_id = future_id
-        ticket = Ticket(future_id, seq, asyncio.get_running_loop().create_future())
+        """Queues an operation; its order among `queue_key`'s requests is fixed now (its seq, for a
+        client's request, is the dispatcher's)."""
+        item.future_id = item.future_id or uuid.uuid4().hex
+        ticket = Ticket(item.future_id, asyncio.get_running_loop().create_future())
         self._queues.setdefault(queue_key, deque()).append(_Queued(queue_key, ticket, item))
         self._queued += 1
         self._work_available.set()

@@ -60,6 +60,7 @@ class TinkerServer:
         self._scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
         self._runs = runs
         self._dispatcher = Dispatcher(self._scheduler, runs, config.limits, config.result_retention_seconds)
+        self._dispatcher.answer_lost_requests()
         parser = RequestParser(self._served, runs, config.limits)
         metrics.watch_residency(lambda: self._worker.residency)
         self._servicer = TinkerServicer(
@@ -155,7 +156,8 @@ class TinkerServer:
         for run in self._runs.live_runs():
             path = CheckpointPath(run.model_id, "training", AUTOSAVE_NAME)
             item = ops.WorkItem("", run.model_id, ops.SaveState(str(path), str(self._runs.directory(path))))
-            saves.append(self._dispatcher.submit(ParsedRequest(run.model_id, item, checkpoint=path), run.owner).result)
+            parsed = ParsedRequest(run.model_id, item, checkpoint=path)
+            saves.append(self._dispatcher.submit(parsed, run.owner, internal=True).result)
         if saves:
             done, _ = await asyncio.wait(saves, timeout=timeout)
             log.info("saved %d of %d live run(s) as %s", len(done), len(saves), AUTOSAVE_NAME)

@@ -120,6 +120,22 @@ MIGRATIONS = [
     CREATE INDEX sampled_sequences_owner ON sampled_sequences(owner, last_used);
     CREATE INDEX samplers_path ON samplers(model_path);
     """,
+    """
+    CREATE TABLE accepted_requests (
+        future_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX accepted_requests_key ON accepted_requests(owner, idempotency_key)
+        WHERE idempotency_key != '';
+    CREATE INDEX accepted_requests_expiry ON accepted_requests(expires_at);
+    CREATE TABLE queue_seqs (
+        queue_key TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    """,
 ]
 
 
@@ -294,6 +310,7 @@ class Store:
         with self._transaction():
             self._db.execute("DELETE FROM checkpoints WHERE model_id = ?", (model_id,))
             self._db.execute("DELETE FROM training_runs WHERE model_id = ?", (model_id,))
+            self._db.execute("DELETE FROM queue_seqs WHERE queue_key = ?", (model_id,))
 
     def run(self, model_id: str) -> TrainingRun | None:
         row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE model_id = ?", (model_id,)).fetchone()
@@ -413,10 +430,47 @@ class Store:
 
     # -- futures' results ------------------------------------------------------------
 
+    def accept(self, future_id: str, owner: str, idempotency_key: str, queue_key: str, expires_at: float) -> int:
+        """Records an accepted request before it is acked; returns its seq, the next of its queue's
+        (counted across restarts, and only for clients' requests)."""
+        with self._transaction():
+            (seq,) = self._db.execute(
+                "INSERT INTO queue_seqs VALUES (?, 1) ON CONFLICT (queue_key) DO UPDATE SET seq = seq + 1"
+                " RETURNING seq",
+                (queue_key,),
+            ).fetchone()
+            self._db.execute(
+                "INSERT INTO accepted_requests VALUES (?, ?, ?, ?, ?)",
+                (future_id, owner, idempotency_key, seq, expires_at),
+            )
+        return seq
+
+    def accepted(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
+        """(future_id, seq) of the request `owner` sent with this idempotency key, while it is kept."""
+        row = self._db.execute(
+            "SELECT future_id, seq FROM accepted_requests WHERE owner = ? AND idempotency_key = ?",
+            (owner, idempotency_key),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def unanswered(self) -> list[tuple[str, str]]:
+        """(future_id, owner) of accepted requests that have no result: a crash cut them short."""
+        return self._db.execute(
+            "SELECT a.future_id, a.owner FROM accepted_requests a"
+            " LEFT JOIN future_results r ON r.future_id = a.future_id WHERE r.future_id IS NULL"
+        ).fetchall()
+
+    def forget_queues(self, prefix: str) -> None:
+        """Forgets the seq counters of queues whose key starts with `prefix` (their weights are gone)."""
+        self._db.execute("DELETE FROM queue_seqs WHERE substr(queue_key, 1, ?) = ?", (len(prefix), prefix))
+
     def put_result(self, future_id: str, owner: str, result: bytes, expires_at: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO future_results VALUES (?, ?, ?, ?)", (future_id, owner, result, expires_at)
-        )
+        """The request's result; its record (and idempotency key) is kept as long."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO future_results VALUES (?, ?, ?, ?)", (future_id, owner, result, expires_at)
+            )
+            self._db.execute("UPDATE accepted_requests SET expires_at = ? WHERE future_id = ?", (expires_at, future_id))
 
     def result(self, future_id: str) -> tuple[str, bytes, float] | None:
         """(owner, serialized Result, expires_at), or None if never stored or already purged."""
@@ -426,7 +480,14 @@ class Store:
         return None if row is None else (row[0], row[1], row[2])
 
     def purge_results(self, now: float) -> int:
-        return self._db.execute("DELETE FROM future_results WHERE expires_at <= ?", (now,)).rowcount
+        """Forgets expired results, and the requests they answered (one still unanswered stays)."""
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM accepted_requests WHERE expires_at <= ?"
+                " AND future_id IN (SELECT future_id FROM future_results)",
+                (now,),
+            )
+            return self._db.execute("DELETE FROM future_results WHERE expires_at <= ?", (now,)).rowcount
 
     # -- client sessions and samplers ------------------------------------------------
 

@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 import logging
 import shutil
+import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -15,7 +17,7 @@ import grpc
 from tinker_rpc.v1 import service_pb2
 from tinker_server import metrics, ops
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
-from tinker_server.api.requests import Limits, ParsedRequest, RequestError
+from tinker_server.api.requests import Limits, ParsedRequest, RequestError, sampler_queue_prefix
 from tinker_server.api.responses import error_result, outcome_result
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
@@ -40,9 +42,6 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.retention_seconds = result_retention_seconds
         self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
-        # (owner, idempotency key) -> (future_id, seq, when) of the request it first named, for
-        # as long as results are kept; the result itself is looked up by future_id.
-        self._by_key: dict[tuple[str, str], tuple[str, int, float]] = {}
         self.draining = False
         """Set at shutdown: new requests are refused, queued ones still run."""
 
@@ -53,9 +52,20 @@ class Dispatcher:
 
     def previous(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
         """(future_id, seq) of the request an idempotency key already named, if any: the
-        request is being resent after a reconnect."""
-        found = self._by_key.get((owner, idempotency_key)) if idempotency_key else None
-        return None if found is None else found[:2]
+        request is being resent after a reconnect (or a restart)."""
+        return self._runs.store.accepted(owner, idempotency_key) if idempotency_key else None
+
+    def answer_lost_requests(self) -> None:
+        """At start: requests a crash cut short get their result, an error saying so, so that a
+        client resending or resuming them learns what happened instead of "unknown"."""
+        expires = time.time() + self.retention_seconds
+        for future_id, owner in self._runs.store.unanswered():
+            message = (
+                "the server stopped (a crash or a kill) before this request finished: it did not complete, "
+                "and the unsaved state of the run it was for is gone; continue from the run's last checkpoint"
+            )
+            result = error_result(grpc.StatusCode.ABORTED.value[0], message, future_id)
+            self._runs.store.put_result(future_id, owner, result.SerializeToString(), expires)
 
     async def result_of(self, future_id: str, owner: str) -> service_pb2.Result | None:
         """The Result of an acked request, waiting for it if it is still running; None if
@@ -68,7 +78,20 @@ class Dispatcher:
             return None
         return service_pb2.Result.FromString(stored[1])
 
-    def submit(self, parsed: ParsedRequest, owner: str, idempotency_key: str = "") -> Submitted:
+    def submit(self, parsed: ParsedRequest, owner: str, idempotency_key: str = "", internal: bool = False) -> Submitted:
+        """Queues a request. A client's is recorded first (durably: its seq, its idempotency key);
+        the server's own (`internal`) take no place in the order clients see."""
+        future_id = uuid.uuid4().hex
+        seq = 0
+        if not internal:
+            expires = time.time() + self.retention_seconds
+            try:
+                seq = self._runs.store.accept(future_id, owner, idempotency_key, parsed.queue_key, expires)
+            except sqlite3.Error as error:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE, f"the server could not record this request ({error}); it did not run"
+                ) from error
+        parsed.item.future_id = future_id
         if parsed.run is not None:
             self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
         if parsed.checkpoint is not None:
@@ -77,10 +100,8 @@ class Dispatcher:
             self._runs.store.touch_sampled_sequences(parsed.sequence_ids, time.time())
         ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
-        submitted = Submitted(ticket.future_id, ticket.seq, owner, result)
-        self._inflight[ticket.future_id] = submitted
-        if idempotency_key:
-            self._by_key[(owner, idempotency_key)] = (ticket.future_id, ticket.seq, time.time())
+        submitted = Submitted(future_id, seq, owner, result)
+        self._inflight[future_id] = submitted
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
             try:
@@ -157,6 +178,7 @@ class Dispatcher:
             raise RequestError(status_code(outcome.error.code), outcome.error.message)
         self._runs.store.delete_checkpoint(path)
         self._runs.forget_samplers(str(path))
+        self._runs.store.forget_queues(sampler_queue_prefix(str(path)))
 
     def release_replaced_snapshots(self) -> None:
         """Deletes the unnamed snapshots that newer ones replaced and no sampling client holds."""
@@ -182,8 +204,6 @@ class Dispatcher:
         self._runs.store.purge_results(now)
         self._runs.store.purge_sampled_sequences(now - SEQUENCE_TTL_SECONDS, now)
         self._runs.store.purge_expired_sequence_ids(now - SEQUENCE_TTL_SECONDS)
-        cutoff = now - self.retention_seconds
-        self._by_key = {key: entry for key, entry in self._by_key.items() if entry[2] > cutoff}
 
     def discard_files(self, path: CheckpointPath) -> None:
         shutil.rmtree(self._runs.directory(path), ignore_errors=True)

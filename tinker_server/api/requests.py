@@ -37,6 +37,16 @@ class RequestError(Exception):
         self.code = code
 
 
+def sampler_queue_prefix(weights: str) -> str:
+    return f"sampler:{weights}:"
+
+
+def sampler_queue(weights: str, owner: str) -> str:
+    """The queue of one owner's samples of `weights` (a tinker:// path or a base model): owners
+    never share one, so each gets its turns and its own seq."""
+    return f"{sampler_queue_prefix(weights)}{owner}"
+
+
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -588,7 +598,7 @@ class RequestParser:
         # An in-flight sample takes its place in its run's order; others queue by their weights.
         in_flight = adapter is not None and adapter_dir is None
         return ParsedRequest(
-            adapter if in_flight else f"sampler:{source}:{adapter or request.base_model}",
+            adapter if in_flight else sampler_queue(adapter or request.base_model, current_owner.get()),
             ops.WorkItem("", "", operation),
             record_stability_info=request.record_stability_info,
         )

@@ -111,6 +111,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                     f"{len(pending)} requests in flight on this stream, the limit; wait for results, then resend",
                 )
             parsed = None if previous is not None or request.HasField("resume") else self._parser.parse(request)
+            submitted = None if parsed is None else self._dispatcher.submit(parsed, owner, request.idempotency_key)
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)
             metrics.REQUESTS.labels(request.WhichOneof("request") or "none", error.code.name).inc()
@@ -134,7 +135,6 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             )
             self._spawn(self._resume(future_id, owner, deliver))
             return
-        submitted = self._dispatcher.submit(parsed, owner, request.idempotency_key)
         ack = service_pb2.Ack(future_id=submitted.future_id, seq=submitted.seq)
         outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, ack=ack))
         submitted.result.add_done_callback(lambda done: deliver(done.result()))
