@@ -1,5 +1,7 @@
-"""SIGKILL the worker mid-cycle: the cycle fails with UNAVAILABLE, the server restarts the
-worker, restores saved runs, and serves on (queued requests included)."""
+"""SIGKILL the worker: the server starts a new one and brings every run back from its own
+lineage (its creation, or the checkpoint it last saved or loaded). Read-only requests run on as
+if nothing happened; a run that lost work says so, naming where it went back to, and refuses to
+train on until the client acknowledges with load_state."""
 
 from __future__ import annotations
 
@@ -11,46 +13,88 @@ import time
 import pytest
 from server_process import running_server
 
-from tinker_client import APIConnectionError, BadRequestError, ServiceClient, types
+from tinker_client import BadRequestError, InternalServerError, ServiceClient, types
 
 from .conftest import BASE_MODEL
 from .helpers import ragged_batch
 
 DATA = ragged_batch(seed=70, lengths=[10, 5])
+ADAM = types.AdamParams(learning_rate=1e-2)
 
 
 def worker_pids(log_path) -> list[int]:
     return [int(pid) for pid in re.findall(r"worker pid (\d+)", log_path.read_text())]
 
 
-def test_a_killed_worker_is_replaced_and_saved_runs_go_on(tmp_path):
+def loss(training) -> float:
+    return training.forward(DATA, "cross_entropy").result(timeout=120).metrics["loss:sum"]
+
+
+def step(training) -> None:
+    training.forward_backward(DATA, "cross_entropy")
+    training.optim_step(ADAM).result(timeout=120)
+
+
+def test_a_killed_worker_brings_every_run_back_from_its_own_lineage(tmp_path):
     with running_server(tmp_path) as address:
         service = ServiceClient(base_url=address)
         saved = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
-        saved.forward_backward(DATA, "cross_entropy")
-        saved.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-        checkpoint = saved.save_state("before-crash").result().path
-        expected = saved.forward(DATA, "cross_entropy").result().metrics["loss:sum"]
-        unsaved = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
+        step(saved)
+        saved.save_state("before-crash").result()
+        saved_loss = loss(saved)
 
-        busy = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
+        branched = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
+        step(branched)
+        first = branched.save_state("a").result().path
+        step(branched)
+        branched.save_state("b").result()  # the newest checkpoint, but not where the run is now
+        branched.load_state_with_optimizer(first).result()
+        branched_loss = loss(branched)
+
+        untouched = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
+        untouched_loss = loss(untouched)
+
+        busy = service.create_lora_training_client(BASE_MODEL, rank=4, seed=4).result()
+        initial_loss = loss(busy)
         in_flight = busy.forward_backward(ragged_batch(seed=71, lengths=[1000] * 16), "cross_entropy")
         time.sleep(0.3)  # the big forward_backward is running
-        queued = saved.forward(DATA, "cross_entropy")  # waits behind it, not started
+        pipelined = busy.optim_step(ADAM)  # would apply to gradients the crash loses
+        read_only = saved.forward(DATA, "cross_entropy")  # waits behind it, not started
         (pid,) = worker_pids(tmp_path / "server.log")
         os.kill(pid, signal.SIGKILL)
 
-        with pytest.raises(APIConnectionError, match="worker process exited.*restored 1 run"):
+        with pytest.raises(InternalServerError, match=r"went back to its creation \(step 0\)"):
             in_flight.result(timeout=120)
-        # The queued request ran on the new worker, on the restored weights.
-        assert queued.result(timeout=120).metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+        with pytest.raises(BadRequestError, match="went back to its creation"):
+            pipelined.result(timeout=120)
+        with pytest.raises(BadRequestError, match=f"load_state\\('tinker://{busy.model_id}/initial'\\)"):
+            busy.optim_step(ADAM).result(timeout=120)
+        assert read_only.result(timeout=120).metrics["loss:sum"] == pytest.approx(saved_loss, rel=1e-5)
         assert len(worker_pids(tmp_path / "server.log")) == 2
-        saved.optim_step(types.AdamParams(learning_rate=1e-2)).result()  # optimizer state came back too
-        with pytest.raises(BadRequestError, match="worker crashed.*no saved checkpoint"):
-            unsaved.forward(DATA, "cross_entropy").result(timeout=60)
-        fresh = service.create_lora_training_client(BASE_MODEL, rank=4, seed=4).result()
-        assert fresh.forward(DATA, "cross_entropy").result(timeout=60).metrics["loss:sum"] > 0
-        assert service.create_training_client_from_state(checkpoint).result().forward(DATA, "cross_entropy").result(
-            timeout=60
-        ).metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+
+        busy.load_state(f"tinker://{busy.model_id}/initial").result(timeout=120)  # acknowledged
+        assert loss(busy) == pytest.approx(initial_loss, rel=1e-5)
+        step(busy)
+        step(saved)  # its optimizer state came back too
+        assert loss(branched) == pytest.approx(branched_loss, rel=1e-5)  # from 'a', where it was
+        assert loss(untouched) == pytest.approx(untouched_loss, rel=1e-5)  # rebuilt from its seed
+        service.close()
+
+
+def test_an_idle_worker_that_dies_is_replaced_at_once(tmp_path):
+    with running_server(tmp_path) as address:
+        service = ServiceClient(base_url=address)
+        trained = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
+        step(trained)
+        clean = service.create_lora_training_client(BASE_MODEL, rank=4, seed=6).result()
+        clean_loss = loss(clean)
+        (pid,) = worker_pids(tmp_path / "server.log")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(worker_pids(tmp_path / "server.log")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # no request sent: the server noticed on its own
+        assert len(worker_pids(tmp_path / "server.log")) == 2
+        assert loss(clean) == pytest.approx(clean_loss, rel=1e-5)
+        with pytest.raises(BadRequestError, match=r"went back to its creation \(step 0\)"):
+            trained.forward_backward(DATA, "cross_entropy").result(timeout=120)
         service.close()

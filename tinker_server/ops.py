@@ -75,10 +75,11 @@ class CreateAdapter:
 
 @dataclass
 class LoadState:
-    """Replaces the adapter's weights (and optionally its optimizer state) from a checkpoint."""
+    """Replaces the adapter's weights (and optionally its optimizer state) from a checkpoint, or
+    (no `source_dir`) with its initial weights, rebuilt from its seed, and a fresh optimizer."""
 
     phase: ClassVar[Phase] = Phase.CREATE
-    source_dir: str
+    source_dir: str | None
     with_optimizer: bool
 
 
@@ -170,6 +171,20 @@ class WorkItem:
     model_id: str
     """The adapter a training operation acts on; empty for sampling."""
     operation: Operation
+
+
+def reads_only(operation: Operation) -> bool:
+    """Changes no run's state (a forward, a sample): safe to run again."""
+    return isinstance(operation, Sample) or (isinstance(operation, ForwardBackward) and not operation.backward)
+
+
+def run_of(item: WorkItem) -> str:
+    """The training run an item reads or changes: its model_id, or for an in-flight sample the run
+    whose live weights it reads ('' for samples of saved weights or of the base model)."""
+    operation = item.operation
+    if isinstance(operation, Sample) and operation.adapter is not None and operation.adapter_dir is None:
+        return operation.adapter
+    return item.model_id
 
 
 @dataclass

@@ -1,17 +1,29 @@
-"""The worker under supervision: when its process dies, a new one starts and every live
-training run comes back from its last checkpoint (weights and optimizer state)."""
+"""The worker under supervision: when its process dies (mid-cycle, or idle), a new one starts and
+every live training run comes back from its own restore point: its seeded creation, or the
+training checkpoint it last saved or loaded.
+
+What the crash cost is said, never hidden: read-only requests of the dying cycle run again on the
+new worker; a run whose state had moved on from its restore point is fenced, its requests failing
+with where it went back to, until the client acknowledges with load_state.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
+import grpc
+
 from tinker_server import metrics, ops
 from tinker_server.runs import Runs
+from tinker_server.store import CheckpointPath, TrainingRun, initial_path
 from tinker_server.worker.client import WorkerClient, WorkerDied
 
 log = logging.getLogger(__name__)
+WATCH_SECONDS = 0.5
+"""How often an idle worker is checked: a dead one is replaced before the next request needs it."""
 
 
 class SupervisedWorker:
@@ -27,6 +39,7 @@ class SupervisedWorker:
         self._runs = runs
         self._set_serving = set_serving
         self._worker = WorkerClient(base_model, options)
+        self._lock = asyncio.Lock()  # one cycle or one restart at a time
         self.restarts = 0
 
     async def start(self) -> ops.ModelInfo:
@@ -39,36 +52,103 @@ class SupervisedWorker:
     async def stop(self) -> None:
         await self._worker.stop()
 
-    async def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
-        try:
-            return await self._worker.run_cycle(cycle)
-        except WorkerDied as error:
-            log.error("the worker died during cycle %d (%s); restarting it", cycle.cycle_id, error)
-            report = await self._restart()
-            raise WorkerDied(f"{error}; a new worker {report}") from error
+    async def watch(self) -> None:
+        """Replaces a worker that died between cycles, at once (until cancelled)."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if self._worker.alive:
+                continue
+            async with self._lock:
+                if not self._worker.alive:
+                    log.error("the worker died while idle; restarting it")
+                    await self._restart(set())
 
-    async def _restart(self) -> str:
+    async def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+        async with self._lock:
+            try:
+                return await self._worker.run_cycle(cycle)
+            except WorkerDied as error:
+                log.error("the worker died during cycle %d (%s); restarting it", cycle.cycle_id, error)
+                changing = {ops.run_of(item) for item in cycle.items if not ops.reads_only(item.operation)}
+                report = await self._restart(changing)
+                return await self._rerun_what_may_run_again(cycle, f"{error}; a new worker {report}")
+
+    async def _rerun_what_may_run_again(self, cycle: ops.Cycle, what_happened: str) -> list[ops.Outcome]:
+        """The dying cycle's outcomes: its read-only requests of runs that lost nothing, run again
+        (once); a clear error for the rest."""
+        again = [
+            item
+            for item in cycle.items
+            if ops.reads_only(item.operation) and self._runs.fence_of(ops.run_of(item)) is None
+        ]
+        outcomes = {}
+        if again:
+            try:
+                outcomes = {
+                    outcome.future_id: outcome
+                    for outcome in await self._worker.run_cycle(ops.Cycle(cycle.cycle_id, again))
+                }
+            except WorkerDied as error:  # twice in a row: give up on this cycle
+                log.error("the new worker died too (%s)", error)
+        return [outcomes.get(item.future_id) or self._lost(item, cycle.cycle_id, what_happened) for item in cycle.items]
+
+    def _lost(self, item: ops.WorkItem, cycle_id: int, what_happened: str) -> ops.Outcome:
+        fence = self._runs.fence_of(ops.run_of(item))
+        if fence is not None:
+            error = ops.OpError(grpc.StatusCode.ABORTED.value[0], fence)
+        else:
+            message = f"the worker failed while running this request: {what_happened}; it did not run: send it again"
+            error = ops.OpError(grpc.StatusCode.UNAVAILABLE.value[0], message)
+        return ops.Outcome(item.future_id, cycle_id, error=error)
+
+    async def _restart(self, changing: set[str]) -> str:
+        """A new worker with every built live run back at its restore point; those that lose work
+        (they had moved on from it, or were changing in the dying cycle) are fenced."""
         await self._set_serving(False)  # health: NOT_SERVING until the runs are back
         await self._worker.stop()
         self._worker = WorkerClient(self._base_model, self._options)
         await self._worker.start()
         self.restarts += 1
         metrics.WORKER_RESTARTS.inc()
-        restored, lost = [], []
+        restored, fenced, lost = 0, [], []
         for run in self._runs.live_runs():
-            checkpoint = self._runs.last_checkpoint(run.model_id, "training")
-            outcome = None
-            if checkpoint is not None:
-                source = str(self._runs.directory(checkpoint.path))
-                item = ops.WorkItem(uuid.uuid4().hex, run.model_id, ops.CreateAdapter(run.lora, source, True))
-                (outcome,) = await self._worker.run_cycle(ops.Cycle(0, [item]))
-            if outcome is not None and outcome.error is None:
-                restored.append(f"{run.model_id} from {checkpoint.path}")
-            else:
+            if not self._runs.is_built(run.model_id):
+                continue  # its creation is still queued: the new worker builds it
+            error = await self._restore(run)
+            if error is not None:
                 self._runs.mark_lost(run.model_id)
-                lost.append(run.model_id)
-        log.warning("worker restarted: restored %s; lost (no checkpoint) %s", restored or "none", lost or "none")
-        await self._set_serving(True)
-        return f"restored {len(restored)} run(s) from their last checkpoints (steps after those are lost)" + (
-            f"; runs without a checkpoint lost their training: {', '.join(lost)}" if lost else ""
+                lost.append(f"{run.model_id} ({error})")
+                continue
+            restored += 1
+            self._runs.store.set_restore_point(run.model_id, run.restore)  # its steps are the restore point's
+            if self._runs.has_diverged(run.model_id) or run.model_id in changing:
+                self._runs.fence(run.model_id, _rollback_message(run))
+                fenced.append(run.model_id)
+        log.warning(
+            "worker restarted: %d run(s) restored, fenced %s, lost %s", restored, fenced or "none", lost or "none"
         )
+        await self._set_serving(True)
+        report = f"restored {restored} run(s), each from its own restore point"
+        return report + (f"; runs that could not be restored: {', '.join(lost)}" if lost else "")
+
+    async def _restore(self, run: TrainingRun) -> str | None:
+        """Rebuilds the run's adapter at its restore point; the error, if that fails."""
+        point = run.restore
+        if point.path:
+            directory = str(self._runs.directory(CheckpointPath.parse(point.path)))
+            operation = ops.CreateAdapter(run.lora, directory, point.with_optimizer)
+        else:
+            operation = ops.CreateAdapter(run.lora)  # seeded: its creation comes back exactly
+        (outcome,) = await self._worker.run_cycle(
+            ops.Cycle(0, [ops.WorkItem(uuid.uuid4().hex, run.model_id, operation)])
+        )
+        return None if outcome.error is None else outcome.error.message
+
+
+def _rollback_message(run: TrainingRun) -> str:
+    point = run.restore
+    return (
+        f"the worker crashed, and training run {run.model_id} went back to {point.describe()} (step {point.step}): "
+        f"what it did after that is lost. Call load_state('{point.path or initial_path(run.model_id)}') "
+        "to go on from there"
+    )

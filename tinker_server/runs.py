@@ -26,6 +26,13 @@ class Runs:
         self._holds: dict[str, int] = {}
         self._sampler_paths: dict[str, str] = {}
         self._ephemeral: dict[str, list[CheckpointPath]] = {}
+        # What a worker crash would cost each live run: built ones come back from their restore
+        # point; those whose state had moved on from it (`_diverged`; `_gradients`: they hold
+        # gradients no step consumed) are fenced until the client acknowledges with load_state.
+        self._built: set[str] = set()
+        self._diverged: set[str] = set()
+        self._gradients: set[str] = set()
+        self._fences: dict[str, str] = {}
 
     def owned_run(self, model_id: str, owner: str) -> TrainingRun | None:
         """The run, if `owner` owns it: another owner's run does not exist for them."""
@@ -41,6 +48,12 @@ class Runs:
     def mark_lost(self, model_id: str) -> None:
         """Its adapter is gone from the worker (a crash, or closed); the record and checkpoints stay."""
         self._live.pop(model_id, None)
+        self._forget_state(model_id)
+
+    def _forget_state(self, model_id: str) -> None:
+        for tracked in (self._built, self._diverged, self._gradients):
+            tracked.discard(model_id)
+        self._fences.pop(model_id, None)
 
     def last_checkpoint(self, model_id: str, checkpoint_type: str) -> Checkpoint | None:
         kept = [c for c in self.store.checkpoints(model_id) if c.path.checkpoint_type == checkpoint_type]
@@ -53,9 +66,52 @@ class Runs:
         """The client closed the run (its session): its adapter is freed; checkpoints stay."""
         self._live.pop(model_id, None)
         self._closed.add(model_id)
+        self._forget_state(model_id)
 
     def was_closed(self, model_id: str) -> bool:
         return model_id in self._closed
+
+    # -- what a worker crash would cost ----------------------------------------------
+
+    def note_built(self, model_id: str) -> None:
+        """Its adapter exists on the worker, at its restore point."""
+        self._built.add(model_id)
+        self._diverged.discard(model_id)
+        self._gradients.discard(model_id)
+
+    def note_backward(self, model_id: str) -> None:
+        self._diverged.add(model_id)
+        self._gradients.add(model_id)
+
+    def note_step(self, model_id: str) -> None:
+        self._diverged.add(model_id)
+        self._gradients.discard(model_id)
+
+    def note_restore_point(self, model_id: str, saved: bool) -> None:
+        """Its state became its restore point: saved as one (pending gradients are not part of a
+        checkpoint), or loaded from one (which drops them)."""
+        if not saved:
+            self._gradients.discard(model_id)
+        if model_id not in self._gradients:
+            self._diverged.discard(model_id)
+
+    def is_built(self, model_id: str) -> bool:
+        return model_id in self._built
+
+    def has_diverged(self, model_id: str) -> bool:
+        return model_id in self._diverged
+
+    def fence(self, model_id: str, message: str) -> None:
+        """A crash took the run back: its state-changing requests fail with `message` until a load_state."""
+        self._fences[model_id] = message
+        self._diverged.discard(model_id)
+        self._gradients.discard(model_id)
+
+    def fence_of(self, model_id: str) -> str | None:
+        return self._fences.get(model_id)
+
+    def lift_fence(self, model_id: str) -> None:
+        self._fences.pop(model_id, None)
 
     # -- what holds sampler weights --------------------------------------------------
 
@@ -102,6 +158,7 @@ class Runs:
 
     def drop(self, model_id: str) -> None:
         self._live.pop(model_id, None)
+        self._forget_state(model_id)
         self.store.remove_run(model_id)
 
     def checkpoint_exists(self, path: CheckpointPath) -> bool:

@@ -87,6 +87,12 @@ class _Queued:
 
 
 RunCycle = Callable[[ops.Cycle], Awaitable[list[ops.Outcome]]]
+Gate = Callable[[list[ops.WorkItem]], list[ops.OpError | None]]
+"""Which of a cycle's items may run (None), in order; the others fail with the error given."""
+
+
+def admit_all(items: list[ops.WorkItem]) -> list[ops.OpError | None]:
+    return [None] * len(items)
 
 
 class Scheduler:
@@ -94,6 +100,7 @@ class Scheduler:
         self, run_cycle: RunCycle, policy: CyclePolicy, max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
     ) -> None:
         self._run_cycle = run_cycle
+        self.gate: Gate = admit_all
         self._policy = policy
         self._max_cycle_tokens = max_cycle_tokens
         self._queues: dict[str, deque[_Queued]] = {}
@@ -212,11 +219,21 @@ class Scheduler:
         self._queues.clear()
         self._queued = 0
 
+    async def _run_admitted(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+        """Runs the items the gate lets through; the others fail with its error."""
+        refusals = self.gate(cycle.items)
+        admitted = [item for item, refusal in zip(cycle.items, refusals, strict=True) if refusal is None]
+        ran = iter(await self._run_cycle(ops.Cycle(cycle.cycle_id, admitted)) if admitted else [])
+        return [
+            next(ran) if refusal is None else ops.Outcome(item.future_id, cycle.cycle_id, error=refusal)
+            for item, refusal in zip(cycle.items, refusals, strict=True)
+        ]
+
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
         self._running_cycle = True
         started = asyncio.get_running_loop().time()
         try:
-            outcomes = await self._run_cycle(cycle)
+            outcomes = await self._run_admitted(cycle)
         except Exception as error:  # the worker died or the pipe broke: fail this cycle only
             log.error("cycle %d failed: %s", cycle.cycle_id, error)
             message = f"the worker failed while running this request: {error}"

@@ -26,7 +26,7 @@ from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
 from tinker_server.scheduler import Scheduler
 from tinker_server.served import ServedModel
-from tinker_server.store import CheckpointPath, Store
+from tinker_server.store import CheckpointPath, RestorePoint, Store
 
 log = logging.getLogger(__name__)
 AUTOSAVE_NAME = "autosave-shutdown"
@@ -61,6 +61,7 @@ class TinkerServer:
         self._runs = runs
         self._dispatcher = Dispatcher(self._scheduler, runs, config.limits, config.result_retention_seconds)
         self._dispatcher.answer_lost_requests()
+        self._scheduler.gate = self._dispatcher.gate
         parser = RequestParser(self._served, runs, config.limits)
         metrics.watch_residency(lambda: self._worker.residency)
         self._servicer = TinkerServicer(
@@ -112,6 +113,7 @@ class TinkerServer:
                 _every(config.sweep_interval_seconds, lambda: self._worker.run_cycle(ops.Cycle(0, []))),
                 name="adapter-residency",
             ),
+            asyncio.create_task(self._worker.watch(), name="worker-watch"),
         ]
         await self._set_serving(True)
         log.info(
@@ -156,7 +158,7 @@ class TinkerServer:
         for run in self._runs.live_runs():
             path = CheckpointPath(run.model_id, "training", AUTOSAVE_NAME)
             item = ops.WorkItem("", run.model_id, ops.SaveState(str(path), str(self._runs.directory(path))))
-            parsed = ParsedRequest(run.model_id, item, checkpoint=path)
+            parsed = ParsedRequest(run.model_id, item, checkpoint=path, restore=RestorePoint(str(path), True))
             saves.append(self._dispatcher.submit(parsed, run.owner, internal=True).result)
         if saves:
             done, _ = await asyncio.wait(saves, timeout=timeout)

@@ -135,6 +135,11 @@ MIGRATIONS = [
         queue_key TEXT PRIMARY KEY,
         seq INTEGER NOT NULL
     );
+    ALTER TABLE training_runs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE training_runs ADD COLUMN restore_path TEXT NOT NULL DEFAULT '';
+    ALTER TABLE training_runs ADD COLUMN restore_with_optimizer INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE training_runs ADD COLUMN restore_step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE checkpoints ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -173,6 +178,11 @@ class CheckpointPath:
 INFLIGHT = "inflight"
 
 
+def initial_path(model_id: str) -> str:
+    """Names a run's state at its creation (rebuilt from its seed) for load_state."""
+    return f"{TINKER_SCHEME}{model_id}/initial"
+
+
 def inflight_run(path: str) -> str | None:
     """The run of an in-flight sampler path, tinker://<run>/inflight (its live weights); None for
     any other path."""
@@ -180,6 +190,19 @@ def inflight_run(path: str) -> str | None:
     if len(parts) == 2 and parts[1] == INFLIGHT and is_safe_name(parts[0]):
         return parts[0]
     return None
+
+
+@dataclass(frozen=True)
+class RestorePoint:
+    """What a run's state is rebuilt from when its worker dies: its seeded creation (no `path`),
+    or the training checkpoint it last saved or loaded; and the optimizer steps it had taken then."""
+
+    path: str = ""
+    with_optimizer: bool = False
+    step: int = 0
+
+    def describe(self) -> str:
+        return self.path or "its creation"
 
 
 @dataclass
@@ -196,6 +219,9 @@ class TrainingRun:
     optimizer: str = "adamw"
     trained_modules: list[str] = field(default_factory=list)
     """The weights its adapter adapts, by path, as the worker built it."""
+    steps: int = 0
+    """Optimizer steps applied to its current state."""
+    restore: RestorePoint = RestorePoint()
 
 
 @dataclass
@@ -234,13 +260,16 @@ class Checkpoint:
     expires_at: float | None
     public: bool = False
     user_metadata: dict[str, str] = field(default_factory=dict)
+    step: int = 0
+    """Optimizer steps its run had applied when it was saved."""
 
 
-_RUN_COLUMNS = (
+_RUN_FIELDS = (
     "model_id, owner, base_model, lora_rank, lora_seed, train_mlp, train_attn, train_unembed, lora_alpha, "
     "user_metadata, created_at, last_request_time, session_id, project_id, optimizer, trained_modules"
 )
-_CHECKPOINT_COLUMNS = "model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, user_metadata"
+_RUN_COLUMNS = f"{_RUN_FIELDS}, steps, restore_path, restore_with_optimizer, restore_step"
+_CHECKPOINT_COLUMNS = "model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, user_metadata, step"
 
 
 class Store:
@@ -285,7 +314,7 @@ class Store:
     def add_run(self, run: TrainingRun) -> None:
         lora = run.lora
         self._db.execute(
-            f"INSERT INTO training_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO training_runs ({_RUN_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.model_id,
                 run.owner,
@@ -357,15 +386,26 @@ class Store:
             ),
         )
 
-    def touch_run(self, model_id: str, when: float) -> None:
-        self._db.execute("UPDATE training_runs SET last_request_time = ? WHERE model_id = ?", (when, model_id))
+    def touch_run(self, model_id: str, when: float, steps_applied: int = 0) -> None:
+        self._db.execute(
+            "UPDATE training_runs SET last_request_time = ?, steps = steps + ? WHERE model_id = ?",
+            (when, steps_applied, model_id),
+        )
+
+    def set_restore_point(self, model_id: str, point: RestorePoint) -> None:
+        """The run's state is now `point`'s (saved as, or loaded from it)."""
+        self._db.execute(
+            "UPDATE training_runs SET restore_path = ?, restore_with_optimizer = ?, restore_step = ?, steps = ?"
+            " WHERE model_id = ?",
+            (point.path, point.with_optimizer, point.step, point.step, model_id),
+        )
 
     # -- checkpoints -----------------------------------------------------------------
 
     def put_checkpoint(self, checkpoint: Checkpoint) -> None:
         path = checkpoint.path
         self._db.execute(
-            f"INSERT OR REPLACE INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 path.model_id,
                 path.checkpoint_type,
@@ -375,6 +415,7 @@ class Store:
                 checkpoint.expires_at,
                 checkpoint.public,
                 json.dumps(checkpoint.user_metadata),
+                checkpoint.step,
             ),
         )
 
@@ -641,14 +682,25 @@ class RecordedSequence:
 
 def _run_from_row(row: tuple) -> TrainingRun:
     (model_id, owner, base_model, rank, seed, mlp, attn, unembed, alpha, metadata, created, last, *rest) = row
-    *labels, trained_modules = rest
-    lora = LoraSpec(rank, seed, bool(mlp), bool(attn), bool(unembed), alpha)
+    session_id, project_id, optimizer, trained_modules, steps, restore_path, with_optimizer, restore_step = rest
     return TrainingRun(
-        model_id, owner, base_model, lora, json.loads(metadata), created, last, *labels, json.loads(trained_modules)
+        model_id,
+        owner,
+        base_model,
+        LoraSpec(rank, seed, bool(mlp), bool(attn), bool(unembed), alpha),
+        json.loads(metadata),
+        created,
+        last,
+        session_id,
+        project_id,
+        optimizer,
+        json.loads(trained_modules),
+        steps,
+        RestorePoint(restore_path, bool(with_optimizer), restore_step),
     )
 
 
 def _checkpoint_from_row(row: tuple) -> Checkpoint:
-    model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, metadata = row
+    model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, metadata, step = row
     path = CheckpointPath(model_id, checkpoint_type, name)
-    return Checkpoint(path, created_at, size_bytes, expires_at, bool(public), json.loads(metadata))
+    return Checkpoint(path, created_at, size_bytes, expires_at, bool(public), json.loads(metadata), step)

@@ -144,23 +144,59 @@ class Dispatcher:
                 self._runs.drop(parsed.run.model_id)
             return
         payload = outcome.result
-        if isinstance(payload, ops.CreateAdapterResult):
-            self._runs.store.set_lora(payload.model_id, payload.lora, list(payload.trained_modules))
-        if isinstance(payload, ops.SaveCheckpointResult) and parsed.ephemeral and parsed.checkpoint is not None:
-            self._runs.add_ephemeral(parsed.checkpoint)
-            self.release_replaced_snapshots()
+        model_id = parsed.item.model_id
+        step = self._record_run_state(parsed, payload) if model_id else 0
         if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
+            if parsed.ephemeral:
+                self._runs.add_ephemeral(parsed.checkpoint)
+                self.release_replaced_snapshots()
             expires = None if parsed.ttl_seconds is None else now + parsed.ttl_seconds
             metadata = parsed.checkpoint_metadata or {}
-            checkpoint = Checkpoint(parsed.checkpoint, now, payload.size_bytes, expires, user_metadata=metadata)
+            checkpoint = Checkpoint(parsed.checkpoint, now, payload.size_bytes, expires, False, metadata, step)
             self._runs.store.put_checkpoint(checkpoint)
         if isinstance(payload, ops.SampleResult) and parsed.record_stability_info:
             prompt = parsed.item.operation.prompt
             sequences = [RecordedSequence(s.sequence_id, prompt, s.tokens, s.logprobs) for s in payload.sequences]
             self._runs.store.put_sampled_sequences(owner, sequences, now)
             self._runs.store.cap_sampled_sequences(owner, self._limits.max_recorded_sequences_per_owner, now)
-        if parsed.item.model_id:
-            self._runs.store.touch_run(parsed.item.model_id, now)
+        if model_id:
+            self._runs.store.touch_run(model_id, now, steps_applied=int(isinstance(payload, ops.OptimStepResult)))
+
+    def _record_run_state(self, parsed: ParsedRequest, payload: ops.OpResult) -> int:
+        """What a worker crash would take the run back to (its restore point) and what it would
+        lose; returns the run's optimizer steps so far (a checkpoint it saves is at that step)."""
+        model_id = parsed.item.model_id
+        if isinstance(payload, ops.CreateAdapterResult):
+            self._runs.store.set_lora(model_id, payload.lora, list(payload.trained_modules))
+            self._runs.note_built(model_id)
+        elif isinstance(payload, ops.ForwardBackwardResult) and parsed.item.operation.backward:
+            self._runs.note_backward(model_id)
+        elif isinstance(payload, ops.OptimStepResult):
+            self._runs.note_step(model_id)
+        elif isinstance(payload, ops.LoadStateResult):
+            self._runs.lift_fence(model_id)  # the client acknowledged a rollback, if there was one
+        saved = isinstance(payload, ops.SaveCheckpointResult)
+        step = self._runs.store.run(model_id).steps if saved else 0
+        if parsed.restore is not None:
+            self._runs.store.set_restore_point(
+                model_id, dataclasses.replace(parsed.restore, step=step) if saved else parsed.restore
+            )
+            self._runs.note_restore_point(model_id, saved)
+        return step
+
+    def gate(self, items: list[ops.WorkItem]) -> list[ops.OpError | None]:
+        """A run a worker crash took back fails every request with where it went, until its
+        load_state (which acknowledges: what follows it in the same cycle runs too)."""
+        acknowledged: set[str] = set()
+        refusals: list[ops.OpError | None] = []
+        for item in items:
+            run = ops.run_of(item)
+            fence = self._runs.fence_of(run) if run and run not in acknowledged else None
+            if fence is not None and isinstance(item.operation, ops.LoadState):
+                acknowledged.add(run)
+                fence = None
+            refusals.append(None if fence is None else ops.OpError(grpc.StatusCode.FAILED_PRECONDITION.value[0], fence))
+        return refusals
 
     def _new_sampler(self, parsed: ParsedRequest, owner: str) -> str:
         """Registers the sampler a save asked for, held before any later save can release it."""

@@ -23,7 +23,16 @@ from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import CheckpointPath, CheckpointType, Session, TrainingRun, inflight_run, is_safe_name
+from tinker_server.store import (
+    CheckpointPath,
+    CheckpointType,
+    RestorePoint,
+    Session,
+    TrainingRun,
+    inflight_run,
+    initial_path,
+    is_safe_name,
+)
 
 LORA_ALPHA = 32.0
 IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -96,6 +105,8 @@ class ParsedRequest:
     """A sampler to register, held by the caller, when the snapshot this request saves is made."""
     sequence_ids: frozenset[str] = frozenset()
     """Recorded sequences this request's provenance spans name; queuing it counts as their use."""
+    restore: RestorePoint | None = None
+    """The run's restore point once this request succeeds (it creates, loads or saves its state)."""
 
 
 class RequestParser:
@@ -124,7 +135,7 @@ class RequestParser:
         if kind == "optim_step":
             operation = self._optim_step(request.optim_step)
         elif kind == "load_state":
-            operation = self._load_state(request.load_state)
+            return self._load_state(model_id, request.load_state)
         elif kind == "save_weights_for_sampler":
             save = request.save_weights_for_sampler
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
@@ -274,7 +285,7 @@ class RequestParser:
         run = TrainingRun(new_model_id(), "", self._model.name, lora, dict(request.user_metadata))
         path = CheckpointPath(run.model_id, "training", "imported")
         item = ops.WorkItem("", run.model_id, ops.CreateAdapter(lora, str(self._runs.directory(path))))
-        return ParsedRequest(run.model_id, item, run=run), path
+        return ParsedRequest(run.model_id, item, run=run, restore=RestorePoint(str(path))), path
 
     def _create_model_from_state(self, request: training_pb2.CreateModelFromStateRequest) -> ParsedRequest:
         field = "create_model_from_state"
@@ -291,7 +302,8 @@ class RequestParser:
         self._check_capacity()
         run = self._new_run(field, request, source.base_model, source.lora, optimizer)
         operation = ops.CreateAdapter(source.lora, str(self._runs.directory(path)), request.with_optimizer)
-        return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, operation), run=run)
+        restore = RestorePoint(str(path), request.with_optimizer, self._runs.checkpoint(path).step)
+        return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, operation), run=run, restore=restore)
 
     def _checkpoint_source(self, field: str, text: str, training_only: bool) -> tuple[CheckpointPath, TrainingRun]:
         """A saved checkpoint to load from (the caller's, or a published one), and the run that saved it."""
@@ -310,10 +322,17 @@ class RequestParser:
             )
         return path, source
 
-    def _load_state(self, request: training_pb2.LoadStateRequest) -> ops.LoadState:
+    def _load_state(self, model_id: str, request: training_pb2.LoadStateRequest) -> ParsedRequest:
+        """From a checkpoint, or (tinker://<run>/initial) back to the run's seeded creation."""
         check_no_access_token("load_state.weights_access_token", request.weights_access_token)
-        path, _ = self._checkpoint_source("load_state.path", request.path, training_only=request.with_optimizer)
-        return ops.LoadState(str(self._runs.directory(path)), request.with_optimizer)
+        if request.path == initial_path(model_id):
+            operation, restore = ops.LoadState(None, False), RestorePoint()
+        else:
+            path, _ = self._checkpoint_source("load_state.path", request.path, training_only=request.with_optimizer)
+            step = self._runs.checkpoint(path).step
+            operation = ops.LoadState(str(self._runs.directory(path)), request.with_optimizer)
+            restore = RestorePoint(str(path), request.with_optimizer, step)
+        return ParsedRequest(model_id, ops.WorkItem("", model_id, operation), restore=restore)
 
     # -- forward / backward ----------------------------------------------------------
 
@@ -524,7 +543,11 @@ class RequestParser:
         else:
             operation = ops.SaveForSampler(str(path), directory)
         item = ops.WorkItem("", model_id, operation)
-        return ParsedRequest(model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata)
+        # A training checkpoint becomes the run's restore point (at its step, known when it is saved).
+        restore = RestorePoint(str(path), True) if checkpoint_type == "training" else None
+        return ParsedRequest(
+            model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata, restore=restore
+        )
 
     def _ephemeral_save(self, model_id: str, ttl: int | None, user_metadata: dict[str, str]) -> ParsedRequest:
         """An unnamed snapshot: usable as soon as the device copy is made (its files are written in

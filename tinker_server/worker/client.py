@@ -37,6 +37,10 @@ class WorkerClient:
         self.residency = ResidencyStats()
         """Where the worker's adapters are, as of its last cycle."""
 
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
     async def start(self) -> ModelInfo:
         self._process.start()
         self._child_conn.close()

@@ -211,6 +211,9 @@ class Engine:
     def _load_state(self, item: ops.WorkItem) -> ops.LoadStateResult:
         operation: ops.LoadState = item.operation
         current = self._adapter(item.model_id)
+        if operation.source_dir is None:
+            self._install(item.model_id, current.spec, init_lora_pairs(self.layers, current.spec, self.device))
+            return ops.LoadStateResult()
         spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
         if spec.rank != current.spec.rank or set(pairs) != set(current.pairs):
             raise OperationError(
