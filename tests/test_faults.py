@@ -20,7 +20,7 @@ from tinker_server.api.requests import Limits, ParsedRequest
 from tinker_server.files import remove_staging_leftovers, write_whole
 from tinker_server.runs import Runs
 from tinker_server.scheduler import CyclePolicy, Scheduler
-from tinker_server.store import CheckpointPath, Store, is_safe_name
+from tinker_server.store import CheckpointPath, Store, TrainingRun, is_safe_name
 
 from .engine_helpers import batches, engine_with_adapters, forward_items
 
@@ -42,7 +42,9 @@ async def _settle_with_a_failing_store(tmp_path: Path) -> tuple[object, Dispatch
     store.put_result = disk_full
     scheduler = Scheduler(run_cycle, CyclePolicy())
     clock = asyncio.create_task(scheduler.run())
-    dispatcher = Dispatcher(scheduler, Runs(store, tmp_path), Limits(), 60.0)
+    runs = Runs(store, tmp_path)
+    runs.add_live(TrainingRun("run-a", "", "base", ops.LoraSpec(4, 0, True, True, True, 32.0)))
+    dispatcher = Dispatcher(scheduler, runs, Limits(), 60.0)
     try:
         item = ops.WorkItem("", "run-a", ops.OptimStep(ADAM))
         submitted = dispatcher.submit(ParsedRequest("run-a", item), owner="")

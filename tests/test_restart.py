@@ -8,7 +8,7 @@ import pytest
 import torch
 from server_process import start_server, stop_server
 
-from tinker_client import APIConnectionError, ServiceClient, _convert, types
+from tinker_client import BadRequestError, ServiceClient, TrainingClient, _convert, types
 from tinker_client._convert import forward_backward_input
 from tinker_rpc.v1 import sampling_pb2, service_pb2
 
@@ -27,10 +27,10 @@ def train(training, steps: int) -> None:
         training.optim_step(ADAM).result()
 
 
-def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
+def test_after_a_kill_every_run_comes_back_from_its_own_restore_point(tmp_path):
     process, address = start_server(tmp_path)
     try:
-        service = ServiceClient(base_url=address)
+        service = ServiceClient(base_url=address)  # never closed: its runs stay open
         training = service.create_lora_training_client(
             BASE_MODEL, rank=4, seed=5, user_metadata={"job": "restart"}
         ).result()
@@ -46,7 +46,10 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
         )
         ack, result_before = session.receive(), session.receive()
         session.close()
-        service.close()
+        moved_on = service.create_lora_training_client(BASE_MODEL, rank=4, seed=6).result()
+        train(moved_on, 1)
+        moved_on_checkpoint = moved_on.save_state("step-1").result().path
+        train(moved_on, 1)  # the kill loses this step
     finally:
         process.kill()  # no goodbye: SIGKILL
         process.wait()
@@ -71,32 +74,28 @@ def test_save_kill_restart_load_continue_equals_an_uninterrupted_run(tmp_path):
             service.create_sampling_client(model_path=sampler.model_path).result().sample(PROMPT, 1, GREEDY).result()
         )
         assert sampled_after.sequences[0].tokens == sampled_before.tokens
-        # The old run's unsaved in-memory state is gone: a clear error says what to do.
-        session = RawSession(address)
-        session.send(
-            service_pb2.SessionRequest(
-                request_id="g", model_id=training.model_id, forward=forward_backward_input(DATA, "cross_entropy", None)
-            )
-        )
-        stale = session.receive().result.error
-        session.close()
-        assert stale.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
-        assert "server restarted" in stale.message and f"last checkpoint is {checkpoint}" in stale.message
-        with pytest.raises(APIConnectionError, match="closed"):
-            training.forward(DATA, "cross_entropy").result(timeout=30)  # its client was closed
 
-        resumed = service.create_training_client_from_state_with_optimizer(checkpoint).result()
-        train(resumed, 2)
-        resumed_final = adapter_tensors(_directory(tmp_path, resumed.save_state("end").result().path))
+        # The run had lost nothing since its checkpoint: it goes on by its id, as if never stopped.
+        same_run = TrainingClient(service._connection, training.get_info())
+        forward_after = same_run.forward(DATA, "cross_entropy").result()
+        np.testing.assert_array_equal(
+            forward_after.loss_fn_outputs[0]["logprobs"].to_numpy(),
+            _convert.forward_backward_output(result_before.result).loss_fn_outputs[0]["logprobs"].to_numpy(),
+        )
+        train(same_run, 2)
+        resumed_final = adapter_tensors(_directory(tmp_path, same_run.save_state("end").result().path))
         uninterrupted = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
         train(uninterrupted, 4)
         expected = adapter_tensors(_directory(tmp_path, uninterrupted.save_state("end").result().path))
         for key, value in expected.items():
             assert torch.equal(resumed_final[key], value), key
-        np.testing.assert_array_equal(
-            resumed.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy(),
-            uninterrupted.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy(),
-        )
+
+        # The other had moved on: it says where it went back to, and goes on once acknowledged.
+        moved_on_again = TrainingClient(service._connection, moved_on.get_info())
+        with pytest.raises(BadRequestError, match=rf"server restarted.*went back to {moved_on_checkpoint} \(step 1\)"):
+            moved_on_again.forward(DATA, "cross_entropy").result(timeout=60)
+        moved_on_again.load_state_with_optimizer(moved_on_checkpoint).result()
+        train(moved_on_again, 1)
         service.close()
     finally:
         stop_server(process)

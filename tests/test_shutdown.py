@@ -10,7 +10,7 @@ import time
 import numpy as np
 from server_process import start_server, stop_server
 
-from tinker_client import ServiceClient, types
+from tinker_client import ServiceClient, TrainingClient, types
 
 from .conftest import BASE_MODEL
 from .helpers import ragged_batch
@@ -48,6 +48,10 @@ def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
         resumed = service.create_training_client_from_state_with_optimizer(checkpoints[0].tinker_path).result()
         logprobs = resumed.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         np.testing.assert_array_equal(logprobs, final_logprobs)  # nothing lost
+        same_run = TrainingClient(service._connection, training.get_info())  # and it goes on by its id
+        logprobs = same_run.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        np.testing.assert_array_equal(logprobs, final_logprobs)
+        same_run.optim_step(types.AdamParams(learning_rate=1e-2)).result()  # its AdamW state came back too
         service.close()
     finally:
         stop_server(process)

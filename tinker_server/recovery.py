@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from tinker_server import metrics, ops
-from tinker_server.runs import Runs
-from tinker_server.store import CheckpointPath, TrainingRun, initial_path
+from tinker_server.runs import Runs, rollback_message
+from tinker_server.store import CheckpointPath, TrainingRun
 from tinker_server.worker.client import WorkerClient, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,15 @@ class SupervisedWorker:
                 continue  # its creation is still queued: the new worker builds it
             error = await self._restore(run)
             if error is not None:
-                self._runs.mark_lost(run.model_id)
+                self._runs.mark_lost(
+                    run.model_id, f"its restore point {run.restore.describe()} failed to load: {error}"
+                )
                 lost.append(f"{run.model_id} ({error})")
                 continue
             restored += 1
-            self._runs.store.set_restore_point(run.model_id, run.restore)  # its steps are the restore point's
-            if self._runs.has_diverged(run.model_id) or run.model_id in changing:
-                self._runs.fence(run.model_id, _rollback_message(run))
+            self._runs.restored(run.model_id, run.restore)
+            if run.diverged or run.model_id in changing:
+                self._runs.fence(run.model_id, rollback_message(run, "the worker crashed"))
                 fenced.append(run.model_id)
         log.warning(
             "worker restarted: %d run(s) restored, fenced %s, lost %s", restored, fenced or "none", lost or "none"
@@ -143,12 +145,3 @@ class SupervisedWorker:
             ops.Cycle(0, [ops.WorkItem(uuid.uuid4().hex, run.model_id, operation)])
         )
         return None if outcome.error is None else outcome.error.message
-
-
-def _rollback_message(run: TrainingRun) -> str:
-    point = run.restore
-    return (
-        f"the worker crashed, and training run {run.model_id} went back to {point.describe()} (step {point.step}): "
-        f"what it did after that is lost. Call load_state('{point.path or initial_path(run.model_id)}') "
-        "to go on from there"
-    )

@@ -7,7 +7,7 @@ import secrets
 import time
 from pathlib import Path
 
-from tinker_server.store import Checkpoint, CheckpointPath, Sampler, Store, TrainingRun
+from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Sampler, Store, TrainingRun, initial_path
 
 
 class Runs:
@@ -19,19 +19,17 @@ class Runs:
         self._live: dict[str, str] = {}
         # Checkpoints being saved: reserved at submission so two saves cannot claim a name.
         self._saving: set[CheckpointPath] = set()
-        # Why a run is not live any more, when the client closed it (else: a restart or crash).
-        self._closed: set[str] = set()
+        # Runs a worker crash took and that could not be rebuilt, and why.
+        self._lost: dict[str, str] = {}
         # Sampler weights in use: clients' holds on samplers, and each run's unnamed snapshots,
         # oldest first (a newer one replaces them once nothing holds them).
         self._holds: dict[str, int] = {}
         self._sampler_paths: dict[str, str] = {}
         self._ephemeral: dict[str, list[CheckpointPath]] = {}
-        # What a worker crash would cost each live run: built ones come back from their restore
-        # point; those whose state had moved on from it (`_diverged`; `_gradients`: they hold
-        # gradients no step consumed) are fenced until the client acknowledges with load_state.
+        # After a crash, built runs come back from their restore points; those whose state had
+        # moved on from it are fenced (with the message their requests fail with) until the
+        # client acknowledges with load_state.
         self._built: set[str] = set()
-        self._diverged: set[str] = set()
-        self._gradients: set[str] = set()
         self._fences: dict[str, str] = {}
 
     def owned_run(self, model_id: str, owner: str) -> TrainingRun | None:
@@ -45,14 +43,17 @@ class Runs:
     def live_runs(self) -> list[TrainingRun]:
         return [run for model_id in sorted(self._live) if (run := self.store.run(model_id)) is not None]
 
-    def mark_lost(self, model_id: str) -> None:
-        """Its adapter is gone from the worker (a crash, or closed); the record and checkpoints stay."""
+    def mark_lost(self, model_id: str, reason: str) -> None:
+        """A crash took its adapter and it could not be rebuilt; the record and checkpoints stay."""
         self._live.pop(model_id, None)
         self._forget_state(model_id)
+        self._lost[model_id] = reason
+
+    def lost_reason(self, model_id: str) -> str | None:
+        return self._lost.get(model_id)
 
     def _forget_state(self, model_id: str) -> None:
-        for tracked in (self._built, self._diverged, self._gradients):
-            tracked.discard(model_id)
+        self._built.discard(model_id)
         self._fences.pop(model_id, None)
 
     def last_checkpoint(self, model_id: str, checkpoint_type: str) -> Checkpoint | None:
@@ -65,47 +66,32 @@ class Runs:
     def close(self, model_id: str) -> None:
         """The client closed the run (its session): its adapter is freed; checkpoints stay."""
         self._live.pop(model_id, None)
-        self._closed.add(model_id)
         self._forget_state(model_id)
+        self.store.close_run(model_id)
 
-    def was_closed(self, model_id: str) -> bool:
-        return model_id in self._closed
+    def revive(self, run: TrainingRun) -> None:
+        """A run of an earlier server process comes back (its adapter is being rebuilt)."""
+        self._live[run.model_id] = run.owner
+        self._lost.pop(run.model_id, None)
 
     # -- what a worker crash would cost ----------------------------------------------
 
     def note_built(self, model_id: str) -> None:
-        """Its adapter exists on the worker, at its restore point."""
+        """Its adapter exists on the worker."""
         self._built.add(model_id)
-        self._diverged.discard(model_id)
-        self._gradients.discard(model_id)
 
-    def note_backward(self, model_id: str) -> None:
-        self._diverged.add(model_id)
-        self._gradients.add(model_id)
-
-    def note_step(self, model_id: str) -> None:
-        self._diverged.add(model_id)
-        self._gradients.discard(model_id)
-
-    def note_restore_point(self, model_id: str, saved: bool) -> None:
-        """Its state became its restore point: saved as one (pending gradients are not part of a
-        checkpoint), or loaded from one (which drops them)."""
-        if not saved:
-            self._gradients.discard(model_id)
-        if model_id not in self._gradients:
-            self._diverged.discard(model_id)
+    def restored(self, model_id: str, point: RestorePoint) -> None:
+        """Its adapter was rebuilt at `point`: what it had done since is gone."""
+        self.store.set_restore_point(model_id, point)
+        self.store.touch_run(model_id, time.time(), gradients=False)
+        self._built.add(model_id)
 
     def is_built(self, model_id: str) -> bool:
         return model_id in self._built
 
-    def has_diverged(self, model_id: str) -> bool:
-        return model_id in self._diverged
-
     def fence(self, model_id: str, message: str) -> None:
         """A crash took the run back: its state-changing requests fail with `message` until a load_state."""
         self._fences[model_id] = message
-        self._diverged.discard(model_id)
-        self._gradients.discard(model_id)
 
     def fence_of(self, model_id: str) -> str | None:
         return self._fences.get(model_id)
@@ -182,3 +168,12 @@ class Runs:
 
     def directory(self, path: CheckpointPath) -> Path:
         return path.directory(self.data_dir)
+
+
+def rollback_message(run: TrainingRun, cause: str) -> str:
+    """What a fenced run's requests fail with: where `cause` took it, and how to go on."""
+    point = run.restore
+    return (
+        f"{cause}, and training run {run.model_id} went back to {point.describe()} (step {point.step}): what it did "
+        f"after that is lost. Call load_state('{point.path or initial_path(run.model_id)}') to go on from there"
+    )

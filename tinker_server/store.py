@@ -141,6 +141,10 @@ MIGRATIONS = [
     ALTER TABLE training_runs ADD COLUMN restore_step INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE checkpoints ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    ALTER TABLE training_runs ADD COLUMN pending_gradients INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE training_runs ADD COLUMN closed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -222,6 +226,15 @@ class TrainingRun:
     steps: int = 0
     """Optimizer steps applied to its current state."""
     restore: RestorePoint = RestorePoint()
+    pending_gradients: bool = False
+    """It holds gradients no optimizer step consumed yet."""
+    closed: bool = False
+    """Its client closed it (its session): it is never brought back."""
+
+    @property
+    def diverged(self) -> bool:
+        """Its state moved on from its restore point: rebuilding it from there loses work."""
+        return self.steps > self.restore.step or self.pending_gradients
 
 
 @dataclass
@@ -268,7 +281,7 @@ _RUN_FIELDS = (
     "model_id, owner, base_model, lora_rank, lora_seed, train_mlp, train_attn, train_unembed, lora_alpha, "
     "user_metadata, created_at, last_request_time, session_id, project_id, optimizer, trained_modules"
 )
-_RUN_COLUMNS = f"{_RUN_FIELDS}, steps, restore_path, restore_with_optimizer, restore_step"
+_RUN_COLUMNS = f"{_RUN_FIELDS}, steps, restore_path, restore_with_optimizer, restore_step, pending_gradients, closed"
 _CHECKPOINT_COLUMNS = "model_id, checkpoint_type, name, created_at, size_bytes, expires_at, public, user_metadata, step"
 
 
@@ -386,10 +399,13 @@ class Store:
             ),
         )
 
-    def touch_run(self, model_id: str, when: float, steps_applied: int = 0) -> None:
+    def touch_run(self, model_id: str, when: float, steps_applied: int = 0, gradients: bool | None = None) -> None:
+        """A request of the run succeeded: it applied `steps_applied` optimizer steps, and left it
+        holding gradients or not (None: as before)."""
         self._db.execute(
-            "UPDATE training_runs SET last_request_time = ?, steps = steps + ? WHERE model_id = ?",
-            (when, steps_applied, model_id),
+            "UPDATE training_runs SET last_request_time = ?, steps = steps + ?,"
+            " pending_gradients = coalesce(?, pending_gradients) WHERE model_id = ?",
+            (when, steps_applied, gradients, model_id),
         )
 
     def set_restore_point(self, model_id: str, point: RestorePoint) -> None:
@@ -399,6 +415,9 @@ class Store:
             " WHERE model_id = ?",
             (point.path, point.with_optimizer, point.step, point.step, model_id),
         )
+
+    def close_run(self, model_id: str) -> None:
+        self._db.execute("UPDATE training_runs SET closed = 1 WHERE model_id = ?", (model_id,))
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -682,7 +701,8 @@ class RecordedSequence:
 
 def _run_from_row(row: tuple) -> TrainingRun:
     (model_id, owner, base_model, rank, seed, mlp, attn, unembed, alpha, metadata, created, last, *rest) = row
-    session_id, project_id, optimizer, trained_modules, steps, restore_path, with_optimizer, restore_step = rest
+    session_id, project_id, optimizer, trained_modules, steps, restore_path, with_optimizer, restore_step = rest[:8]
+    pending_gradients, closed = rest[8:]
     return TrainingRun(
         model_id,
         owner,
@@ -697,6 +717,8 @@ def _run_from_row(row: tuple) -> TrainingRun:
         json.loads(trained_modules),
         steps,
         RestorePoint(restore_path, bool(with_optimizer), restore_step),
+        bool(pending_gradients),
+        bool(closed),
     )
 
 

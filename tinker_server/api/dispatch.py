@@ -19,7 +19,7 @@ from tinker_server import metrics, ops
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.api.requests import Limits, ParsedRequest, RequestError, sampler_queue_prefix
 from tinker_server.api.responses import error_result, outcome_result
-from tinker_server.runs import Runs
+from tinker_server.runs import Runs, rollback_message
 from tinker_server.scheduler import Scheduler
 from tinker_server.store import Checkpoint, CheckpointPath, RecordedSequence
 
@@ -92,6 +92,9 @@ class Dispatcher:
                     grpc.StatusCode.UNAVAILABLE, f"the server could not record this request ({error}); it did not run"
                 ) from error
         parsed.item.future_id = future_id
+        run_id = ops.run_of(parsed.item)
+        if run_id and parsed.run is None and not self._runs.is_live(run_id):
+            self._revive(run_id)
         if parsed.run is not None:
             self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
         if parsed.checkpoint is not None:
@@ -145,7 +148,7 @@ class Dispatcher:
             return
         payload = outcome.result
         model_id = parsed.item.model_id
-        step = self._record_run_state(parsed, payload) if model_id else 0
+        step = self._record_run_state(parsed, payload, now) if model_id else 0
         if isinstance(payload, ops.SaveCheckpointResult) and parsed.checkpoint is not None:
             if parsed.ephemeral:
                 self._runs.add_ephemeral(parsed.checkpoint)
@@ -159,20 +162,15 @@ class Dispatcher:
             sequences = [RecordedSequence(s.sequence_id, prompt, s.tokens, s.logprobs) for s in payload.sequences]
             self._runs.store.put_sampled_sequences(owner, sequences, now)
             self._runs.store.cap_sampled_sequences(owner, self._limits.max_recorded_sequences_per_owner, now)
-        if model_id:
-            self._runs.store.touch_run(model_id, now, steps_applied=int(isinstance(payload, ops.OptimStepResult)))
 
-    def _record_run_state(self, parsed: ParsedRequest, payload: ops.OpResult) -> int:
-        """What a worker crash would take the run back to (its restore point) and what it would
-        lose; returns the run's optimizer steps so far (a checkpoint it saves is at that step)."""
+    def _record_run_state(self, parsed: ParsedRequest, payload: ops.OpResult, now: float) -> int:
+        """What a crash would take the run back to (its restore point) and whether it would lose
+        work (steps since, or gradients no step consumed); returns the run's optimizer steps so far
+        (a checkpoint it saves is at that step)."""
         model_id = parsed.item.model_id
         if isinstance(payload, ops.CreateAdapterResult):
             self._runs.store.set_lora(model_id, payload.lora, list(payload.trained_modules))
             self._runs.note_built(model_id)
-        elif isinstance(payload, ops.ForwardBackwardResult) and parsed.item.operation.backward:
-            self._runs.note_backward(model_id)
-        elif isinstance(payload, ops.OptimStepResult):
-            self._runs.note_step(model_id)
         elif isinstance(payload, ops.LoadStateResult):
             self._runs.lift_fence(model_id)  # the client acknowledged a rollback, if there was one
         saved = isinstance(payload, ops.SaveCheckpointResult)
@@ -181,8 +179,40 @@ class Dispatcher:
             self._runs.store.set_restore_point(
                 model_id, dataclasses.replace(parsed.restore, step=step) if saved else parsed.restore
             )
-            self._runs.note_restore_point(model_id, saved)
+        stepped = isinstance(payload, ops.OptimStepResult)
+        gradients = None
+        if isinstance(payload, ops.ForwardBackwardResult) and parsed.item.operation.backward:
+            gradients = True
+        elif stepped or isinstance(payload, ops.CreateAdapterResult | ops.LoadStateResult):
+            gradients = False  # consumed, or a fresh adapter
+        self._runs.store.touch_run(model_id, now, steps_applied=int(stepped), gradients=gradients)
         return step
+
+    def _revive(self, model_id: str) -> None:
+        """A run of an earlier server process: rebuilt at its restore point, ahead of the request
+        that names it; fenced if it had moved on from there (the restart lost that work)."""
+        run = self._runs.store.run(model_id)
+        self._runs.revive(run)
+        if run.diverged:
+            self._runs.fence(model_id, rollback_message(run, "the server restarted"))
+        point = run.restore
+        if point.path:
+            directory = str(self._runs.directory(CheckpointPath.parse(point.path)))
+            operation = ops.CreateAdapter(run.lora, directory, point.with_optimizer)
+        else:
+            operation = ops.CreateAdapter(run.lora)  # seeded: its creation comes back exactly
+        ticket = self._scheduler.submit(model_id, ops.WorkItem("", model_id, operation))
+
+        def settle(done: asyncio.Future[ops.Outcome]) -> None:
+            error = done.result().error
+            if error is None:
+                self._runs.restored(model_id, point)
+                return
+            reason = f"the server restarted, and its restore point {point.describe()} failed to load ({error.message})"
+            self._runs.mark_lost(model_id, reason)
+            self._runs.fence(model_id, reason)  # what was queued behind it fails saying so
+
+        ticket.outcome.add_done_callback(settle)
 
     def gate(self, items: list[ops.WorkItem]) -> list[ops.OpError | None]:
         """A run a worker crash took back fails every request with where it went, until its
@@ -191,7 +221,8 @@ class Dispatcher:
         refusals: list[ops.OpError | None] = []
         for item in items:
             run = ops.run_of(item)
-            fence = self._runs.fence_of(run) if run and run not in acknowledged else None
+            rebuild = isinstance(item.operation, ops.CreateAdapter)  # a revived run's, ahead of its requests
+            fence = self._runs.fence_of(run) if run and run not in acknowledged and not rebuild else None
             if fence is not None and isinstance(item.operation, ops.LoadState):
                 acknowledged.add(run)
                 fence = None

@@ -161,16 +161,14 @@ class RequestParser:
     def _existing_model(self, model_id: str, field: str = "model_id") -> str:
         if not model_id:
             raise invalid(f"{field}: required for this operation")
-        if self._runs.owned_run(model_id, current_owner.get()) is None:
+        run = self._runs.owned_run(model_id, current_owner.get())
+        if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field} {model_id!r}: no such training run")
-        if not self._runs.is_live(model_id):
+        # Not live: closed, lost in a crash, or of an earlier server process (brought back on its request).
+        why = "its session was closed, which unloaded it" if run.closed else self._runs.lost_reason(model_id)
+        if not self._runs.is_live(model_id) and why is not None:
             saved = self._runs.last_checkpoint(model_id, "training")
             hint = f"its last checkpoint is {saved.path}" if saved else "it has no saved checkpoint"
-            why = (
-                "its session was closed, which unloaded it"
-                if self._runs.was_closed(model_id)
-                else "the server restarted (or its worker crashed) since this run last trained"
-            )
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{field} {model_id!r}: {why}, and its unsaved state is gone; {hint}: continue with "

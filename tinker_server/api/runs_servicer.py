@@ -20,7 +20,7 @@ from tinker_server.auth import current_owner
 from tinker_server.files import write_whole
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
-from tinker_server.store import Checkpoint, CheckpointPath, Session, TrainingRun
+from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Session, TrainingRun
 
 ARCHIVE_CHUNK_BYTES = 1 << 20
 _CHECKPOINT_TYPES = {"training": runs_pb2.CHECKPOINT_TYPE_TRAINING, "sampler": runs_pb2.CHECKPOINT_TYPE_SAMPLER}
@@ -205,7 +205,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     ) -> runs_pb2.CopyCheckpointResponse:
         """The copy lives in a new run of the caller's that holds only it (continue training
         from it with create_training_client_from_state)."""
-        path, _, source = self._checkpoint(request.tinker_path)
+        path, original, source = self._checkpoint(request.tinker_path)
         if request.HasField("ttl_seconds") and request.ttl_seconds < 1:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds: {request.ttl_seconds}; must be >= 1")
         now = time.time()
@@ -222,9 +222,12 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         copy_files = functools.partial(shutil.copytree, self._runs.directory(path), dirs_exist_ok=True)
         await asyncio.to_thread(write_whole, self._runs.directory(copy), copy_files)
         self._runs.store.add_run(run)
+        # Training it (by its id) starts from the copy.
+        restore = RestorePoint(str(copy), copy.checkpoint_type == "training", original.step)
+        self._runs.store.set_restore_point(copy.model_id, restore)
         expires_at = now + request.ttl_seconds if request.HasField("ttl_seconds") else None
         size = await asyncio.to_thread(_directory_bytes, self._runs.directory(copy))
-        self._runs.store.put_checkpoint(Checkpoint(copy, now, size, expires_at))
+        self._runs.store.put_checkpoint(Checkpoint(copy, now, size, expires_at, step=original.step))
         return runs_pb2.CopyCheckpointResponse(tinker_path=str(copy))
 
     # -- sessions and samplers -------------------------------------------------------

@@ -28,6 +28,8 @@ from tinker_server.store import Session
 
 log = logging.getLogger(__name__)
 SESSION_STATUSES = ("success", "errored", "interrupted")
+SEEN_REQUEST_IDS = 100_000
+"""How many recent request ids a stream remembers, to refuse one used twice."""
 
 
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
@@ -56,7 +58,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         await self._served.wait()  # requests sent while the worker loads wait for it
         outbox: asyncio.Queue[service_pb2.SessionResponse | None] = asyncio.Queue()
         pending: set[str] = set()  # request ids acked but not yet answered
-        seen: set[str] = set()
+        seen: dict[str, None] = {}  # request ids used on this stream: the latest SEEN_REQUEST_IDS, oldest first
         reader_done = asyncio.Event()
         unreadable: list[Exception] = []
 
@@ -88,7 +90,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     def _accept(
         self,
         request: service_pb2.SessionRequest,
-        seen: set[str],
+        seen: dict[str, None],
         pending: set[str],
         outbox: asyncio.Queue[service_pb2.SessionResponse | None],
     ) -> None:
@@ -118,7 +120,9 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             result = error_result(error.code.value[0], str(error))
             outbox.put_nowait(service_pb2.SessionResponse(request_id=request_id, result=result))
             return
-        seen.add(request_id)
+        seen[request_id] = None
+        if len(seen) > SEEN_REQUEST_IDS:  # a stream that lives for days must not grow without bound
+            del seen[next(iter(seen))]
         pending.add(request_id)
 
         def deliver(result: service_pb2.Result) -> None:
