@@ -79,8 +79,8 @@ proto-release: $(BUF)
 	$(BUF) build -o buf/released.binpb
 
 lint: install
-	$(PY) -m ruff check tinker_client tinker_server tests examples bench
-	$(PY) -m ruff format --check tinker_client tinker_server tests examples bench
+	$(PY) -m ruff check tinker_client tinker_server tinker_wire tests examples bench
+	$(PY) -m ruff format --check tinker_client tinker_server tinker_wire tests examples bench
 
 clean:
 	rm -rf $(VENV) tinker_rpc build *.egg-info

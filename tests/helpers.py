@@ -14,9 +14,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from tinker_client import types
-from tinker_client.tensor_codec import decode_array, encode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, service_pb2_grpc, training_pb2
 from tinker_server.worker.models import EMBEDDED_MODEL_NAME, build_embedded_model
+from tinker_wire.tensor_codec import decode_array, encode_array
 
 
 class RawSession:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinker_client.tensor_codec import encode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
+from tinker_wire.tensor_codec import encode_array
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, ragged_batch

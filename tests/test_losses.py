@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tinker_client import BadRequestError, types
-from tinker_client.tensor_codec import decode_array, encode_array
 from tinker_rpc.v1 import sampling_pb2, training_pb2
+from tinker_wire.tensor_codec import decode_array, encode_array
 
 from .conftest import BASE_MODEL
 from .helpers import (

@@ -11,13 +11,13 @@ import torch
 
 from tinker_client import types
 from tinker_client._convert import chunk_data
-from tinker_client.tensor_codec import decode_array
 from tinker_server import ops
 from tinker_server.worker import passes
 from tinker_server.worker.batching import length_buckets
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.lora import RowSegment
 from tinker_server.worker.passes import checkpoint_decoder_layers
+from tinker_wire.tensor_codec import decode_array
 
 from .engine_helpers import (
     VOCAB,

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tinker_client.tensor_codec import decode_array, encode_array
 from tinker_rpc.v1 import sampling_pb2, training_pb2
 from tinker_server.worker.models import EMBEDDED_MODEL_NAME
+from tinker_wire.tensor_codec import decode_array, encode_array
 
 from .helpers import RawSession, create_run
 

@@ -86,6 +86,7 @@ def test_build_makes_an_sdist_with_the_protos_and_a_wheel_with_the_generated_cod
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {f"tinker_rpc/v1/service_pb2{suffix}" for suffix in (".py", ".pyi", "_grpc.py")} <= names
+    assert "tinker_wire/tensor_codec.py" in names
 
 
 def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_installs_work(server, dist, workdir):
@@ -122,3 +123,13 @@ def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_ins
     editable = fresh_clone(workdir, "for-editable")
     assert_no_deprecations(run(*pip, "install", "-v", "-e", editable, cwd=workdir))
     assert_installed_from(editable)
+
+
+def test_the_server_never_imports_the_client_sdk():
+    """Both sides share only tinker_rpc (generated) and tinker_wire: the SDK can change alone."""
+    check = (
+        "import sys, tinker_server.server, tinker_server.cli, tinker_server.worker.engine; "
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'tinker_client'))"
+    )
+    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tinker_client.tensor_codec import decode_array, encode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, training_pb2
+from tinker_wire.tensor_codec import decode_array, encode_array
 
 from .helpers import RawSession, create_run, provenance_datum, record_sample
 

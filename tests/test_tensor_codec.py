@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinker_client.tensor_codec import TensorDecodeError, decode_array, encode_array
 from tinker_rpc.v1 import tensor_pb2
+from tinker_wire.tensor_codec import TensorDecodeError, decode_array, encode_array
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float32])

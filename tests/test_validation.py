@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tinker_client import BadRequestError, types
-from tinker_client.tensor_codec import encode_array
 from tinker_rpc.v1 import service_pb2, tensor_pb2, training_pb2
+from tinker_wire.tensor_codec import encode_array
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, ragged_batch

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import numpy as np
 
 from tinker_client import types
-from tinker_client.tensor_codec import decode_array, encode_array
 from tinker_rpc.v1 import runs_pb2, sampling_pb2, service_pb2, tensor_pb2, training_pb2
+from tinker_wire.tensor_codec import decode_array, encode_array
 
 _INT32 = np.iinfo(np.int32)
 _SPAN_SOURCES = {

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from tinker_client.tensor_codec import TensorDecodeError, decode_array
 from tinker_rpc.v1 import runs_pb2, sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
@@ -33,6 +32,7 @@ from tinker_server.store import (
     initial_path,
     is_safe_name,
 )
+from tinker_wire.tensor_codec import TensorDecodeError, decode_array
 
 LORA_ALPHA = 32.0
 IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tinker_client.tensor_codec import encode_array
 from tinker_rpc.v1 import sampling_pb2, service_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.store import CheckpointPath
+from tinker_wire.tensor_codec import encode_array
 
 
 def error_result(code: int, message: str, future_id: str = "", cycle_id: int = 0) -> service_pb2.Result:
