@@ -169,6 +169,24 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="acked, unanswered requests per session stream (default %(default)s)",
     )
     parser.add_argument(
+        "--max-queued-requests-per-owner",
+        type=int,
+        default=Limits.max_queued_requests_per_owner,
+        help="acked, unanswered requests per API key owner, all streams together (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queued-bytes-per-owner",
+        type=int,
+        default=Limits.max_queued_bytes_per_owner,
+        help="bytes of those requests per owner (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-checkpoint-bytes-per-owner",
+        type=int,
+        default=Limits.max_checkpoint_bytes_per_owner,
+        help="bytes of saved checkpoints per owner; saves beyond it are refused (default %(default)s)",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
@@ -218,6 +236,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             max_batch_tokens=args.max_batch_tokens,
             max_num_samples=args.max_num_samples,
             max_inflight_requests=args.max_inflight_requests,
+            max_queued_requests_per_owner=args.max_queued_requests_per_owner,
+            max_queued_bytes_per_owner=args.max_queued_bytes_per_owner,
+            max_checkpoint_bytes_per_owner=args.max_checkpoint_bytes_per_owner,
         ),
         api_keys=api_keys,
         tls_cert=args.tls_cert,

@@ -459,6 +459,13 @@ class Store:
             (path.model_id, path.checkpoint_type, path.name),
         )
 
+    def owner_checkpoint_bytes(self, owner: str) -> int:
+        return self._db.execute(
+            "SELECT coalesce(sum(c.size_bytes), 0) FROM checkpoints c JOIN training_runs r ON r.model_id = c.model_id"
+            " WHERE r.owner = ?",
+            (owner,),
+        ).fetchone()[0]
+
     def owner_checkpoints(self, owner: str, limit: int, offset: int) -> tuple[list[Checkpoint], int]:
         """Every checkpoint of `owner`'s runs, newest first."""
         columns = ", ".join(f"c.{column.strip()}" for column in _CHECKPOINT_COLUMNS.split(","))

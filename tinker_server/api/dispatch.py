@@ -32,6 +32,8 @@ class Submitted:
     seq: int
     owner: str
     result: asyncio.Future[service_pb2.Result]
+    size: int = 0
+    """Bytes of the request, held against its owner's quota until it is answered."""
 
 
 class Dispatcher:
@@ -42,6 +44,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.retention_seconds = result_retention_seconds
         self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
+        self._queued: dict[str, tuple[int, int]] = {}  # owner -> (requests, bytes) in _inflight
         self.draining = False
         """Set at shutdown: new requests are refused, queued ones still run."""
 
@@ -49,6 +52,24 @@ class Dispatcher:
         """Raises UNAVAILABLE once the server is shutting down."""
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send this elsewhere")
+
+    def _check_queue_quotas(self, owner: str, size: int) -> None:
+        """One owner's flood waits in their own queues, within their own quota, never in others'."""
+        count, queued_bytes = self._queued.get(owner, (0, 0))
+        limits = self._limits
+        if count >= limits.max_queued_requests_per_owner:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"you have {count} requests queued, the quota per owner (--max-queued-requests-per-owner); "
+                "wait for results, then send more",
+            )
+        if queued_bytes + size > limits.max_queued_bytes_per_owner:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this request ({size} bytes) would take your queued requests to {queued_bytes + size} bytes, beyond "
+                f"the quota per owner (--max-queued-bytes-per-owner {limits.max_queued_bytes_per_owner}); "
+                "wait for results, or send smaller batches",
+            )
 
     def previous(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
         """(future_id, seq) of the request an idempotency key already named, if any: the
@@ -78,12 +99,16 @@ class Dispatcher:
             return None
         return service_pb2.Result.FromString(stored[1])
 
-    def submit(self, parsed: ParsedRequest, owner: str, idempotency_key: str = "", internal: bool = False) -> Submitted:
-        """Queues a request. A client's is recorded first (durably: its seq, its idempotency key);
-        the server's own (`internal`) take no place in the order clients see."""
+    def submit(
+        self, parsed: ParsedRequest, owner: str, idempotency_key: str = "", internal: bool = False, size: int = 0
+    ) -> Submitted:
+        """Queues a request (`size` bytes). A client's is checked against its owner's quotas and
+        recorded first (durably: its seq, its idempotency key); the server's own (`internal`) take
+        no place in the order clients see."""
         future_id = uuid.uuid4().hex
         seq = 0
         if not internal:
+            self._check_queue_quotas(owner, size)
             expires = time.time() + self.retention_seconds
             try:
                 seq = self._runs.store.accept(future_id, owner, idempotency_key, parsed.queue_key, expires)
@@ -103,8 +128,11 @@ class Dispatcher:
             self._runs.store.touch_sampled_sequences(parsed.sequence_ids, time.time())
         ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
-        submitted = Submitted(future_id, seq, owner, result)
+        submitted = Submitted(future_id, seq, owner, result, size)
         self._inflight[future_id] = submitted
+        self._queued[owner] = self._queued.get(owner, (0, 0))
+        count, queued_bytes = self._queued[owner]
+        self._queued[owner] = (count + 1, queued_bytes + size)
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
             try:
@@ -119,6 +147,9 @@ class Dispatcher:
                 )
             finally:
                 del self._inflight[ticket.future_id]
+                count, queued_bytes = self._queued.pop(owner)
+                if count > 1:
+                    self._queued[owner] = (count - 1, queued_bytes - submitted.size)
             status = status_code(message.error.code).name if message.HasField("error") else "OK"
             metrics.REQUESTS.labels(type(parsed.item.operation).__name__, status).inc()
             result.set_result(message)

@@ -77,6 +77,12 @@ class Limits:
     """Sampled sequences kept for provenance per owner; the least recently used expire beyond it."""
     max_inflight_requests: int = 512
     """Requests acked but not yet answered, per session stream."""
+    max_queued_requests_per_owner: int = 4096
+    """Requests acked but not yet answered, per owner, all streams together."""
+    max_queued_bytes_per_owner: int = 2 << 30
+    """Bytes of those requests, per owner."""
+    max_checkpoint_bytes_per_owner: int = 1 << 40
+    """Bytes of saved checkpoints one owner may keep; saves beyond it are refused."""
 
 
 @dataclass(frozen=True)
@@ -531,6 +537,7 @@ class RequestParser:
             raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
         if ttl is not None and ttl < 1:
             raise invalid(f"{kind}.ttl_seconds: {ttl}; must be >= 1 (leave it unset to keep the checkpoint)")
+        self._check_checkpoint_quota(kind)
         path = CheckpointPath(model_id, checkpoint_type, name)
         if not overwrite and self._runs.checkpoint_exists(path):
             hint = "; pass overwrite=True to replace it" if kind == "save_state" else ""
@@ -547,12 +554,23 @@ class RequestParser:
             model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata, restore=restore
         )
 
+    def _check_checkpoint_quota(self, kind: str) -> None:
+        owner, limit = current_owner.get(), self._limits.max_checkpoint_bytes_per_owner
+        used = self._runs.store.owner_checkpoint_bytes(owner)
+        if used >= limit:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{kind}: your checkpoints take {used} bytes, the quota per owner (--max-checkpoint-bytes-per-owner "
+                f"{limit}); delete some (RestClient.delete_checkpoint) or save with a ttl",
+            )
+
     def _ephemeral_save(self, model_id: str, ttl: int | None, user_metadata: dict[str, str]) -> ParsedRequest:
         """An unnamed snapshot: usable as soon as the device copy is made (its files are written in
         the background); it expires, and goes sooner once its run has a newer one and no sampling
         client holds it."""
         if ttl is not None and ttl < 1:
             raise invalid(f"save_weights_for_sampler.ttl_seconds: {ttl}; must be >= 1")
+        self._check_checkpoint_quota("save_weights_for_sampler")
         path = CheckpointPath(model_id, "sampler", f"ephemeral-{secrets.token_hex(6)}")
         operation = ops.SaveForSampler(str(path), str(self._runs.directory(path)), ephemeral=True)
         return ParsedRequest(

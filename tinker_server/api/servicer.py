@@ -113,7 +113,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                     f"{len(pending)} requests in flight on this stream, the limit; wait for results, then resend",
                 )
             parsed = None if previous is not None or request.HasField("resume") else self._parser.parse(request)
-            submitted = None if parsed is None else self._dispatcher.submit(parsed, owner, request.idempotency_key)
+            submitted = (
+                None
+                if parsed is None
+                else self._dispatcher.submit(parsed, owner, request.idempotency_key, size=request.ByteSize())
+            )
         except RequestError as error:
             log.info("rejected %s: %s", request_id or "<no id>", error)
             metrics.REQUESTS.labels(request.WhichOneof("request") or "none", error.code.name).inc()
