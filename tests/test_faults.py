@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from tinker_client import BadRequestError
+from tinker_client import BadRequestError, service_client
 from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.requests import Limits, ParsedRequest
@@ -21,6 +22,7 @@ from tinker_server.files import remove_staging_leftovers, write_whole
 from tinker_server.runs import Runs
 from tinker_server.scheduler import CyclePolicy, Scheduler
 from tinker_server.store import CheckpointPath, Store, TrainingRun, is_safe_name
+from tinker_server.worker.models import build_embedded_model
 
 from .engine_helpers import batches, engine_with_adapters, forward_items
 
@@ -158,3 +160,14 @@ def test_an_imported_adapter_is_validated_like_a_new_run(service, tmp_path, conf
         service.create_training_client_from_peft_adapter(directory).result()
     runs_after = len(service.create_rest_client().list_training_runs(limit=1000).result().training_runs)
     assert runs_after == runs_before  # nothing half made
+
+
+def test_an_adapter_uploads_in_pieces_of_any_number(service, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(build_embedded_model(), config).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(service_client, "UPLOAD_PIECE_BYTES", 1000)  # dozens of pieces
+    training = service.create_training_client_from_peft_adapter(tmp_path / "adapter").result()
+    assert training.get_info().lora_rank == 4
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        service.create_training_client_from_peft_adapter(tmp_path)

@@ -4,9 +4,11 @@ holds up another."""
 from __future__ import annotations
 
 import pytest
+from peft import LoraConfig, get_peft_model
 from server_process import running_server
 
 from tinker_client import RateLimitError, ServiceClient
+from tinker_server.worker.models import build_embedded_model
 
 from .conftest import BASE_MODEL
 from .helpers import ragged_batch
@@ -44,5 +46,9 @@ def test_each_owner_has_its_own_quotas(tmp_path):
         with pytest.raises(RateLimitError, match="--max-checkpoint-bytes-per-owner"):
             alices.save_weights_and_get_sampling_client().result(timeout=30)
         bobs.save_state("first").result(timeout=30)
+        adapter = tmp_path / "adapter"
+        get_peft_model(build_embedded_model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+        with pytest.raises(RateLimitError, match="--max-checkpoint-bytes-per-owner"):
+            alice.create_training_client_from_peft_adapter(adapter).result(timeout=30)
         alice.close()
         bob.close()

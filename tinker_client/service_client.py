@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,9 @@ from tinker_rpc.v1 import runs_pb2, service_pb2, training_pb2
 
 SessionStatus = Literal["success", "errored", "interrupted"]
 log = logging.getLogger(__name__)
+
+UPLOAD_PIECE_BYTES = 1 << 20
+"""Pieces of an uploaded adapter: far below any message-size limit."""
 
 
 class ServiceClient:
@@ -229,12 +232,15 @@ class ServiceClient:
         """A new run starting from a local peft adapter for the served base model (its
         adapter_config.json and adapter_model.safetensors are uploaded and checked)."""
         directory = Path(adapter_dir)
-        files = {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-        request = runs_pb2.ImportPeftAdapterRequest(files=files, user_metadata=user_metadata or {})
+        files = [directory / name for name in ("adapter_config.json", "adapter_model.safetensors")]
+        missing = [str(file) for file in files if not file.is_file()]
+        if missing:
+            raise FileNotFoundError(f"adapter_dir: no {', '.join(missing)}")
 
         async def create() -> TrainingClient:
             session_id = await self._session_id_async()
-            response = await self._connection.unary(self._connection.runs.ImportPeftAdapter, request)
+            pieces = _adapter_pieces(files, user_metadata or {})
+            response = await self._connection.unary(self._connection.runs.UploadPeftAdapter, pieces)
             return await fetch_training_client(self._connection, response.model_id, session_id)
 
         return BackcompatTrainingClientFuture(self._start(create()))
@@ -335,3 +341,12 @@ class ServiceClient:
 
 def _chain(future: concurrent.futures.Future[Any], convert: Any) -> concurrent.futures.Future[Any]:
     return AwaitableConcurrentFuture(future, convert=convert).future()
+
+
+def _adapter_pieces(files: list[Path], user_metadata: dict[str, str]) -> Iterator[runs_pb2.UploadPeftAdapterRequest]:
+    """The files in pieces of at most UPLOAD_PIECE_BYTES, read as they are sent (any size, little memory)."""
+    yield runs_pb2.UploadPeftAdapterRequest(file=files[0].name, user_metadata=user_metadata)
+    for file in files:
+        with file.open("rb") as handle:
+            while piece := handle.read(UPLOAD_PIECE_BYTES):
+                yield runs_pb2.UploadPeftAdapterRequest(file=file.name, data=piece)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 STAGING_PREFIX = "."
 """Directories being written are hidden: no checkpoint name starts with a dot."""
+UPLOADS_DIR = "uploads"
+"""Under the data dir: files being received, before they become a checkpoint."""
 
 
 def write_whole(directory: Path, write: Callable[[Path], None]) -> None:
@@ -44,6 +46,7 @@ def _fsync(path: Path) -> None:
 
 
 def remove_staging_leftovers(data_dir: Path) -> None:
-    """Checkpoints a crash left half written (hidden, so never loaded) under runs/<run>/<kind>/."""
-    for leftover in data_dir.glob(f"runs/*/*/{STAGING_PREFIX}*"):
+    """Checkpoints a crash left half written (hidden, so never loaded) under runs/<run>/<kind>/,
+    and uploads it cut short."""
+    for leftover in [*data_dir.glob(f"runs/*/*/{STAGING_PREFIX}*"), data_dir / UPLOADS_DIR]:
         shutil.rmtree(leftover, ignore_errors=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from tinker_rpc.v1 import runs_pb2, sampling_pb2, service_pb2, tensor_pb2, training_pb2
+from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
 from tinker_server.auth import current_owner
@@ -35,7 +35,8 @@ from tinker_server.store import (
 from tinker_wire.tensor_codec import TensorDecodeError, decode_array
 
 LORA_ALPHA = 32.0
-IMPORT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+CONFIG_FILE = "adapter_config.json"
+IMPORT_FILES = {CONFIG_FILE, "adapter_model.safetensors"}
 
 
 class RequestError(Exception):
@@ -268,14 +269,17 @@ class RequestParser:
         run = self._new_run("create_model", request, request.base_model, spec, optimizer)
         return ParsedRequest(run.model_id, ops.WorkItem("", run.model_id, ops.CreateAdapter(spec)), run=run)
 
-    def import_adapter(self, request: runs_pb2.ImportPeftAdapterRequest) -> tuple[ParsedRequest, CheckpointPath]:
-        """A new run from a peft adapter's files, and where its `imported` checkpoint goes (the
-        caller writes the files there, then queues the request)."""
-        if set(request.files) != IMPORT_FILES:
-            raise invalid(f"files: {sorted(request.files)}; expected exactly {sorted(IMPORT_FILES)}")
-        field = "files['adapter_config.json']"
+    def import_adapter(
+        self, files: set[str], config_json: bytes | None, user_metadata: dict[str, str]
+    ) -> tuple[ParsedRequest, CheckpointPath]:
+        """A new run from a peft adapter's files (their names, and the config's content), and
+        where its `imported` checkpoint goes (the caller puts the files there, then queues it)."""
+        if files != IMPORT_FILES or config_json is None:
+            raise invalid(f"files: {sorted(files)}; expected exactly {sorted(IMPORT_FILES)}")
+        self._check_checkpoint_quota("import")
+        field = f"files['{CONFIG_FILE}']"
         try:
-            config = json.loads(request.files["adapter_config.json"])
+            config = json.loads(config_json)
             rank, alpha = config["r"], config.get("lora_alpha", LORA_ALPHA)
         except (ValueError, KeyError, TypeError) as error:
             raise invalid(f"{field}: unreadable ({error})") from error
@@ -286,7 +290,7 @@ class RequestParser:
             raise invalid(f"{field}.lora_alpha: {alpha!r}; expected a positive number")
         self._check_capacity()
         lora = ops.LoraSpec(rank, 0, False, False, False, float(alpha))  # the worker reports the layers it adapts
-        run = TrainingRun(new_model_id(), "", self._model.name, lora, dict(request.user_metadata))
+        run = TrainingRun(new_model_id(), "", self._model.name, lora, user_metadata)
         path = CheckpointPath(run.model_id, "training", "imported")
         item = ops.WorkItem("", run.model_id, ops.CreateAdapter(lora, str(self._runs.directory(path))))
         return ParsedRequest(run.model_id, item, run=run, restore=RestorePoint(str(path))), path
@@ -554,9 +558,14 @@ class RequestParser:
             model_id, item, checkpoint=path, ttl_seconds=ttl, checkpoint_metadata=user_metadata, restore=restore
         )
 
+    def checkpoint_bytes_left(self) -> int:
+        """What the caller may still save before their checkpoint quota."""
+        used = self._runs.store.owner_checkpoint_bytes(current_owner.get())
+        return max(0, self._limits.max_checkpoint_bytes_per_owner - used)
+
     def _check_checkpoint_quota(self, kind: str) -> None:
-        owner, limit = current_owner.get(), self._limits.max_checkpoint_bytes_per_owner
-        used = self._runs.store.owner_checkpoint_bytes(owner)
+        limit = self._limits.max_checkpoint_bytes_per_owner
+        used = self._runs.store.owner_checkpoint_bytes(current_owner.get())
         if used >= limit:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

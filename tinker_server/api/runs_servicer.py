@@ -8,16 +8,17 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
 from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc
 from tinker_server.api.dispatch import Dispatcher, status_code
-from tinker_server.api.requests import RequestError, RequestParser, new_model_id
+from tinker_server.api.requests import CONFIG_FILE, IMPORT_FILES, RequestError, RequestParser, new_model_id
 from tinker_server.auth import current_owner
-from tinker_server.files import write_whole
+from tinker_server.files import UPLOADS_DIR, write_whole
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModel
 from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Session, TrainingRun
@@ -289,25 +290,90 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     async def ImportPeftAdapter(
         self, request: runs_pb2.ImportPeftAdapterRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.ImportPeftAdapterResponse:
-        """A new run from a peft adapter: validated and limited as create_model is."""
+        """A new run from a peft adapter sent in one message (UploadPeftAdapter streams it)."""
+        files = dict(request.files)
+        write = functools.partial(_write_files, files)
+        size = sum(map(len, files.values()))
+        metadata = dict(request.user_metadata)
+        model_id, path = await self._import(set(files), files.get(CONFIG_FILE), metadata, write, size)
+        return runs_pb2.ImportPeftAdapterResponse(model_id=model_id, path=path)
+
+    async def UploadPeftAdapter(
+        self, request_iterator: AsyncIterator[runs_pb2.UploadPeftAdapterRequest], context: grpc.aio.ServicerContext
+    ) -> runs_pb2.UploadPeftAdapterResponse:
+        """A new run from a peft adapter streamed in pieces, received on disk, within the quota."""
+        uploads = self._runs.data_dir / UPLOADS_DIR
+        uploads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=uploads) as received:
+            received_dir = Path(received)
+            limit = self._parser.checkpoint_bytes_left()
+            names, metadata, size = await _receive(request_iterator, received_dir, limit)
+            config = (received_dir / CONFIG_FILE).read_bytes() if CONFIG_FILE in names else None
+            write = functools.partial(_move_files, received_dir, names)
+            model_id, path = await self._import(names, config, metadata, write, size)
+        return runs_pb2.UploadPeftAdapterResponse(model_id=model_id, path=path)
+
+    async def _import(
+        self,
+        names: set[str],
+        config: bytes | None,
+        metadata: dict[str, str],
+        write: Callable[[Path], None],
+        size: int,
+    ) -> tuple[str, str]:
+        """Validated and limited as create_model is; the files become the run's `imported`
+        checkpoint, whole, and the worker builds the run from them."""
         await self._served.wait()
         self._dispatcher.check_accepting()
-        parsed, path = self._parser.import_adapter(request)
-        directory = self._runs.directory(path)
-        await asyncio.to_thread(write_whole, directory, functools.partial(_write_files, dict(request.files)))
-        owner = current_owner.get()
-        result = await self._dispatcher.submit(parsed, owner).result
+        parsed, path = self._parser.import_adapter(names, config, metadata)
+        await asyncio.to_thread(write_whole, self._runs.directory(path), write)
+        result = await self._dispatcher.submit(parsed, current_owner.get()).result
         if result.HasField("error"):
             self._dispatcher.discard_files(path)
             raise RequestError(status_code(result.error.code), f"files: {result.error.message}")
-        size = sum(len(content) for content in request.files.values())
         self._runs.store.put_checkpoint(Checkpoint(path, time.time(), size, None))
-        return runs_pb2.ImportPeftAdapterResponse(model_id=parsed.run.model_id, path=str(path))
+        return parsed.run.model_id, str(path)
+
+
+async def _receive(
+    pieces: AsyncIterator[runs_pb2.UploadPeftAdapterRequest], directory: Path, limit: int
+) -> tuple[set[str], dict[str, str], int]:
+    """Appends each piece to its file in `directory`; (file names, labels, bytes received)."""
+    handles: dict[str, BinaryIO] = {}
+    metadata: dict[str, str] | None = None
+    size = 0
+    try:
+        async for piece in pieces:
+            if metadata is None:
+                metadata = dict(piece.user_metadata)
+            if piece.file not in IMPORT_FILES:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"file: {piece.file!r}; expected one of {sorted(IMPORT_FILES)}"
+                )
+            size += len(piece.data)
+            if size > limit:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the upload passed {limit} bytes, what your checkpoint quota per owner "
+                    "(--max-checkpoint-bytes-per-owner) has left",
+                )
+            if piece.file not in handles:
+                handles[piece.file] = (directory / piece.file).open("wb")
+            await asyncio.to_thread(handles[piece.file].write, piece.data)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return set(handles), metadata or {}, size
 
 
 def _write_files(files: dict[str, bytes], directory: Path) -> None:
     for name, content in files.items():
         (directory / name).write_bytes(content)
+
+
+def _move_files(source: Path, names: set[str], directory: Path) -> None:
+    for name in names:
+        shutil.move(source / name, directory / name)
 
 
 def _directory_bytes(directory: Path) -> int:
