@@ -1,5 +1,5 @@
-"""Per-owner quotas: one tenant's flood or full disk is refused, naming the quota, and never
-holds up another."""
+"""Per-owner quotas and queues: one tenant's flood or full disk is refused, naming the quota, and
+never holds up another; nothing in a reply reveals another owner's activity."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from server_process import running_server
 
-from tinker_client import RateLimitError, ServiceClient
+from tinker_client import RateLimitError, ServiceClient, _convert, types
+from tinker_rpc.v1 import sampling_pb2, service_pb2
 from tinker_server.worker.models import build_embedded_model
 
 from .conftest import BASE_MODEL
-from .helpers import ragged_batch
+from .helpers import RawSession, ragged_batch
 
 DATA = ragged_batch(seed=3, lengths=[6])
 
@@ -22,7 +23,7 @@ def test_each_owner_has_its_own_quotas(tmp_path):
     options = [
         *("--api-keys-file", str(keys), "--cycle", "fixed:2"),  # requests wait for the next tick
         *("--max-queued-requests-per-owner", "2", "--max-queued-bytes-per-owner", "100000"),
-        *("--max-checkpoint-bytes-per-owner", "1"),
+        *("--max-checkpoint-bytes-per-owner", "1", "--max-stored-results-per-owner", "8"),
     ]
     with running_server(tmp_path, options) as address:
         alice = ServiceClient(base_url=address, api_key="alice-key")
@@ -46,9 +47,33 @@ def test_each_owner_has_its_own_quotas(tmp_path):
         with pytest.raises(RateLimitError, match="--max-checkpoint-bytes-per-owner"):
             alices.save_weights_and_get_sampling_client().result(timeout=30)
         bobs.save_state("first").result(timeout=30)
+        for _ in range(5):  # bob's results: his run, a forward, a save, and these
+            bobs.forward(DATA, "cross_entropy").result(timeout=30)
+        with pytest.raises(RateLimitError, match="8 results kept for resuming, the quota per owner"):
+            bobs.forward(DATA, "cross_entropy").result(timeout=30)
         adapter = tmp_path / "adapter"
         get_peft_model(build_embedded_model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
         with pytest.raises(RateLimitError, match="--max-checkpoint-bytes-per-owner"):
             alice.create_training_client_from_peft_adapter(adapter).result(timeout=30)
         alice.close()
         bob.close()
+
+
+def test_owners_sampling_one_base_model_have_their_own_queues_and_seq(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice-key alice\nbob-key bob\n")
+    sample = sampling_pb2.SampleRequest(
+        base_model=BASE_MODEL,
+        prompt=_convert.model_input(types.ModelInput.from_ints([256, 72])),
+        num_samples=1,
+        sampling_params=_convert.sampling_params(types.SamplingParams(max_tokens=2)),
+    )
+    with running_server(tmp_path, ["--api-keys-file", str(keys)]) as address:
+        seqs = {}
+        for key in ("alice-key", "alice-key", "bob-key"):
+            session = RawSession(address, api_key=key)
+            session.send(service_pb2.SessionRequest(request_id="s", sample=sample))
+            seqs.setdefault(key, []).append(session.receive().ack.seq)
+            session.receive()
+            session.close()
+    assert seqs == {"alice-key": [1, 2], "bob-key": [1]}  # bob's count knows nothing of alice's

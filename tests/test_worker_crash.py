@@ -11,9 +11,12 @@ import signal
 import time
 
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
 from server_process import running_server
 
 from tinker_client import BadRequestError, InternalServerError, ServiceClient, types
+from tinker_server.worker.models import build_embedded_model
 
 from .conftest import BASE_MODEL
 from .helpers import ragged_batch
@@ -54,6 +57,12 @@ def test_a_killed_worker_brings_every_run_back_from_its_own_lineage(tmp_path):
         untouched = service.create_lora_training_client(BASE_MODEL, rank=4, seed=3).result()
         untouched_loss = loss(untouched)
 
+        torch.manual_seed(0)
+        adapter = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(build_embedded_model(), adapter).save_pretrained(tmp_path / "adapter")
+        imported = service.create_training_client_from_peft_adapter(tmp_path / "adapter").result()
+        imported_loss = loss(imported)  # its restore point is the import: no optimizer state to need
+
         busy = service.create_lora_training_client(BASE_MODEL, rank=4, seed=4).result()
         initial_loss = loss(busy)
         in_flight = busy.forward_backward(ragged_batch(seed=71, lengths=[1000] * 16), "cross_entropy")
@@ -78,6 +87,8 @@ def test_a_killed_worker_brings_every_run_back_from_its_own_lineage(tmp_path):
         step(saved)  # its optimizer state came back too
         assert loss(branched) == pytest.approx(branched_loss, rel=1e-5)  # from 'a', where it was
         assert loss(untouched) == pytest.approx(untouched_loss, rel=1e-5)  # rebuilt from its seed
+        assert loss(imported) == pytest.approx(imported_loss, rel=1e-5)
+        step(imported)
         service.close()
 
 

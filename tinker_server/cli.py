@@ -181,6 +181,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="bytes of those requests per owner (default %(default)s)",
     )
     parser.add_argument(
+        "--max-stored-results-per-owner",
+        type=int,
+        default=Limits.max_stored_results_per_owner,
+        help="results kept for resuming per owner; new requests are refused beyond it (default %(default)s)",
+    )
+    parser.add_argument(
         "--max-checkpoint-bytes-per-owner",
         type=int,
         default=Limits.max_checkpoint_bytes_per_owner,
@@ -238,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             max_inflight_requests=args.max_inflight_requests,
             max_queued_requests_per_owner=args.max_queued_requests_per_owner,
             max_queued_bytes_per_owner=args.max_queued_bytes_per_owner,
+            max_stored_results_per_owner=args.max_stored_results_per_owner,
             max_checkpoint_bytes_per_owner=args.max_checkpoint_bytes_per_owner,
         ),
         api_keys=api_keys,

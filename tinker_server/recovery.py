@@ -18,7 +18,7 @@ import grpc
 
 from tinker_server import metrics, ops
 from tinker_server.runs import Runs, rollback_message
-from tinker_server.store import CheckpointPath, TrainingRun
+from tinker_server.store import TrainingRun
 from tinker_server.worker.client import WorkerClient, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,7 @@ class SupervisedWorker:
 
     async def _restore(self, run: TrainingRun) -> str | None:
         """Rebuilds the run's adapter at its restore point; the error, if that fails."""
-        point = run.restore
-        if point.path:
-            directory = str(self._runs.directory(CheckpointPath.parse(point.path)))
-            operation = ops.CreateAdapter(run.lora, directory, point.with_optimizer)
-        else:
-            operation = ops.CreateAdapter(run.lora)  # seeded: its creation comes back exactly
+        operation = self._runs.rebuild(run)
         (outcome,) = await self._worker.run_cycle(
             ops.Cycle(0, [ops.WorkItem(uuid.uuid4().hex, run.model_id, operation)])
         )

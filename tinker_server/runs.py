@@ -7,6 +7,7 @@ import secrets
 import time
 from pathlib import Path
 
+from tinker_server import ops
 from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Sampler, Store, TrainingRun, initial_path
 
 
@@ -79,6 +80,14 @@ class Runs:
     def note_built(self, model_id: str) -> None:
         """Its adapter exists on the worker."""
         self._built.add(model_id)
+
+    def rebuild(self, run: TrainingRun) -> ops.CreateAdapter:
+        """What rebuilds the run's adapter at its restore point."""
+        point = run.restore
+        if not point.path:
+            return ops.CreateAdapter(run.lora)  # seeded: its creation comes back exactly
+        directory = str(self.directory(CheckpointPath.parse(point.path)))
+        return ops.CreateAdapter(run.lora, directory, point.with_optimizer)
 
     def restored(self, model_id: str, point: RestorePoint) -> None:
         """Its adapter was rebuilt at `point`: what it had done since is gone."""

@@ -12,6 +12,7 @@ import json
 import re
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -546,15 +547,22 @@ class Store:
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def purge_results(self, now: float) -> int:
-        """Forgets expired results, and the requests they answered (one still unanswered stays)."""
+    def purge_results(self, now: float) -> Counter[str]:
+        """Forgets expired results, and the requests they answered (one still unanswered stays);
+        how many went, by owner."""
         with self._transaction():
             self._db.execute(
                 "DELETE FROM accepted_requests WHERE expires_at <= ?"
                 " AND future_id IN (SELECT future_id FROM future_results)",
                 (now,),
             )
-            return self._db.execute("DELETE FROM future_results WHERE expires_at <= ?", (now,)).rowcount
+            rows = self._db.execute("DELETE FROM future_results WHERE expires_at <= ? RETURNING owner", (now,))
+            return Counter(owner for (owner,) in rows.fetchall())
+
+    def result_counts(self) -> Counter[str]:
+        """Results kept, by owner."""
+        rows = self._db.execute("SELECT owner, count(*) FROM future_results GROUP BY owner").fetchall()
+        return Counter(dict(rows))
 
     # -- client sessions and samplers ------------------------------------------------
 

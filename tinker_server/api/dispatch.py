@@ -45,6 +45,7 @@ class Dispatcher:
         self.retention_seconds = result_retention_seconds
         self._inflight: dict[str, Submitted] = {}  # by future_id, until the result is stored
         self._queued: dict[str, tuple[int, int]] = {}  # owner -> (requests, bytes) in _inflight
+        self._stored = runs.store.result_counts()  # owner -> results kept
         self.draining = False
         """Set at shutdown: new requests are refused, queued ones still run."""
 
@@ -62,6 +63,12 @@ class Dispatcher:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"you have {count} requests queued, the quota per owner (--max-queued-requests-per-owner); "
                 "wait for results, then send more",
+            )
+        if self._stored[owner] >= limits.max_stored_results_per_owner:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"you have {self._stored[owner]} results kept for resuming, the quota per owner "
+                "(--max-stored-results-per-owner); they expire after --result-retention-seconds",
             )
         if queued_bytes + size > limits.max_queued_bytes_per_owner:
             raise RequestError(
@@ -87,6 +94,7 @@ class Dispatcher:
             )
             result = error_result(grpc.StatusCode.ABORTED.value[0], message, future_id)
             self._runs.store.put_result(future_id, owner, result.SerializeToString(), expires)
+            self._stored[owner] += 1
 
     async def result_of(self, future_id: str, owner: str) -> service_pb2.Result | None:
         """The Result of an acked request, waiting for it if it is still running; None if
@@ -165,6 +173,7 @@ class Dispatcher:
             message.save_weights_for_sampler.sampler_id = self._new_sampler(parsed, owner)
         expires = time.time() + self.retention_seconds
         self._runs.store.put_result(future_id, owner, message.SerializeToString(), expires)
+        self._stored[owner] += 1
         return message
 
     def _record(self, parsed: ParsedRequest, outcome: ops.Outcome, owner: str) -> None:
@@ -227,11 +236,7 @@ class Dispatcher:
         if run.diverged:
             self._runs.fence(model_id, rollback_message(run, "the server restarted"))
         point = run.restore
-        if point.path:
-            directory = str(self._runs.directory(CheckpointPath.parse(point.path)))
-            operation = ops.CreateAdapter(run.lora, directory, point.with_optimizer)
-        else:
-            operation = ops.CreateAdapter(run.lora)  # seeded: its creation comes back exactly
+        operation = self._runs.rebuild(run)
         ticket = self._scheduler.submit(model_id, ops.WorkItem("", model_id, operation))
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
@@ -299,7 +304,7 @@ class Dispatcher:
         for checkpoint in self._runs.store.expired_checkpoints(now):
             log.info("checkpoint %s expired; deleting it", checkpoint.path)
             await self.delete_checkpoint(checkpoint.path)
-        self._runs.store.purge_results(now)
+        self._stored -= self._runs.store.purge_results(now)
         self._runs.store.purge_sampled_sequences(now - SEQUENCE_TTL_SECONDS, now)
         self._runs.store.purge_expired_sequence_ids(now - SEQUENCE_TTL_SECONDS)
 

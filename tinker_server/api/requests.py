@@ -82,6 +82,8 @@ class Limits:
     """Requests acked but not yet answered, per owner, all streams together."""
     max_queued_bytes_per_owner: int = 2 << 30
     """Bytes of those requests, per owner."""
+    max_stored_results_per_owner: int = 1_000_000
+    """Results kept for resuming (for --result-retention-seconds) per owner; new requests wait beyond it."""
     max_checkpoint_bytes_per_owner: int = 1 << 40
     """Bytes of saved checkpoints one owner may keep; saves beyond it are refused."""
 
