@@ -138,8 +138,7 @@ class Dispatcher:
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
         submitted = Submitted(future_id, seq, owner, result, size)
         self._inflight[future_id] = submitted
-        self._queued[owner] = self._queued.get(owner, (0, 0))
-        count, queued_bytes = self._queued[owner]
+        count, queued_bytes = self._queued.get(owner, (0, 0))
         self._queued[owner] = (count + 1, queued_bytes + size)
 
         def settle(done: asyncio.Future[ops.Outcome]) -> None:
