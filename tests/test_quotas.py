@@ -21,7 +21,7 @@ def test_each_owner_has_its_own_quotas(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("alice-key alice\nbob-key bob\n")
     options = [
-        *("--api-keys-file", str(keys), "--cycle", "fixed:2"),  # requests wait for the next tick
+        *("--api-keys-file", str(keys), "--cycle", "fixed:0.5"),  # requests wait for the next tick
         *("--max-queued-requests-per-owner", "2", "--max-queued-bytes-per-owner", "100000"),
         *("--max-checkpoint-bytes-per-owner", "1", "--max-stored-results-per-owner", "8"),
     ]

@@ -99,7 +99,7 @@ class Runs:
         return model_id in self._built
 
     def fence(self, model_id: str, message: str) -> None:
-        """A crash took the run back: its state-changing requests fail with `message` until a load_state."""
+        """A crash took the run back: its requests fail with `message` until a load_state."""
         self._fences[model_id] = message
 
     def fence_of(self, model_id: str) -> str | None:
