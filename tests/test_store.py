@@ -110,11 +110,11 @@ def test_an_owners_records_beyond_the_limit_expire_least_recently_used_first(tmp
 
 def test_seq_counts_per_queue_across_reopening_and_keys_are_remembered_until_their_result_expires(tmp_path):
     store = Store(tmp_path / "db")
-    seqs = [store.accept(f"f{i}", "alice", f"k{i}", queue, expires_at=10.0) for i, queue in enumerate("abaab")]
+    seqs = [store.accept(f"f{i}", "alice", f"k{i}", queue) for i, queue in enumerate("abaab")]
     assert seqs == [1, 1, 2, 3, 2]
     store.close()
     store = Store(tmp_path / "db")
-    assert store.accept("f5", "alice", "", "a", expires_at=10.0) == 4  # no restart resets it
+    assert store.accept("f5", "alice", "", "a") == 4  # no restart resets it
     assert store.accepted("alice", "k2") == ("f2", 2) and store.accepted("bob", "k2") is None
     assert sorted(future_id for future_id, _ in store.unanswered()) == ["f0", "f1", "f2", "f3", "f4", "f5"]
 
@@ -126,13 +126,13 @@ def test_seq_counts_per_queue_across_reopening_and_keys_are_remembered_until_the
     assert "f2" not in {future_id for future_id, _ in store.unanswered()}
 
     store.forget_queues("b")
-    assert store.accept("f6", "alice", "", "b", expires_at=10.0) == 1
+    assert store.accept("f6", "alice", "", "b") == 1
 
 
 def test_requests_a_crash_cut_short_are_answered_with_an_error_saying_so(tmp_path):
     async def after_restart() -> tuple[str, service_pb2.Result]:
         store = Store(tmp_path / "db")
-        store.accept("lost", "alice", "key", "run-a", expires_at=time.time() + 60)
+        store.accept("lost", "alice", "key", "run-a")
         dispatcher = Dispatcher(None, Runs(store, tmp_path), Limits(), 60.0)
         dispatcher.answer_lost_requests()
         return dispatcher.previous("alice", "key"), await dispatcher.result_of("lost", "alice")

@@ -146,6 +146,10 @@ MIGRATIONS = [
     ALTER TABLE training_runs ADD COLUMN pending_gradients INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE training_runs ADD COLUMN closed INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    DROP INDEX accepted_requests_expiry;
+    ALTER TABLE accepted_requests DROP COLUMN expires_at;
+    """,
 ]
 
 
@@ -498,7 +502,7 @@ class Store:
 
     # -- futures' results ------------------------------------------------------------
 
-    def accept(self, future_id: str, owner: str, idempotency_key: str, queue_key: str, expires_at: float) -> int:
+    def accept(self, future_id: str, owner: str, idempotency_key: str, queue_key: str) -> int:
         """Records an accepted request before it is acked; returns its seq, the next of its queue's
         (counted across restarts, and only for clients' requests)."""
         with self._transaction():
@@ -508,8 +512,8 @@ class Store:
                 (queue_key,),
             ).fetchone()
             self._db.execute(
-                "INSERT INTO accepted_requests VALUES (?, ?, ?, ?, ?)",
-                (future_id, owner, idempotency_key, seq, expires_at),
+                "INSERT INTO accepted_requests VALUES (?, ?, ?, ?)",
+                (future_id, owner, idempotency_key, seq),
             )
         return seq
 
@@ -533,12 +537,10 @@ class Store:
         self._db.execute("DELETE FROM queue_seqs WHERE substr(queue_key, 1, ?) = ?", (len(prefix), prefix))
 
     def put_result(self, future_id: str, owner: str, result: bytes, expires_at: float) -> None:
-        """The request's result; its record (and idempotency key) is kept as long."""
-        with self._transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO future_results VALUES (?, ?, ?, ?)", (future_id, owner, result, expires_at)
-            )
-            self._db.execute("UPDATE accepted_requests SET expires_at = ? WHERE future_id = ?", (expires_at, future_id))
+        """The request's result; its record (and idempotency key) is kept as long (purge_results)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO future_results VALUES (?, ?, ?, ?)", (future_id, owner, result, expires_at)
+        )
 
     def result(self, future_id: str) -> tuple[str, bytes, float] | None:
         """(owner, serialized Result, expires_at), or None if never stored or already purged."""
@@ -552,8 +554,8 @@ class Store:
         how many went, by owner."""
         with self._transaction():
             self._db.execute(
-                "DELETE FROM accepted_requests WHERE expires_at <= ?"
-                " AND future_id IN (SELECT future_id FROM future_results)",
+                "DELETE FROM accepted_requests WHERE future_id IN"
+                " (SELECT future_id FROM future_results WHERE expires_at <= ?)",
                 (now,),
             )
             rows = self._db.execute("DELETE FROM future_results WHERE expires_at <= ? RETURNING owner", (now,))

@@ -117,9 +117,8 @@ class Dispatcher:
         seq = 0
         if not internal:
             self._check_queue_quotas(owner, size)
-            expires = time.time() + self.retention_seconds
             try:
-                seq = self._runs.store.accept(future_id, owner, idempotency_key, parsed.queue_key, expires)
+                seq = self._runs.store.accept(future_id, owner, idempotency_key, parsed.queue_key)
             except sqlite3.Error as error:
                 raise RequestError(
                     grpc.StatusCode.UNAVAILABLE, f"the server could not record this request ({error}); it did not run"

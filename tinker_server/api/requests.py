@@ -566,13 +566,12 @@ class RequestParser:
         return max(0, self._limits.max_checkpoint_bytes_per_owner - used)
 
     def _check_checkpoint_quota(self, kind: str) -> None:
-        limit = self._limits.max_checkpoint_bytes_per_owner
-        used = self._runs.store.owner_checkpoint_bytes(current_owner.get())
-        if used >= limit:
+        if self.checkpoint_bytes_left() == 0:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{kind}: your checkpoints take {used} bytes, the quota per owner (--max-checkpoint-bytes-per-owner "
-                f"{limit}); delete some (RestClient.delete_checkpoint) or save with a ttl",
+                f"{kind}: your checkpoints fill the quota per owner (--max-checkpoint-bytes-per-owner "
+                f"{self._limits.max_checkpoint_bytes_per_owner}); delete some (RestClient.delete_checkpoint) or "
+                "save with a ttl",
             )
 
     def _ephemeral_save(self, model_id: str, ttl: int | None, user_metadata: dict[str, str]) -> ParsedRequest:
