@@ -110,6 +110,11 @@ class Runs:
 
     # -- what holds sampler weights --------------------------------------------------
 
+    def owned_sampler(self, sampler_id: str, owner: str) -> Sampler | None:
+        """The sampler, if `owner` made it: another owner's does not exist for them."""
+        sampler = self.store.sampler(sampler_id)
+        return sampler if sampler is not None and sampler.owner == owner else None
+
     def new_sampler(
         self, owner: str, session_id: str, base_model: str, model_path: str, record_stability_info: bool
     ) -> Sampler:

@@ -265,8 +265,8 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     async def GetSampler(
         self, request: runs_pb2.GetSamplerRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.GetSamplerResponse:
-        sampler = self._runs.store.sampler(request.sampler_id)
-        if sampler is None or sampler.owner != current_owner.get():
+        sampler = self._runs.owned_sampler(request.sampler_id, current_owner.get())
+        if sampler is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"sampler_id {request.sampler_id!r}: no such sampler")
         return runs_pb2.GetSamplerResponse(
             sampler_id=sampler.sampler_id, base_model=sampler.base_model, model_path=sampler.model_path

@@ -275,8 +275,8 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def HoldSampler(
         self, request: service_pb2.HoldSamplerRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.HoldSamplerResponse:
-        sampler = self._runs.store.sampler(request.sampler_id)
-        if sampler is None or sampler.owner != current_owner.get():
+        sampler = self._runs.owned_sampler(request.sampler_id, current_owner.get())
+        if sampler is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"sampler_id {request.sampler_id!r}: no such sampler")
         self._runs.hold_sampler(sampler.sampler_id, sampler.model_path, +1 if request.held else -1)
         if not request.held:
