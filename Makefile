@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := tinker_rpc/.generated
 INSTALL_STAMP := $(VENV)/.project-installed
 
-.PHONY: install proto proto-lint proto-release test test-node demo bench lint clean
+.PHONY: install proto proto-lint proto-release test test-node demo demo-cluster bench lint clean
 
 install: $(INSTALL_STAMP)
 
@@ -30,7 +30,7 @@ $(GEN_STAMP): $(PROTOS) $(DEPS_STAMP)
 	touch $@
 
 $(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
-	$(PY) -m pip install -q -e ".[server,dev]"
+	$(PY) -m pip install -q -e ".[server,dev,ray]"
 	touch $@
 
 # What the Tinker 0.38 drop-in tests read: the official SDK's wheel (parsed, never installed) and
@@ -59,6 +59,10 @@ test-node: install
 
 demo: install
 	$(PY) examples/demo.py
+
+# A two-node local Ray cluster, one server, two base models with a replica each (Ray actors).
+demo-cluster: install
+	$(PY) examples/demo_cluster.py
 
 # Not part of `make test`. The public Tinker SDK is installed only to compare wire formats.
 bench: install

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import latency, load, memory, rl_loop, sampling, training, wire
+from bench import cluster, latency, load, memory, rl_loop, sampling, training, wire
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
     memory.main(extra)
     rl_loop.main(extra)
     load.main(extra)
+    cluster.main([])
 
 
 if __name__ == "__main__":

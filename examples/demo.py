@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -58,36 +59,60 @@ def completions(sampling_client, tokenizer) -> list[str]:
     ]
 
 
+@dataclass
+class Outcome:
+    base_model: str
+    losses: list[float]
+    before: list[str]
+    after: list[str]
+
+    @property
+    def learned(self) -> bool:
+        return self.losses[-1] <= self.losses[0] / 2
+
+
+def fine_tune(service: ServiceClient, base_model: str, position: int = 0) -> Outcome:
+    """The demo's loop on one base model: completions before, STEPS steps, completions after."""
+    training = service.create_lora_training_client(base_model, rank=16, seed=0).result()
+    tokenizer = training.get_tokenizer()
+    data = [make_datum(tokenizer, question, answer) for question, answer in QA_PAIRS]
+    answer_tokens = sum(sum(datum.loss_fn_inputs["weights"].data) for datum in data)
+
+    before = completions(training.save_weights_and_get_sampling_client("before").result(), tokenizer)
+    losses = []
+    with tqdm(range(STEPS), desc=f"training {base_model}", unit="step", position=position) as progress:
+        for _ in progress:
+            # Both requests are queued at once; the server runs them in order.
+            backward = training.forward_backward(data, "cross_entropy")
+            training.optim_step(ADAM)
+            losses.append(backward.result().metrics["loss:sum"] / answer_tokens)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    after = completions(training.save_weights_and_get_sampling_client("after").result(), tokenizer)
+    return Outcome(base_model, losses, before, after)
+
+
+def report(outcome: Outcome) -> None:
+    losses = outcome.losses
+    print(f"\n{outcome.base_model}: loss per answer token {losses[0]:.3f} -> {losses[-1]:.3f}", end=" ")
+    print(f"({losses[-1] / losses[0]:.1%} of the start)")
+    print(f"{'question':<36} {'target':<8} {'before':<16} after")
+    for (question, answer), old, new in zip(QA_PAIRS, outcome.before, outcome.after, strict=True):
+        print(f"{question:<36} {answer:<8} {old!r:<16} {new!r}")
+    correct = sum(new == answer for (_, answer), new in zip(QA_PAIRS, outcome.after, strict=True))
+    print(f"{correct}/{len(QA_PAIRS)} answers exact after training")
+
+
 def main() -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as data_dir, running_server(Path(data_dir)) as address:
         print(f"server up at {address} ({time.monotonic() - started:.1f}s)")
         service = ServiceClient(base_url=address)
         base_model = service.get_server_capabilities().supported_models[0].model_name
-        training = service.create_lora_training_client(base_model, rank=16, seed=0).result()
-        tokenizer = training.get_tokenizer()
-        data = [make_datum(tokenizer, question, answer) for question, answer in QA_PAIRS]
-        answer_tokens = sum(sum(datum.loss_fn_inputs["weights"].data) for datum in data)
-
-        before = completions(training.save_weights_and_get_sampling_client("before").result(), tokenizer)
-        losses = []
-        with tqdm(range(STEPS), desc="training", unit="step") as progress:
-            for _ in progress:
-                # Both requests are queued at once; the server runs them in order.
-                backward = training.forward_backward(data, "cross_entropy")
-                training.optim_step(ADAM)
-                losses.append(backward.result().metrics["loss:sum"] / answer_tokens)
-                progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        after = completions(training.save_weights_and_get_sampling_client("after").result(), tokenizer)
+        outcome = fine_tune(service, base_model)
         service.close()
-
-    print(f"\nloss per answer token: {losses[0]:.3f} -> {losses[-1]:.3f} ({losses[-1] / losses[0]:.1%} of the start)")
-    print(f"{'question':<36} {'target':<8} {'before':<16} after")
-    for (question, answer), old, new in zip(QA_PAIRS, before, after, strict=True):
-        print(f"{question:<36} {answer:<8} {old!r:<16} {new!r}")
-    correct = sum(new == answer for (_, answer), new in zip(QA_PAIRS, after, strict=True))
-    print(f"\n{correct}/{len(QA_PAIRS)} answers exact after training; total {time.monotonic() - started:.0f}s")
-    return 0 if losses[-1] <= losses[0] / 2 else 1
+    report(outcome)
+    print(f"total {time.monotonic() - started:.0f}s")
+    return 0 if outcome.learned else 1
 
 
 if __name__ == "__main__":

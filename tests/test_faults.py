@@ -32,6 +32,22 @@ ADAM = ops.AdamConfig(1e-2, 0.9, 0.95, 1e-12, 0.0, 0.0)
 # -- results -------------------------------------------------------------------------
 
 
+class OneReplica:
+    """What the dispatcher asks of a fleet, for one scheduler and no worker."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def choose(self, base_model: str) -> None:
+        return None
+
+    def place(self, model_id: str, slot: None) -> None:
+        pass
+
+    def submit(self, queue_key: str, item: ops.WorkItem, base_model: str = "", first: bool = False) -> object:
+        return self._scheduler.submit(queue_key, item, first)
+
+
 async def _settle_with_a_failing_store(tmp_path: Path) -> tuple[object, Dispatcher]:
     async def run_cycle(cycle: ops.Cycle) -> list[ops.Outcome]:
         return [ops.Outcome(item.future_id, cycle.cycle_id, result=ops.OptimStepResult({})) for item in cycle.items]
@@ -46,7 +62,7 @@ async def _settle_with_a_failing_store(tmp_path: Path) -> tuple[object, Dispatch
     clock = asyncio.create_task(scheduler.run())
     runs = Runs(store, tmp_path)
     runs.add_live(TrainingRun("run-a", "", "base", ops.LoraSpec(4, 0, True, True, True, 32.0)))
-    dispatcher = Dispatcher(scheduler, runs, Limits(), 60.0)
+    dispatcher = Dispatcher(OneReplica(scheduler), runs, Limits(), 60.0)
     try:
         item = ops.WorkItem("", "run-a", ops.OptimStep(ADAM))
         submitted = dispatcher.submit(ParsedRequest("run-a", item), owner="")

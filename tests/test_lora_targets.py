@@ -12,7 +12,7 @@ from tinker_rpc.v1 import service_pb2, training_pb2
 from tinker_server import ops
 from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.runs import Runs
-from tinker_server.served import ServedModel
+from tinker_server.served import ServedModels
 from tinker_server.store import Store
 from tinker_server.worker.lora import RowRouting
 from tinker_server.worker.targets import wrap_lora_targets
@@ -38,8 +38,8 @@ def test_experts_in_an_unknown_format_are_reported_not_skipped_silently():
 
 
 def parser_for(info: ops.ModelInfo, tmp_path) -> RequestParser:
-    served = ServedModel()
-    served.set(info)
+    served = ServedModels()
+    served.set({info.name: info})
     return RequestParser(served, Runs(Store(tmp_path / "store.db"), tmp_path), Limits())
 
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from tinker_server.api.requests import Limits
 from tinker_server.auth import ApiKeys
 from tinker_server.config import ServerConfig
+from tinker_server.fleet import ModelSpec
 from tinker_server.logs import configure_logging
 from tinker_server.ops import WorkerOptions
 from tinker_server.scheduler import DEFAULT_MAX_CYCLE_TOKENS, CyclePolicy
 from tinker_server.server import serve
+from tinker_server.worker.platform import RaySettings
 
 ENV_PREFIX = "TINKER_SERVER_"
 
@@ -29,6 +33,8 @@ def apply_environment(parser: argparse.ArgumentParser) -> None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             action.default = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(action, argparse._AppendAction):
+            action.default = value.split(",")
         else:
             try:
                 action.default = action.type(value) if action.type else value
@@ -44,16 +50,62 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default %(default)s)")
     parser.add_argument(
         "--base-model",
+        action="append",
         default=None,
         metavar="PATH",
-        help="local Hugging Face model directory; default: the embedded tiny Llama",
+        help="local Hugging Face model directory, or 'embedded' (the embedded tiny Llama, the default); "
+        "repeat to serve several base models",
     )
     parser.add_argument(
         "--served-model-name",
+        action="append",
         default=None,
         metavar="NAME",
         help="the name clients use for the base model, e.g. its hub id for code written against it "
-        "(default: embedded/tiny-llama, or the --base-model path)",
+        "(default: embedded/tiny-llama, or the --base-model path); one per --base-model, in order",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="replicas of each base model, each a worker (default %(default)s)"
+    )
+    parser.add_argument(
+        "--models-file",
+        type=Path,
+        default=None,
+        help="TOML file of [[model]] tables (path, name, replicas), instead of --base-model",
+    )
+    parser.add_argument(
+        "--max-runs-per-replica",
+        type=int,
+        default=ServerConfig.max_runs_per_replica,
+        help="live training runs one replica takes; a new run goes to the least loaded (default %(default)s)",
+    )
+    parser.add_argument(
+        "--platform",
+        default="local",
+        choices=["local", "ray"],
+        help="where replicas run: local (a spawned process each, the default) or ray (an actor each; "
+        "pip install '.[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster that --platform ray joins (default: $RAY_ADDRESS; 'local': start a private one)",
+    )
+    parser.add_argument(
+        "--ray-gpus-per-replica", type=float, default=RaySettings.gpus_per_replica, help="GPUs each replica reserves"
+    )
+    parser.add_argument(
+        "--ray-cpus-per-replica",
+        type=float,
+        default=RaySettings.cpus_per_replica,
+        help="CPUs each replica reserves (its torch threads) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ray-resources-per-replica",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="custom Ray resources each replica reserves, e.g. '{\"replica\": 1}'",
     )
     parser.add_argument(
         "--dtype",
@@ -113,6 +165,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--allow-unauthenticated",
         action="store_true",
         help="serve without API keys (everyone is one anonymous owner); logged loudly",
+    )
+    parser.add_argument(
+        "--admin-owner",
+        action="append",
+        default=[],
+        metavar="OWNER",
+        help="an owner whose API keys may call the AdminService (tinker-server admin); repeat for more",
     )
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain; with --tls-key enables TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
@@ -210,6 +269,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     if args.max_tokens_per_pass < 1:
         parser.error(f"--max-tokens-per-pass: {args.max_tokens_per_pass}; give at least 1")
     try:
+        models = model_specs(args.base_model, args.served_model_name, args.replicas, args.models_file)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as error:
+        parser.error(str(error))
+    try:
         api_keys = ApiKeys.load(args.api_keys_file, os.environ.get("TINKER_API_KEYS"), args.allow_unauthenticated)
     except (OSError, ValueError) as error:
         parser.error(str(error))
@@ -217,8 +280,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        base_model=args.base_model,
-        served_model_name=args.served_model_name,
+        models=models,
+        platform=args.platform,
+        ray=RaySettings(
+            address=args.ray_address,
+            gpus_per_replica=args.ray_gpus_per_replica,
+            cpus_per_replica=args.ray_cpus_per_replica,
+            resources_per_replica=args.ray_resources_per_replica,
+        ),
+        max_runs_per_replica=args.max_runs_per_replica,
         data_dir=args.data_dir,
         worker=WorkerOptions(
             dtype=args.dtype,
@@ -248,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             max_checkpoint_bytes_per_owner=args.max_checkpoint_bytes_per_owner,
         ),
         api_keys=api_keys,
+        admin_owners=frozenset(args.admin_owner),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         shutdown_grace_seconds=args.shutdown_grace,
@@ -257,7 +328,46 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
 
 
+EMBEDDED = "embedded"
+
+
+def model_specs(
+    paths: list[str] | None, names: list[str] | None, replicas: int, models_file: Path | None
+) -> tuple[ModelSpec, ...]:
+    """The served base models, from the flags or a models file."""
+    if models_file is not None:
+        if paths or names:
+            raise ValueError("--models-file replaces --base-model and --served-model-name: give one or the other")
+        tables = tomllib.loads(models_file.read_text()).get("model", [])
+        if not tables:
+            raise ValueError(f"{models_file}: no [[model]] table")
+        specs = []
+        for number, table in enumerate(tables, start=1):
+            if unknown := set(table) - {"path", "name", "replicas"}:
+                raise ValueError(f"{models_file}: model {number}: unknown keys {sorted(unknown)}")
+            path = table.get("path", EMBEDDED)
+            specs.append(ModelSpec(None if path == EMBEDDED else path, table.get("name"), table.get("replicas", 1)))
+    else:
+        paths = paths or [EMBEDDED]
+        if names and len(names) != len(paths):
+            raise ValueError(f"--served-model-name: {len(names)} given for {len(paths)} --base-model; one each")
+        specs = [
+            ModelSpec(None if path == EMBEDDED else path, name, replicas)
+            for path, name in zip(paths, names or [None] * len(paths), strict=True)
+        ]
+    for spec in specs:
+        if not isinstance(spec.replicas, int) or spec.replicas < 1:
+            raise ValueError(f"replicas of {spec.path or EMBEDDED}: {spec.replicas!r}; give at least 1")
+    return tuple(specs)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        from tinker_server.admin_cli import main as admin_main
+
+        admin_main(argv[1:])
+        return
     config = parse_args(argv)
     try:
         asyncio.run(serve(config))

@@ -71,6 +71,8 @@ class CreateAdapter:
     lora: LoraSpec
     source_dir: str | None = None
     with_optimizer: bool = False
+    with_gradients: bool = False
+    """Also the gradients no step consumed yet (a run moving between replicas)."""
 
 
 @dataclass
@@ -116,6 +118,8 @@ class SaveState:
     phase: ClassVar[Phase] = Phase.SAVE
     path: str
     directory: str
+    with_gradients: bool = False
+    """Also the gradients no step consumed yet, so a run moving between replicas loses nothing."""
 
 
 @dataclass
@@ -127,7 +131,8 @@ class DeleteCheckpoint:
 
 @dataclass
 class Unload:
-    """Frees a run's adapter (its weights, gradients and optimizer state) wherever it is."""
+    """Frees a run's adapter (its weights, gradients and optimizer state) wherever it is, after
+    writing out its snapshots whose files were still pending (another replica may read them next)."""
 
     phase: ClassVar[Phase] = Phase.SAVE
 
@@ -184,6 +189,15 @@ def run_of(item: WorkItem) -> str:
     operation = item.operation
     if isinstance(operation, Sample) and operation.adapter is not None and operation.adapter_dir is None:
         return operation.adapter
+    return item.model_id
+
+
+def home_run(item: WorkItem) -> str:
+    """The run whose replica an item must run on: run_of, or for a sample of saved weights the run
+    that saved them (its replica holds them); '' for the bare base model."""
+    operation = item.operation
+    if isinstance(operation, Sample) and operation.adapter is not None:
+        return operation.adapter.removeprefix("tinker://").partition("/")[0]
     return item.model_id
 
 

@@ -19,28 +19,39 @@ import grpc
 from tinker_server import metrics, ops
 from tinker_server.runs import Runs, rollback_message
 from tinker_server.store import TrainingRun
-from tinker_server.worker.client import WorkerClient, WorkerDied
+from tinker_server.worker.platform import Replica, WorkerDied, WorkerPlatform
 
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 0.5
 """How often an idle worker is checked: a dead one is replaced before the next request needs it."""
 
+Handover = Callable[[set[str]], Awaitable[bool]]
+"""Offered a dead worker's runs (with those that were changing when it died): True if it placed
+them elsewhere (this replica retires), False to restart the worker here."""
+
 
 class SupervisedWorker:
     def __init__(
         self,
+        platform: WorkerPlatform,
         base_model: str | None,
         options: ops.WorkerOptions,
         runs: Runs,
+        runs_here: Callable[[], list[TrainingRun]],
         set_serving: Callable[[bool], Awaitable[None]],
     ) -> None:
+        self._platform = platform
         self._base_model = base_model
         self._options = options
         self._runs = runs
+        self._runs_here = runs_here
         self._set_serving = set_serving
-        self._worker = WorkerClient(base_model, options)
+        self._worker: Replica = platform.replica(base_model, options)
         self._lock = asyncio.Lock()  # one cycle or one restart at a time
         self.restarts = 0
+        self.handover: Handover | None = None
+        self.retired = False
+        """Its worker died and its runs went to other replicas: it runs nothing more."""
 
     async def start(self) -> ops.ModelInfo:
         return await self._worker.start()
@@ -49,29 +60,43 @@ class SupervisedWorker:
     def residency(self) -> ops.ResidencyStats:
         return self._worker.residency
 
+    def where(self) -> str:
+        return self._worker.where()
+
     async def stop(self) -> None:
         await self._worker.stop()
 
     async def watch(self) -> None:
-        """Replaces a worker that died between cycles, at once (until cancelled)."""
-        while True:
+        """Replaces a worker that died between cycles, at once (until cancelled or retired)."""
+        while not self.retired:
             await asyncio.sleep(WATCH_SECONDS)
-            if self._worker.alive:
-                continue
+            if self._lock.locked():
+                continue  # a cycle is running: its end says whether the worker lives
             async with self._lock:
-                if not self._worker.alive:
-                    log.error("the worker died while idle; restarting it")
-                    await self._restart(set())
+                if not self.retired and not await self._worker.is_alive():
+                    log.error("the worker (%s) died while idle", self._worker.where())
+                    await self._replace(set())
 
     async def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
         async with self._lock:
             try:
                 return await self._worker.run_cycle(cycle)
             except WorkerDied as error:
-                log.error("the worker died during cycle %d (%s); restarting it", cycle.cycle_id, error)
+                log.error("the worker died during cycle %d (%s)", cycle.cycle_id, error)
                 changing = {ops.run_of(item) for item in cycle.items if not ops.reads_only(item.operation)}
-                report = await self._restart(changing)
+                report = await self._replace(changing)
+                if self.retired:
+                    return [self._lost(item, cycle.cycle_id, f"{error}; {report}") for item in cycle.items]
                 return await self._rerun_what_may_run_again(cycle, f"{error}; a new worker {report}")
+
+    async def _replace(self, changing: set[str]) -> str:
+        """Restarts the worker here, or (when the platform has no room for a new one and another
+        replica can take them) hands its runs over and retires."""
+        if self.handover is not None and not self._platform.has_room() and await self.handover(changing):
+            self.retired = True
+            await self._worker.stop()
+            return "its runs moved to other replicas of the base model, each from its own restore point"
+        return await self._restart(changing)
 
     async def _rerun_what_may_run_again(self, cycle: ops.Cycle, what_happened: str) -> list[ops.Outcome]:
         """The dying cycle's outcomes: its read-only requests of runs that lost nothing, run again
@@ -106,12 +131,12 @@ class SupervisedWorker:
         (they had moved on from it, or were changing in the dying cycle) are fenced."""
         await self._set_serving(False)  # health: NOT_SERVING until the runs are back
         await self._worker.stop()
-        self._worker = WorkerClient(self._base_model, self._options)
+        self._worker = self._platform.replica(self._base_model, self._options)
         await self._worker.start()
         self.restarts += 1
         metrics.WORKER_RESTARTS.inc()
         restored, fenced, lost = 0, [], []
-        for run in self._runs.live_runs():
+        for run in self._runs_here():
             if not self._runs.is_built(run.model_id):
                 continue  # its creation is still queued: the new worker builds it
             error = await self._restore(run)

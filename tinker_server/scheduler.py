@@ -110,18 +110,59 @@ class Scheduler:
         self._cycle_ids = itertools.count(1)
         self._fair_start = 0
         self._running_cycle = False
-        metrics.QUEUE_DEPTH.set_function(self.queued)
+        self._held: set[str] = set()
+        self._closed = False
 
-    def submit(self, queue_key: str, item: ops.WorkItem) -> Ticket:
+    def submit(self, queue_key: str, item: ops.WorkItem, first: bool = False) -> Ticket:
         """Queues an operation; its order among `queue_key`'s requests is fixed now (its seq, for a
-        client's request, is the dispatcher's)."""
+        client's request, is the dispatcher's). `first`: ahead of everything queued for the key (what
+        brings a run onto this replica, before the requests that moved with it)."""
         item.future_id = item.future_id or uuid.uuid4().hex
         ticket = Ticket(item.future_id, asyncio.get_running_loop().create_future())
-        self._queues.setdefault(queue_key, deque()).append(_Queued(queue_key, ticket, item))
+        queue = self._queues.setdefault(queue_key, deque())
+        queued = _Queued(queue_key, ticket, item)
+        queue.appendleft(queued) if first else queue.append(queued)
         self._queued += 1
         self._work_available.set()
         self._submitted.set()
         return ticket
+
+    # -- runs moving between replicas (each replica has its own scheduler) -----------
+
+    def hold(self, run: str) -> None:
+        """The run's requests wait here (it is moving in) until `release`."""
+        self._held.add(run)
+
+    def release(self, run: str) -> None:
+        self._held.discard(run)
+        self._work_available.set()
+
+    def take_run(self, run: str) -> list[_Queued]:
+        """Removes every queued request whose home is `run` ('' : the bare base model's), in order."""
+        taken = []
+        for key, queue in list(self._queues.items()):
+            kept = deque()
+            for queued in queue:
+                (taken if ops.home_run(queued.item) == run else kept).append(queued)
+            if kept:
+                self._queues[key] = kept
+            else:
+                del self._queues[key]
+        self._queued -= len(taken)
+        return taken
+
+    def put_back(self, taken: list[_Queued]) -> None:
+        """Queues requests another scheduler took, ahead of this one's for the same keys, in their order."""
+        for queued in reversed(taken):
+            self._queues.setdefault(queued.queue_key, deque()).appendleft(queued)
+        self._queued += len(taken)
+        if taken:
+            self._work_available.set()
+
+    def close(self) -> None:
+        """Stops the clock after the running cycle (its replica retired)."""
+        self._closed = True
+        self._work_available.set()
 
     def queued(self) -> int:
         """Requests waiting for a cycle; safe to call from any thread."""
@@ -132,10 +173,12 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         clock_start = loop.time()
         just_served: set[str] = set()
-        while True:
+        while not self._closed:
             if self._policy.period is None and just_served:
                 await self._await_returning(just_served, loop.time() + self._policy.coalesce)
             await self._work_available.wait()
+            if self._closed:
+                return
             if self._policy.period is not None:
                 # Ticks on a fixed grid: whatever arrives between two ticks shares a cycle.
                 period = self._policy.period
@@ -145,8 +188,8 @@ class Scheduler:
                 await asyncio.sleep(0)  # let requests already received join, e.g. an optim_step sent with its backward
             batch = self._take_cycle()
             just_served = {queued.queue_key for queued in batch}
-            if not any(self._queues.values()):
-                self._work_available.clear()
+            if not batch or not any(self._queues.values()):
+                self._work_available.clear()  # (what is left is held: `release` wakes the clock)
             if batch:
                 log.debug(
                     "cycle of %d requests: %s",
@@ -183,7 +226,7 @@ class Scheduler:
             progress = False
             for key in order:
                 queue = self._queues[key]
-                if not queue:
+                if not queue or ops.home_run(queue[0].item) in self._held:
                     continue
                 operation = queue[0].item.operation
                 previous = last_phase.get(key)

@@ -1,5 +1,5 @@
-"""The base model as the front end knows it: set once the worker has loaded it. The gRPC
-server is up (health NOT_SERVING) before that; requests arriving early wait for it."""
+"""The base models as the front end knows them: set once their replicas have loaded them. The
+gRPC server is up (health NOT_SERVING) before that; requests arriving early wait for it."""
 
 from __future__ import annotations
 
@@ -8,22 +8,31 @@ import asyncio
 from tinker_server import ops
 
 
-class ServedModel:
+class ServedModels:
     def __init__(self) -> None:
-        self._info: ops.ModelInfo | None = None
+        self._models: dict[str, ops.ModelInfo] = {}
         self._ready = asyncio.Event()
 
-    def set(self, info: ops.ModelInfo) -> None:
-        self._info = info
+    def set(self, models: dict[str, ops.ModelInfo]) -> None:
+        self._models = dict(models)
         self._ready.set()
 
-    @property
-    def info(self) -> ops.ModelInfo:
-        """Only after `wait()`: the request paths await readiness before they get here."""
-        if self._info is None:
-            raise RuntimeError("the base model is not loaded yet")
-        return self._info
-
-    async def wait(self) -> ops.ModelInfo:
+    async def wait(self) -> None:
         await self._ready.wait()
-        return self.info
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def default(self) -> ops.ModelInfo:
+        """The first served model (the one uploads adapt). Only after `wait()`."""
+        if not self._models:
+            raise RuntimeError("the base models are not loaded yet")
+        return next(iter(self._models.values()))
+
+    def get(self, name: str) -> ops.ModelInfo | None:
+        return self._models.get(name)
+
+    def all(self) -> list[ops.ModelInfo]:
+        return list(self._models.values())

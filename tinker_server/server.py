@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -12,8 +11,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc, service_pb2, service_pb2_grpc
+from tinker_rpc.v1 import admin_pb2, admin_pb2_grpc, runs_pb2, runs_pb2_grpc, service_pb2, service_pb2_grpc
 from tinker_server import metrics, ops
+from tinker_server.api.admin_servicer import AdminServicer
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.interceptors import AuthInterceptor, LoggingInterceptor
 from tinker_server.api.requests import ParsedRequest, RequestParser
@@ -21,25 +21,26 @@ from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.config import ServerConfig
 from tinker_server.files import remove_staging_leftovers
+from tinker_server.fleet import Fleet, FleetOptions
 from tinker_server.metrics import serve_metrics
-from tinker_server.recovery import SupervisedWorker
 from tinker_server.runs import Runs
-from tinker_server.scheduler import Scheduler
-from tinker_server.served import ServedModel
+from tinker_server.served import ServedModels
 from tinker_server.store import CheckpointPath, RestorePoint, Store
+from tinker_server.worker.platform import make_platform
 
 log = logging.getLogger(__name__)
 AUTOSAVE_NAME = "autosave-shutdown"
 SERVED = (
     service_pb2.DESCRIPTOR.services_by_name["TinkerService"].full_name,
     runs_pb2.DESCRIPTOR.services_by_name["RunsService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 
 
 class TinkerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._worker: SupervisedWorker | None = None
+        self._fleet: Fleet | None = None
         self._servicer: TinkerServicer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -53,19 +54,26 @@ class TinkerServer:
         remove_staging_leftovers(config.data_dir)
         self._store = Store(config.data_dir / "tinker.db")
         runs = Runs(self._store, config.data_dir)
-        self._served = ServedModel()
+        self._served = ServedModels()
         self._health = health.aio.HealthServicer()
+        self._restarting = 0
         await self._set_serving(False)
-        self._worker = SupervisedWorker(config.base_model, config.worker, runs, self._set_serving)
-        self._scheduler = Scheduler(self._worker.run_cycle, config.cycle, config.max_cycle_tokens)
+        fleet_options = FleetOptions(
+            config.worker,
+            config.cycle,
+            config.max_cycle_tokens,
+            config.max_runs_per_replica,
+            config.sweep_interval_seconds,
+        )
+        self._fleet = Fleet(make_platform(config.platform, config.ray), fleet_options, runs, self._worker_serving)
         self._runs = runs
-        self._dispatcher = Dispatcher(self._scheduler, runs, config.limits, config.result_retention_seconds)
+        self._dispatcher = Dispatcher(self._fleet, runs, config.limits, config.result_retention_seconds)
         self._dispatcher.answer_lost_requests()
-        self._scheduler.gate = self._dispatcher.gate
+        self._fleet.gate = self._dispatcher.gate
         parser = RequestParser(self._served, runs, config.limits)
-        metrics.watch_residency(lambda: self._worker.residency)
+        metrics.watch_residency(self._fleet.residency)
         self._servicer = TinkerServicer(
-            self._served, runs, parser, self._dispatcher, config.limits, lambda: self._worker.residency
+            self._served, runs, parser, self._dispatcher, config.limits, self._fleet.residency
         )
         options = [
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
@@ -77,6 +85,8 @@ class TinkerServer:
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
         runs_servicer = RunsServicer(self._served, runs, parser, self._dispatcher)
         runs_pb2_grpc.add_RunsServiceServicer_to_server(runs_servicer, self._grpc)
+        admin_servicer = AdminServicer(self._fleet, config.api_keys, config.admin_owners)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection([*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc)
         address = f"{config.host}:{config.port}"
@@ -97,35 +107,32 @@ class TinkerServer:
             log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
 
     async def boot(self) -> None:
-        """Starts the worker (loading the base model), then serves: health SERVING."""
+        """Starts every replica (loading the base models), then serves: health SERVING."""
         config = self.config
-        model = await self._worker.start()
-        if config.served_model_name:
-            model = dataclasses.replace(model, name=config.served_model_name)
-        self._served.set(model)
+        models = await self._fleet.start(list(config.models))
+        self._served.set(models)
         self._tasks = [
-            asyncio.create_task(self._scheduler.run(), name="scheduler-clock"),
             asyncio.create_task(
                 _every(config.sweep_interval_seconds, self._dispatcher.sweep), name="checkpoint-sweeper"
             ),
-            # An empty cycle lets the worker move idle adapters off its device even when no one trains.
-            asyncio.create_task(
-                _every(config.sweep_interval_seconds, lambda: self._worker.run_cycle(ops.Cycle(0, []))),
-                name="adapter-residency",
-            ),
-            asyncio.create_task(self._worker.watch(), name="worker-watch"),
         ]
         await self._set_serving(True)
         log.info(
-            "serving %s on %s:%d (%s, cycle=%s, data dir %s, store schema v%d)",
-            model.name,
+            "serving %s on %s:%d with %s (%s, cycle=%s, data dir %s, store schema v%d)",
+            ", ".join(f"{name} x{sum(s.base_model == name for s in self._fleet.statuses())}" for name in models),
             config.host,
             self.port,
+            self._fleet.platform.describe(),
             "TLS" if config.tls_cert else "plaintext",
             config.cycle,
             config.data_dir,
             self._store.schema_version,
         )
+
+    async def _worker_serving(self, serving: bool) -> None:
+        """Health is NOT_SERVING while any replica restarts and brings its runs back."""
+        self._restarting += -1 if serving else 1
+        await self._set_serving(self._restarting == 0)
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -139,15 +146,15 @@ class TinkerServer:
         if self._servicer is not None and self._tasks:
             await self._set_serving(False)
             self._dispatcher.draining = True
-            await self._scheduler.drain(grace)
+            await self._fleet.drain_queues(grace)
             await self._autosave(grace)
         if self._grpc is not None:
             await self._grpc.stop(1.0)  # results already queued on the streams go out first
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._worker is not None:
-            await self._worker.stop()
+        if self._fleet is not None:
+            await self._fleet.stop()
         if self._store is not None:
             self._store.close()
         log.info("server stopped")

@@ -150,6 +150,10 @@ MIGRATIONS = [
     DROP INDEX accepted_requests_expiry;
     ALTER TABLE accepted_requests DROP COLUMN expires_at;
     """,
+    """
+    ALTER TABLE training_runs ADD COLUMN replica TEXT NOT NULL DEFAULT '';
+    ALTER TABLE training_runs ADD COLUMN placement_epoch INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -240,6 +244,15 @@ class TrainingRun:
     def diverged(self) -> bool:
         """Its state moved on from its restore point: rebuilding it from there loses work."""
         return self.steps > self.restore.step or self.pending_gradients
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's adapter lives: a replica of its base model, and how many times it moved
+    (a result from an earlier epoch's replica is never taken for the run's)."""
+
+    replica: str = ""
+    epoch: int = 0
 
 
 @dataclass
@@ -419,6 +432,18 @@ class Store:
             "UPDATE training_runs SET restore_path = ?, restore_with_optimizer = ?, restore_step = ?, steps = ?"
             " WHERE model_id = ?",
             (point.path, point.with_optimizer, point.step, point.step, model_id),
+        )
+
+    def placement(self, model_id: str) -> Placement:
+        row = self._db.execute(
+            "SELECT replica, placement_epoch FROM training_runs WHERE model_id = ?", (model_id,)
+        ).fetchone()
+        return Placement(*row) if row is not None else Placement()
+
+    def set_placement(self, model_id: str, placement: Placement) -> None:
+        self._db.execute(
+            "UPDATE training_runs SET replica = ?, placement_epoch = ? WHERE model_id = ?",
+            (placement.replica, placement.epoch, model_id),
         )
 
     def close_run(self, model_id: str) -> None:

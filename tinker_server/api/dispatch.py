@@ -11,6 +11,7 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,8 +21,10 @@ from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
 from tinker_server.api.requests import Limits, ParsedRequest, RequestError, sampler_queue_prefix
 from tinker_server.api.responses import error_result, outcome_result
 from tinker_server.runs import Runs, rollback_message
-from tinker_server.scheduler import Scheduler
 from tinker_server.store import Checkpoint, CheckpointPath, RecordedSequence
+
+if TYPE_CHECKING:
+    from tinker_server.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,8 @@ class Submitted:
 
 
 class Dispatcher:
-    def __init__(self, scheduler: Scheduler, runs: Runs, limits: Limits, result_retention_seconds: float) -> None:
-        self._scheduler = scheduler
+    def __init__(self, fleet: Fleet, runs: Runs, limits: Limits, result_retention_seconds: float) -> None:
+        self._fleet = fleet
         self._runs = runs
         self._limits = limits
         self._tasks: set[asyncio.Task[None]] = set()
@@ -115,6 +118,7 @@ class Dispatcher:
         no place in the order clients see."""
         future_id = uuid.uuid4().hex
         seq = 0
+        home = self._fleet.choose(parsed.run.base_model) if parsed.run is not None else None
         if not internal:
             self._check_queue_quotas(owner, size)
             try:
@@ -129,11 +133,12 @@ class Dispatcher:
             self._revive(run_id)
         if parsed.run is not None:
             self._runs.add_live(dataclasses.replace(parsed.run, owner=owner))
+            self._fleet.place(parsed.run.model_id, home)
         if parsed.checkpoint is not None:
             self._runs.reserve(parsed.checkpoint)
         if parsed.sequence_ids:
             self._runs.store.touch_sampled_sequences(parsed.sequence_ids, time.time())
-        ticket = self._scheduler.submit(parsed.queue_key, parsed.item)
+        ticket = self._fleet.submit(parsed.queue_key, parsed.item, parsed.base_model)
         result: asyncio.Future[service_pb2.Result] = asyncio.get_running_loop().create_future()
         submitted = Submitted(future_id, seq, owner, result, size)
         self._inflight[future_id] = submitted
@@ -233,20 +238,8 @@ class Dispatcher:
         self._runs.revive(run)
         if run.diverged:
             self._runs.fence(model_id, rollback_message(run, "the server restarted"))
-        point = run.restore
-        operation = self._runs.rebuild(run)
-        ticket = self._scheduler.submit(model_id, ops.WorkItem("", model_id, operation))
-
-        def settle(done: asyncio.Future[ops.Outcome]) -> None:
-            error = done.result().error
-            if error is None:
-                self._runs.restored(model_id, point)
-                return
-            reason = f"the server restarted, and its restore point {point.describe()} failed to load ({error.message})"
-            self._runs.mark_lost(model_id, reason)
-            self._runs.fence(model_id, reason)  # what was queued behind it fails saying so
-
-        ticket.outcome.add_done_callback(settle)
+        self._fleet.place_revived(run)
+        self._fleet.rebuild(run, "the server restarted")
 
     def gate(self, items: list[ops.WorkItem]) -> list[ops.OpError | None]:
         """A run a worker crash took back fails every request with where it went, until its
@@ -274,7 +267,7 @@ class Dispatcher:
         """Deleted in the run's order (after any save queued before it), then forgotten."""
         directory = str(self._runs.directory(path))
         item = ops.WorkItem("", path.model_id, ops.DeleteCheckpoint(str(path), directory))
-        outcome = await self._scheduler.submit(path.model_id, item).outcome
+        outcome = await self._fleet.submit(path.model_id, item).outcome
         if outcome.error is not None:
             raise RequestError(status_code(outcome.error.code), outcome.error.message)
         self._runs.store.delete_checkpoint(path)
@@ -291,7 +284,7 @@ class Dispatcher:
     async def unload(self, model_id: str) -> None:
         """Frees a run's adapter after everything queued for it ran; its checkpoints stay."""
         item = ops.WorkItem("", model_id, ops.Unload())
-        outcome = await self._scheduler.submit(model_id, item).outcome
+        outcome = await self._fleet.submit(model_id, item).outcome
         if outcome.error is not None:
             raise RequestError(status_code(outcome.error.code), outcome.error.message)
         self._runs.close(model_id)

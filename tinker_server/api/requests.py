@@ -21,7 +21,7 @@ from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
 from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
 from tinker_server.runs import Runs
-from tinker_server.served import ServedModel
+from tinker_server.served import ServedModels
 from tinker_server.store import (
     CheckpointPath,
     CheckpointType,
@@ -116,19 +116,29 @@ class ParsedRequest:
     """Recorded sequences this request's provenance spans name; queuing it counts as their use."""
     restore: RestorePoint | None = None
     """The run's restore point once this request succeeds (it creates, loads or saves its state)."""
+    base_model: str = ""
+    """For a sample of the bare base model: which one (any of its replicas can run it)."""
 
 
 class RequestParser:
-    def __init__(self, served: ServedModel, runs: Runs, limits: Limits) -> None:
+    def __init__(self, served: ServedModels, runs: Runs, limits: Limits) -> None:
         self._served = served
         self._runs = runs
         self._limits = limits
+        self._model: ops.ModelInfo
+        """The base model of the request being parsed (parsing is synchronous: one at a time)."""
 
-    @property
-    def _model(self) -> ops.ModelInfo:
-        return self._served.info
+    def _use_model(self, field: str, name: str) -> None:
+        """The request is for base model `name`: checked against it from here on."""
+        model = self._served.get(name)
+        if model is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"{field} {name!r} is not served here; served: {self._served.names}"
+            )
+        self._model = model
 
     def parse(self, request: service_pb2.SessionRequest) -> ParsedRequest:
+        self._model = self._served.default  # until the request names its base model
         kind = request.WhichOneof("request")
         if kind is None:
             raise invalid("request: no operation set (expected one of create_model, forward, ...)")
@@ -183,14 +193,11 @@ class RequestParser:
                 f"{field} {model_id!r}: {why}, and its unsaved state is gone; {hint}: continue with "
                 "create_training_client_from_state",
             )
+        self._use_model(f"{field} {model_id!r}: its base_model", run.base_model)
         return model_id
 
     def _check_base_model(self, field: str, name: str) -> None:
-        if name != self._model.name:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
-                f"{field} {name!r} is not served here; served: [{self._model.name!r}]",
-            )
+        self._use_model(field, name)
 
     def _check_capacity(self) -> None:
         """Runs beyond the worker's resident ones wait in host memory or on disk: what is bounded
@@ -292,7 +299,7 @@ class RequestParser:
             raise invalid(f"{field}.lora_alpha: {alpha!r}; expected a positive number")
         self._check_capacity()
         lora = ops.LoraSpec(rank, 0, False, False, False, float(alpha))  # the worker reports the layers it adapts
-        run = TrainingRun(new_model_id(), "", self._model.name, lora, user_metadata)
+        run = TrainingRun(new_model_id(), "", self._served.default.name, lora, user_metadata)
         path = CheckpointPath(run.model_id, "training", "imported")
         item = ops.WorkItem("", run.model_id, ops.CreateAdapter(lora, str(self._runs.directory(path))))
         return ParsedRequest(run.model_id, item, run=run, restore=RestorePoint(str(path))), path
@@ -325,6 +332,7 @@ class RequestParser:
         if found is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no checkpoint {text}")
         _, source = found
+        self._use_model(f"{field} {text}: its base_model", source.base_model)
         if training_only and path.checkpoint_type != "training":
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -650,6 +658,7 @@ class RequestParser:
             adapter if in_flight else sampler_queue(adapter or request.base_model, current_owner.get()),
             ops.WorkItem("", "", operation),
             record_stability_info=request.record_stability_info,
+            base_model=request.base_model if source == "base_model" else "",
         )
 
     def _per_position_k(self, field: str, k: int) -> int:

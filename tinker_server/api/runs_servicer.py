@@ -20,7 +20,7 @@ from tinker_server.api.requests import CONFIG_FILE, IMPORT_FILES, RequestError, 
 from tinker_server.auth import current_owner
 from tinker_server.files import UPLOADS_DIR, write_whole
 from tinker_server.runs import Runs
-from tinker_server.served import ServedModel
+from tinker_server.served import ServedModels
 from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Session, TrainingRun
 
 ARCHIVE_CHUNK_BYTES = 1 << 20
@@ -63,7 +63,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     """Owners see their own runs, checkpoints, sessions and samplers; a published checkpoint
     (and the run that holds it) is readable by every key, never writable by another."""
 
-    def __init__(self, served: ServedModel, runs: Runs, parser: RequestParser, dispatcher: Dispatcher) -> None:
+    def __init__(self, served: ServedModels, runs: Runs, parser: RequestParser, dispatcher: Dispatcher) -> None:
         self._served = served
         self._runs = runs
         self._parser = parser

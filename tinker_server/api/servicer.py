@@ -23,7 +23,7 @@ from tinker_server.api.requests import Limits, RequestError, RequestParser
 from tinker_server.api.responses import error_result
 from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
-from tinker_server.served import ServedModel
+from tinker_server.served import ServedModels
 from tinker_server.store import Session
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ SEEN_REQUEST_IDS = 100_000
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     def __init__(
         self,
-        served: ServedModel,
+        served: ServedModels,
         runs: Runs,
         parser: RequestParser,
         dispatcher: Dispatcher,
@@ -180,16 +180,19 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetServerCapabilities(
         self, request: service_pb2.GetServerCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetServerCapabilitiesResponse:
-        model = await self._served.wait()
-        model = service_pb2.SupportedModel(
-            model_name=model.name,
-            max_context_length=model.max_context_length,
-            vocab_size=model.vocab_size,
-            trainable=True,
-            sampleable=True,
-        )
+        await self._served.wait()
+        models = [
+            service_pb2.SupportedModel(
+                model_name=model.name,
+                max_context_length=model.max_context_length,
+                vocab_size=model.vocab_size,
+                trainable=True,
+                sampleable=True,
+            )
+            for model in self._served.all()
+        ]
         return service_pb2.GetServerCapabilitiesResponse(
-            supported_models=[model],
+            supported_models=models,
             max_lora_rank=self._limits.max_lora_rank,
             max_message_bytes=self._limits.max_message_bytes,
             max_adapters=self._limits.max_adapters,
@@ -202,10 +205,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetInfo(
         self, request: service_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetInfoResponse:
-        model = await self._served.wait()
+        await self._served.wait()
         run = self._runs.owned_run(request.model_id, current_owner.get())
         if run is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model_id {request.model_id!r}: no such training run")
+        model = self._served.get(run.base_model) or self._served.default
         lora = run.lora
         return service_pb2.GetInfoResponse(
             model_id=run.model_id,
@@ -286,10 +290,11 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
     async def GetTokenizer(
         self, request: service_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
     ) -> service_pb2.GetTokenizerResponse:
-        model = await self._served.wait()
-        if request.base_model != model.name:
+        await self._served.wait()
+        model = self._served.get(request.base_model)
+        if model is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"base_model {request.base_model!r} is not served here; served: [{model.name!r}]",
+                f"base_model {request.base_model!r} is not served here; served: {self._served.names}",
             )
         return service_pb2.GetTokenizerResponse(files=model.tokenizer_files)

@@ -26,6 +26,7 @@ from tinker_server.worker.targets import ATTN, MLP, UNEMBED
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
+GRADIENTS = "gradients.safetensors"
 _PREFIX = "base_model.model."
 
 
@@ -116,6 +117,25 @@ def write_optimizer_state(directory: Path, pairs: dict[str, LoraPair], optimizer
             for name, value in optimizer.state.get(param, {}).items():
                 tensors[f"{_key(path, matrix)}.{name}"] = value.detach().cpu().contiguous().reshape(value.shape)
     save_file(tensors, str(directory / OPTIMIZER_STATE))
+
+
+def write_gradients(directory: Path, pairs: dict[str, LoraPair]) -> None:
+    """The gradients accumulated since the last step, keyed like the adapter's weights."""
+    tensors = {
+        _key(path, matrix): param.grad.detach().cpu().contiguous()
+        for path, pair in pairs.items()
+        for matrix, param in (("A", pair.A), ("B", pair.B))
+        if param.grad is not None
+    }
+    save_file(tensors, str(directory / GRADIENTS))
+
+
+def read_gradients(directory: Path, pairs: dict[str, LoraPair]) -> None:
+    tensors = load_file(str(directory / GRADIENTS))
+    for path, pair in pairs.items():
+        for matrix, param in (("A", pair.A), ("B", pair.B)):
+            if (grad := tensors.get(_key(path, matrix))) is not None:
+                param.grad = grad.to(param.device)
 
 
 def read_adapter(

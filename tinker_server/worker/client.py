@@ -1,4 +1,4 @@
-"""The server's handle on its worker process: spawn it, send cycles, await outcomes.
+"""The local platform's replica: a spawned worker process on this machine, driven over a pipe.
 
 Pipe I/O runs in a thread so the gRPC event loop never blocks on the worker.
 """
@@ -13,12 +13,9 @@ import multiprocessing
 from tinker_server.logs import current_format
 from tinker_server.ops import Cycle, CycleReport, ModelInfo, Outcome, ResidencyStats, WorkerOptions
 from tinker_server.worker.main import WorkerStartupError, worker_main
+from tinker_server.worker.platform import WorkerDied
 
 log = logging.getLogger(__name__)
-
-
-class WorkerDied(RuntimeError):
-    """The worker process exited while the server needed it."""
 
 
 class WorkerClient:
@@ -37,9 +34,11 @@ class WorkerClient:
         self.residency = ResidencyStats()
         """Where the worker's adapters are, as of its last cycle."""
 
-    @property
-    def alive(self) -> bool:
+    async def is_alive(self) -> bool:
         return self._process.is_alive()
+
+    def where(self) -> str:
+        return f"pid {self._process.pid}"
 
     async def start(self) -> ModelInfo:
         self._process.start()

@@ -26,8 +26,10 @@ from tinker_server.worker.checkpoints import (
     CheckpointError,
     directory_size,
     read_adapter,
+    read_gradients,
     read_optimizer_state,
     write_adapter,
+    write_gradients,
     write_optimizer_state,
 )
 from tinker_server.worker.lora import (
@@ -59,7 +61,8 @@ class OperationError(Exception):
 
 
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # Arrays decoded from the wire are read-only views; torch needs a writable buffer.
+    # Arrays decoded from the wire (or from Ray's object store) are read-only views; torch needs a
+    # writable buffer.
     tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
     return tensor.to(device)
 
@@ -205,6 +208,8 @@ class Engine:
             spec, pairs = read_adapter(Path(operation.source_dir), self.layers, self.device)
             spec = dataclasses.replace(spec, seed=operation.lora.seed)
         optimizer_state = Path(operation.source_dir) if operation.with_optimizer else None
+        if operation.with_gradients:
+            read_gradients(Path(operation.source_dir), pairs)
         self._install(item.model_id, spec, pairs, optimizer_state)
         return ops.CreateAdapterResult(item.model_id, spec, tuple(sorted(pairs)))
 
@@ -266,7 +271,7 @@ class Engine:
         width = max(len(datum.tokens) for _, _, datum in rows)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
         for row, (_, _, datum) in enumerate(rows):
-            input_ids[row, : len(datum.tokens)] = torch.from_numpy(datum.tokens)
+            input_ids[row, : len(datum.tokens)] = as_tensor(datum.tokens, input_ids.device)
         inputs = [
             {key: as_tensor(value, self.device) for key, value in datum.loss_fn_inputs.items()} for *_, datum in rows
         ]
@@ -360,6 +365,8 @@ class Engine:
         def write(staging: Path) -> None:
             write_adapter(staging, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
             write_optimizer_state(staging, adapter.pairs, adapter.optimizer)
+            if operation.with_gradients:
+                write_gradients(staging, adapter.pairs)
 
         write_whole(directory, write)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
@@ -375,6 +382,7 @@ class Engine:
         return ops.DeleteCheckpointResult()
 
     def _unload(self, item: ops.WorkItem) -> ops.UnloadResult:
+        self.residency.write_out_snapshots(f"tinker://{item.model_id}/")
         self.residency.drop(item.model_id)
         return ops.UnloadResult()
 

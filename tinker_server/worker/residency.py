@@ -139,6 +139,12 @@ class Residency:
         """The adapter (a run's or a snapshot's) is about to be used: resident now."""
         self._make_resident(self.entries[name])
 
+    def write_out_snapshots(self, prefix: str) -> None:
+        """Writes the files of the snapshots named `prefix...` whose background write is pending."""
+        for name, entry in self.entries.items():
+            if name.startswith(prefix) and entry.writing is not None:
+                entry.writing.finish()
+
     def drop(self, name: str) -> None:
         entry = self.entries.pop(name, None)
         if entry is None:
