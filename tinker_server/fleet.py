@@ -232,6 +232,7 @@ class Fleet:
         """Records that the run lives on `slot` from now on (one epoch further)."""
         recorded = self._placed.get(model_id) or self._runs.store.placement(model_id)
         placement = Placement(slot.replica_id, recorded.epoch + 1)
+        self._placed = {run: where for run, where in self._placed.items() if self._runs.is_live(run)}
         self._placed[model_id] = placement
         self._runs.store.set_placement(model_id, placement)
 
@@ -298,12 +299,13 @@ class Fleet:
         directory = self._runs.data_dir / "migrations" / f"{model_id}.{self._placed[model_id].epoch}"
         target.scheduler.hold(model_id)  # what arrives from now on waits there, behind the load
         self._placed[model_id] = Placement(target.replica_id, self._placed[model_id].epoch)
-        target.scheduler.put_back(source.scheduler.take_run(model_id))
+        target.scheduler.put_back(source.scheduler.take(model_id))
+        restarts = source.worker.restarts
         try:
             save = ops.SaveState("", str(directory), with_gradients=True)
             saved = await source.scheduler.submit(model_id, ops.WorkItem("", model_id, save)).outcome
             if saved.error is not None:
-                self._undo_move(model_id, source, target, saved.error.message)
+                self._undo_move(model_id, source, target, saved.error.message, source.worker.restarts != restarts)
                 reason = f"model_id {model_id!r} stays where it was: {saved.error.message}"
                 raise RequestError(status_code(saved.error.code), reason)
             await source.scheduler.submit(model_id, ops.WorkItem("", model_id, ops.Unload())).outcome
@@ -335,20 +337,24 @@ class Fleet:
             )
         return target
 
-    def _undo_move(self, model_id: str, source: ReplicaSlot, target: ReplicaSlot, why: str) -> None:
-        """A move whose checkpoint failed: the run stays on its replica, or, if that replica is gone,
-        comes back on the target from its restore point."""
-        epoch = self._placed[model_id].epoch
+    def _undo_move(
+        self, model_id: str, source: ReplicaSlot, target: ReplicaSlot, why: str, source_restarted: bool
+    ) -> None:
+        """A move whose checkpoint failed: the run stays on its replica. If that replica's worker
+        died meanwhile (its restart skipped this run, then placed elsewhere), the run comes back
+        from its restore point, there or on the target if that replica is gone."""
         log.warning("run %s could not move to %s: %s", model_id, target.replica_id, why)
         if source.serving:
-            self._placed[model_id] = Placement(source.replica_id, epoch)
-            source.scheduler.put_back(target.scheduler.take_run(model_id))
-            return
-        self.place(model_id, target)
-        run = self._runs.store.run(model_id)
-        if run.diverged:
-            self._runs.fence(model_id, rollback_message(run, f"its replica {source.replica_id} failed"))
-        self.rebuild(run, f"its replica {source.replica_id} failed")
+            self._placed[model_id] = Placement(source.replica_id, self._placed[model_id].epoch)
+            source.scheduler.put_back(target.scheduler.take(model_id))
+        else:
+            self.place(model_id, target)
+        if source_restarted or not source.serving:
+            run = self._runs.store.run(model_id)
+            cause = f"its replica {source.replica_id} failed while it moved"
+            if run.diverged:
+                self._runs.fence(model_id, rollback_message(run, cause))
+            self.rebuild(run, cause)
 
     async def drain(self, replica_id: str) -> list[str]:
         """Moves every run off a replica, then stops it (to free its GPU); returns the runs moved."""
@@ -388,7 +394,7 @@ class Fleet:
         slot.scheduler.close()
         others = self._replicas_of(slot.base_model)
         if others:
-            others[0].scheduler.put_back(slot.scheduler.take_run(""))
+            others[0].scheduler.put_back(slot.scheduler.take())
         for task in slot.tasks:
             task.cancel()
         await slot.worker.stop()
@@ -407,12 +413,12 @@ class Fleet:
         for run in self.runs_on(dead):
             target = min(others, key=self._load)
             self.place(run.model_id, target)
-            target.scheduler.put_back(dead.scheduler.take_run(run.model_id))
+            target.scheduler.put_back(dead.scheduler.take(run.model_id))
             if not self._runs.is_built(run.model_id):
                 continue  # its creation is among what moved: it is built there
             if run.diverged or run.model_id in changing:
                 self._runs.fence(run.model_id, rollback_message(run, cause))
             self.rebuild(run, cause)
-        others[0].scheduler.put_back(dead.scheduler.take_run(""))
+        others[0].scheduler.put_back(dead.scheduler.take())  # the bare base model's, and closed runs' deletions
         log.error("replica %s lost; its runs moved to %s", dead.replica_id, [slot.replica_id for slot in others])
         return True

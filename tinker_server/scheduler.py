@@ -137,13 +137,13 @@ class Scheduler:
         self._held.discard(run)
         self._work_available.set()
 
-    def take_run(self, run: str) -> list[_Queued]:
-        """Removes every queued request whose home is `run` ('' : the bare base model's), in order."""
+    def take(self, run: str | None = None) -> list[_Queued]:
+        """Removes every queued request whose home is `run` (None: every one), in order."""
         taken = []
         for key, queue in list(self._queues.items()):
             kept = deque()
             for queued in queue:
-                (taken if ops.home_run(queued.item) == run else kept).append(queued)
+                (taken if run is None or ops.home_run(queued.item) == run else kept).append(queued)
             if kept:
                 self._queues[key] = kept
             else:
