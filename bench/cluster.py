@@ -56,9 +56,13 @@ async def train(service: ServiceClient, tenants: int, seconds: float, rows: int,
     return sum(await asyncio.gather(*(tenant(t, batch(rows, length, seed=i)) for i, t in enumerate(trainings))))
 
 
-def throughput(address: str, replicas: int, tenants: int, seconds: float, rows: int, length: int) -> float:
-    arguments = ["--platform", "ray", "--ray-address", address, "--replicas", str(replicas)]
-    arguments += ["--ray-cpus-per-replica", "1", "--ray-resources-per-replica", '{"replica": 1}']
+def throughput(address: str | None, replicas: int, tenants: int, seconds: float, rows: int, length: int) -> float:
+    """Steps per second of `tenants` training at once; on the Ray cluster at `address`, or (None)
+    on the local platform."""
+    arguments = ["--replicas", str(replicas)]
+    if address is not None:
+        arguments += ["--platform", "ray", "--ray-address", address, "--ray-cpus-per-replica", "1"]
+        arguments += ["--ray-resources-per-replica", '{"replica": 1}']
     with tempfile.TemporaryDirectory() as data_dir, running_server(Path(data_dir), arguments) as server_address:
         service = ServiceClient(base_url=server_address)
         try:
@@ -84,6 +88,11 @@ def run(tenants: int, seconds: float, rows: int, length: int) -> dict:
         two = throughput(cluster.address, 2, tenants, seconds, rows, length)
     finally:
         cluster.shutdown()
+    os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread, as each Ray replica has: Ray's cost alone
+    try:
+        local = throughput(None, 1, tenants, seconds, rows, length)
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
     return {
         "benchmark": "cluster",
         "results": [
@@ -95,6 +104,11 @@ def run(tenants: int, seconds: float, rows: int, length: int) -> dict:
                 "steps_per_s_2_replicas": round(two, 2),
                 "speedup": round(two / one, 2),
                 "cpu_cores": os.cpu_count(),
+            },
+            {
+                "figure": "ray_vs_local",
+                "steps_per_s_local_1_replica_1_thread": round(local, 2),
+                "ray_1_replica_vs_local": round(one / local, 2),
             },
             {
                 "figure": "ray_overhead",
