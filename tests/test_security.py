@@ -14,7 +14,7 @@ from server_process import running_server
 
 from tinker_client import AuthenticationError, NotFoundError, RateLimitError, ServiceClient, types
 from tinker_client._convert import forward_backward_input
-from tinker_rpc.v1 import service_pb2, service_pb2_grpc, training_pb2
+from tinker_rpc.v1 import admin_pb2, admin_pb2_grpc, service_pb2, service_pb2_grpc, training_pb2
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, create_run, provenance_datum, ragged_batch, record_sample
@@ -27,7 +27,8 @@ def keyed_server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("keyed")
     keys = data_dir / "keys.txt"
     keys.write_text("# key owner\nalice-key alice\nbob-key bob\n")
-    with running_server(data_dir, ["--api-keys-file", str(keys), "--max-inflight-requests", "8"]) as address:
+    arguments = ["--api-keys-file", str(keys), "--max-inflight-requests", "8", "--admin-owner", "alice"]
+    with running_server(data_dir, arguments) as address:
         yield address
 
 
@@ -108,6 +109,16 @@ def test_another_key_cannot_name_a_recorded_sequence(keyed_server):
         bob.close()
     assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert f"data[0].model_input_spans[0].sequence_id: no recorded sequence {sequence.sequence_id!r}" in refused.message
+
+
+def test_only_admin_owners_operate_the_replicas(keyed_server):
+    with grpc.insecure_channel(keyed_server) as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.ListReplicas(admin_pb2.ListReplicasRequest(), metadata=(("authorization", "Bearer bob-key"),))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "--admin-owner" in refused.value.details()
+        listed = admin.ListReplicas(admin_pb2.ListReplicasRequest(), metadata=(("authorization", "Bearer alice-key"),))
+        assert [replica.replica_id for replica in listed.replicas] == [f"{BASE_MODEL}/0"]
 
 
 @pytest.mark.parametrize("key", [None, "wrong-key"])
