@@ -288,6 +288,8 @@ class SampleResult:
     prompt_alt_tokens: np.ndarray | None = None
     """int32 [P-1, k] draws at prompt positions 1..P-1; None when not asked for."""
     prompt_alt_logprobs: np.ndarray | None = None
+    prompt_cache_hit_tokens: int = 0
+    """Prompt tokens not prefilled for this request: another request of the batch prefilled them."""
 
 
 OpResult: TypeAlias = (

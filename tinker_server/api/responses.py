@@ -51,8 +51,10 @@ def _forward_backward(payload: ops.ForwardBackwardResult) -> training_pb2.Forwar
 
 
 def _sample(payload: ops.SampleResult) -> sampling_pb2.SampleResult:
-    # prompt_cache_hit_tokens stays 0: there is no prefix cache, so no prompt token is served from one.
-    result = sampling_pb2.SampleResult(sequences=[_sequence(sequence) for sequence in payload.sequences])
+    result = sampling_pb2.SampleResult(
+        sequences=[_sequence(sequence) for sequence in payload.sequences],
+        prompt_cache_hit_tokens=payload.prompt_cache_hit_tokens,
+    )
     prompt = payload.prompt
     if prompt is not None:
         result.prompt_logprobs.CopyFrom(encode_array(prompt.logprobs))

@@ -1,7 +1,10 @@
 """Batched generation with a KV cache: rows of many requests and adapters decoded together.
 
-Prompts are left-padded so every row's next token sits in the last column; each row
-keeps its own adapter, sampling parameters, random stream and stop conditions.
+Each distinct prompt (with its adapter) is prefilled once, left-padded so every row's next token
+sits in the last column, and its keys and values are copied to every row that starts from it
+(the samples of a request, and other requests of the same prompt). Each row keeps its own
+adapter, sampling parameters, random stream and stop conditions; token choice is vectorised on
+the device with one host sync per step, and a finished row leaves the batch at once.
 """
 
 from __future__ import annotations
@@ -37,32 +40,103 @@ PROMPT_DRAWS_STREAM = (0, 1)
 """The random stream of a request's prompt_alt_tokens draws: a two-word key, so never a sample's."""
 
 
-def seeded_generator(seed: int | None, stream: tuple[int, ...], device: torch.device) -> torch.Generator:
-    """One independent random stream per use, derived from the request's seed: sample i uses (i,)."""
+def stream_seed(seed: int | None, stream: tuple[int, ...]) -> int:
+    """A 63-bit seed per use, derived from the request's seed: sample i uses stream (i,)."""
     if seed is None:
-        state = secrets.randbits(63)
-    else:
-        state = int(np.random.SeedSequence(seed, spawn_key=stream).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(state & ((1 << 63) - 1))
+        return secrets.randbits(63)
+    return int(np.random.SeedSequence(seed, spawn_key=stream).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
 
 
-def sampling_distribution(logits: torch.Tensor, params: ops.SamplingConfig) -> torch.Tensor:
-    """Log-probabilities [V] of the distribution actually sampled from (temperature > 0)."""
-    scaled = logits / params.temperature
-    if 0 < params.top_k < scaled.shape[-1]:
-        values, indices = torch.topk(scaled, params.top_k)
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, indices, values)
-    if params.top_p < 1.0:
-        probs = torch.softmax(scaled, dim=-1)
-        sorted_probs, order = torch.sort(probs, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= params.top_p  # keeps the smallest set reaching top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(scaled, dim=-1)
+def seeded_generator(seed: int | None, stream: tuple[int, ...], device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, stream))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; the mask keeps the low bits)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+class TokenChoice:
+    """Picks every active row's next token on the device: the argmax at temperature 0, else a draw
+    from its temperature-scaled, top-k- then top-p-truncated distribution. A row's draws come from
+    a counter-based stream of its own (its seed and sample index, and the step), so a seeded sample
+    is the same whatever shares its batch, on any device."""
+
+    def __init__(self, requests: list[ops.Sample], sample_indices: list[int], device: torch.device) -> None:
+        params = [request.params for request in requests]
+        self.temperature = torch.tensor([p.temperature for p in params], device=device)
+        self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        self.topk_logprobs = [request.topk_sample_logprobs for request in requests]
+        seeds = torch.tensor(
+            [stream_seed(p.seed, (i,)) for p, i in zip(params, sample_indices, strict=True)], device=device
+        )
+        self.row_keys = _mix32(_mix32(seeds & _M32) ^ (seeds >> 32))
+        self.steps = torch.zeros(len(requests), dtype=torch.long, device=device)
+
+    def next(
+        self, logits: torch.Tensor, active: list[int]
+    ) -> tuple[torch.Tensor, list[tuple[int, float, float]], list[tuple[torch.Tensor, torch.Tensor] | None]]:
+        """For rows `active` (their logits [A, V]): the tokens [A] on the device; on the host each
+        one's (token, logprob, sampling logprob); and its top-k tokens and logprobs where asked."""
+        rows = torch.tensor(active, device=logits.device)
+        model_logprobs = torch.log_softmax(logits, dim=-1)
+        temperature = self.temperature[rows]
+        greedy = temperature == 0
+        tokens = logits.argmax(dim=-1)
+        sampling_logprob = torch.zeros_like(temperature)
+        if not bool(greedy.all()):
+            distribution = self._distribution(logits, temperature.masked_fill(greedy, 1.0), rows)
+            drawn = (distribution + self._gumbel(rows, logits.shape[-1])).argmax(dim=-1)  # Gumbel-max: a draw
+            tokens = torch.where(greedy, tokens, drawn)
+            picked = distribution.gather(-1, tokens[:, None]).squeeze(-1)
+            sampling_logprob = torch.where(greedy, sampling_logprob, picked)
+        self.steps[rows] += 1
+        chosen = model_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        picks = torch.stack([tokens.double(), chosen.double(), sampling_logprob.double()], dim=-1).tolist()  # one sync
+        top = [None] * len(active)
+        if any(self.topk_logprobs[index] for index in active):
+            values, ids = torch.topk(model_logprobs, max(self.topk_logprobs[index] for index in active), dim=-1)
+            for position, index in enumerate(active):
+                if k := self.topk_logprobs[index]:
+                    top[position] = (ids[position, :k], values[position, :k])
+        return tokens, [(int(token), logprob, sampled) for token, logprob, sampled in picks], top
+
+    def _distribution(self, logits: torch.Tensor, temperature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [A, V] of what each row samples from: top-k first, then top-p over what
+        top-k kept (as Hugging Face and vLLM do)."""
+        scaled = logits / temperature[:, None]
+        top_k, top_p = self.top_k[rows], self.top_p[rows]
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            vocab = scaled.shape[-1]
+            ordered, order = torch.sort(scaled, dim=-1, descending=True)
+            ranks = torch.arange(vocab, device=scaled.device)
+            keep = ranks[None, :] < torch.where(top_k > 0, top_k, vocab)[:, None]
+            probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
+            keep &= (torch.cumsum(probs, dim=-1) - probs) < top_p[:, None]  # the smallest set reaching top_p
+            scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
+        return torch.log_softmax(scaled, dim=-1)
+
+    def _gumbel(self, rows: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Gumbel noise [A, V] from each row's (key, step, token) counter: 24-bit uniforms in (0, 1)."""
+        step_keys = _mix32(self.row_keys[rows] ^ ((self.steps[rows] * 0x9E3779B1) & _M32))
+        token_keys = (torch.arange(vocab, device=rows.device) * 0x85EBCA77) & _M32
+        bits = _mix32(_mix32(step_keys[:, None] ^ token_keys[None, :]))
+        uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)
+        return -torch.log(-torch.log(uniform))
 
 
 class _StopChecker:
+    """A row's stop conditions, checked as each token arrives: its stop ids, and its stop strings
+    in the text of its last few tokens only (never the whole sequence again)."""
+
     def __init__(
         self, params: ops.SamplingConfig, eos_token_ids: tuple[int, ...], tokenizer: PreTrainedTokenizerBase
     ) -> None:
@@ -71,14 +145,39 @@ class _StopChecker:
             self.token_ids.update(eos_token_ids)
         self.strings = params.stop_strings
         self.tokenizer = tokenizer
+        # Every token decodes to at least one byte, so a stop string of N bytes ends within the
+        # last N tokens; one more covers a character whose bytes two tokens share.
+        self.window = max((len(stop.encode()) for stop in self.strings), default=0) + 1
 
     def hit(self, tokens: list[int]) -> bool:
         if tokens[-1] in self.token_ids:
             return True
         if not self.strings:
             return False
-        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        text = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=False)
         return any(stop in text for stop in self.strings)
+
+
+@dataclass
+class _Prompt:
+    """One distinct (adapter, prompt) of a batch: prefilled once for every row that starts from it."""
+
+    adapter: str | None
+    tokens: np.ndarray
+    request_indices: list[int] = field(default_factory=list)
+
+
+def _prompt_key(request: ops.Sample) -> tuple[str, bytes]:
+    return request.adapter or "", request.prompt.astype(np.int64).tobytes()
+
+
+def _distinct_prompts(requests: list[ops.Sample]) -> list[_Prompt]:
+    """The batch's distinct (adapter, prompt)s, adapters contiguous, each with its requests in order."""
+    prompts: dict[tuple[str, bytes], _Prompt] = {}
+    for index, request in enumerate(requests):
+        key = _prompt_key(request)
+        prompts.setdefault(key, _Prompt(request.adapter, request.prompt.astype(np.int64))).request_indices.append(index)
+    return [prompts[key] for key in sorted(prompts)]
 
 
 @torch.no_grad()
@@ -92,23 +191,20 @@ def generate(
     rows: list[SampleRow],
 ) -> list[ops.SampleResult]:
     """Logits come from the same output_logits as training's, so sampled and trained logprobs agree."""
-    rows = sorted(rows, key=lambda row: row.request.adapter or "")
-    segments = contiguous_segments([row.request.adapter for row in rows])
-    prompt_width = max(len(row.request.prompt) for row in rows)
-    input_ids = torch.zeros((len(rows), prompt_width), dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), prompt_width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        prompt = torch.from_numpy(row.request.prompt.astype(np.int64))
-        input_ids[index, prompt_width - len(prompt) :] = prompt
-        attention_mask[index, prompt_width - len(prompt) :] = 1
+    prompts = _distinct_prompts(requests)
+    prompt_index = {(prompt.adapter or "", prompt.tokens.tobytes()): index for index, prompt in enumerate(prompts)}
+    rows = sorted(rows, key=lambda row: (prompt_index[_prompt_key(row.request)], row.request_index, row.sample_index))
+    width = max(len(prompt.tokens) for prompt in prompts)
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for index, prompt in enumerate(prompts):
+        input_ids[index, width - len(prompt.tokens) :] = torch.from_numpy(prompt.tokens)
+        attention_mask[index, width - len(prompt.tokens) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [seeded_generator(row.request.params.seed, (row.sample_index,), device) for row in rows]
-    stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in rows]
-    want_prompt_scores = any(_scores_prompt(request) for request in requests)
 
     cache = DynamicCache(config=model.config)
-    with routing.route(segments):
+    with routing.route(contiguous_segments([prompt.adapter for prompt in prompts])):
         hidden = final_hidden_states(
             model,
             input_ids=input_ids,
@@ -117,19 +213,48 @@ def generate(
             cache=cache,
             use_cache=True,
         )
-        scored = (
-            _score_prompts(output_logits(model, hidden), input_ids, rows, prompt_width) if want_prompt_scores else {}
-        )
+        if any(_scores_prompt(request) for request in requests):
+            scored = _score_prompts(output_logits(model, hidden), input_ids, prompts, requests)
+        else:
+            scored = {}
         logits = output_logits(model, hidden[:, -1:])[:, -1]
-        while True:
-            next_tokens = _choose_tokens(logits, rows, generators, stops)
-            if all(row.finished for row in rows):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-            position_ids = position_ids[:, -1:] + 1
+    starts = torch.tensor([prompt_index[_prompt_key(row.request)] for row in rows], device=device)
+    cache.reorder_cache(starts)  # every row starts from its prompt's keys and values
+    attention_mask, position_ids, logits = attention_mask[starts], position_ids[starts], logits[starts]
+
+    choice = TokenChoice([row.request for row in rows], [row.sample_index for row in rows], device)
+    stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in rows]
+    active = list(range(len(rows)))  # the rows still decoding, in batch order
+    while True:
+        tokens, picks, top = choice.next(logits, active)
+        keep = []
+        for position, (index, (token, logprob, sampling_logprob)) in enumerate(zip(active, picks, strict=True)):
+            row = rows[index]
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            row.sampling_logprobs.append(sampling_logprob)
+            if top[position] is not None:
+                row.topk_tokens.append(top[position][0])
+                row.topk_logprobs.append(top[position][1])
+            if stops[index].hit(row.tokens):
+                row.stopped = row.finished = True
+            elif len(row.tokens) >= row.request.params.max_tokens:
+                row.finished = True
+            else:
+                keep.append(position)
+        if not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch: from here they cost nothing
+            kept = torch.tensor(keep, device=device)
+            cache.reorder_cache(kept)
+            attention_mask, position_ids, tokens = attention_mask[kept], position_ids[kept], tokens[kept]
+            active = [active[position] for position in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        with routing.route(contiguous_segments([rows[index].request.adapter for index in active])):
             hidden = final_hidden_states(
                 model,
-                input_ids=next_tokens[:, None],
+                input_ids=tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 cache=cache,
@@ -138,6 +263,9 @@ def generate(
             logits = output_logits(model, hidden)[:, -1]
 
     results = [scored.get(index, ops.SampleResult([])) for index in range(len(requests))]
+    for prompt in prompts:
+        for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
+            results[index].prompt_cache_hit_tokens = len(prompt.tokens)
     for row in sorted(rows, key=lambda row: (row.request_index, row.sample_index)):
         results[row.request_index].sequences.append(_sequence_arrays(row))
     return results
@@ -157,41 +285,6 @@ def _sequence_arrays(row: SampleRow) -> ops.SequenceArrays:
     return sequence
 
 
-def _choose_tokens(
-    logits: torch.Tensor,
-    rows: list[SampleRow],
-    generators: list[torch.Generator],
-    stops: list[_StopChecker],
-) -> torch.Tensor:
-    """Picks each unfinished row's next token and records its logprobs; [B] token ids."""
-    model_logprobs = torch.log_softmax(logits, dim=-1)
-    next_tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-    for index, row in enumerate(rows):
-        if row.finished:
-            continue
-        params = row.request.params
-        if params.temperature == 0:
-            token = int(torch.argmax(logits[index]))
-            sampling_logprob = 0.0
-        else:
-            distribution = sampling_distribution(logits[index], params)
-            token = int(torch.multinomial(distribution.exp(), 1, generator=generators[index]))
-            sampling_logprob = float(distribution[token])
-        row.tokens.append(token)
-        row.logprobs.append(float(model_logprobs[index, token]))
-        row.sampling_logprobs.append(sampling_logprob)
-        if k := row.request.topk_sample_logprobs:
-            values, tokens = torch.topk(model_logprobs[index], k)
-            row.topk_tokens.append(tokens)
-            row.topk_logprobs.append(values)
-        next_tokens[index] = token
-        if stops[index].hit(row.tokens):
-            row.stopped = row.finished = True
-        elif len(row.tokens) >= params.max_tokens:
-            row.finished = True
-    return next_tokens
-
-
 def _scores_prompt(request: ops.Sample) -> bool:
     return bool(
         request.include_prompt_logprobs
@@ -202,25 +295,30 @@ def _scores_prompt(request: ops.Sample) -> bool:
 
 
 def _score_prompts(
-    logits: torch.Tensor, input_ids: torch.Tensor, rows: list[SampleRow], width: int
+    logits: torch.Tensor, input_ids: torch.Tensor, prompts: list[_Prompt], requests: list[ops.Sample]
 ) -> dict[int, ops.SampleResult]:
-    """Per request with a prompt option: a result holding what it asked about its prompt (no sequences yet)."""
+    """Per request with a prompt option: a result holding what it asked about its prompt (no
+    sequences yet), from its prompt's prefill."""
     scored: dict[int, ops.SampleResult] = {}
-    for index, row in enumerate(rows):
-        request = row.request
-        if row.request_index in scored or not _scores_prompt(request):
-            continue
-        start = width - len(request.prompt)
-        row_logits = logits[index, start : width - 1]  # [P-1, V]: row i predicts prompt[i + 1]
+    width = input_ids.shape[1]
+    for prompt_index, prompt in enumerate(prompts):
+        start = width - len(prompt.tokens)
+        row_logits = logits[prompt_index, start : width - 1]  # [P-1, V]: row i predicts prompt[i + 1]
         row_logprobs = torch.log_softmax(row_logits, dim=-1)
-        result = ops.SampleResult([])
-        if request.include_prompt_logprobs or request.topk_prompt_logprobs:
-            result.prompt = _prompt_logprobs(row_logprobs, input_ids[index, start + 1 : width], request)
-        if request.target_prompt_logprobs is not None:
-            result.target_prompt_logprobs = _target_logprobs(row_logprobs, request.target_prompt_logprobs)
-        if request.prompt_alt_tokens_k:
-            result.prompt_alt_tokens, result.prompt_alt_logprobs = _draw_alternatives(row_logits, row_logprobs, request)
-        scored[row.request_index] = result
+        for index in prompt.request_indices:
+            request = requests[index]
+            if not _scores_prompt(request):
+                continue
+            result = ops.SampleResult([])
+            if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+                result.prompt = _prompt_logprobs(row_logprobs, input_ids[prompt_index, start + 1 : width], request)
+            if request.target_prompt_logprobs is not None:
+                result.target_prompt_logprobs = _target_logprobs(row_logprobs, request.target_prompt_logprobs)
+            if request.prompt_alt_tokens_k:
+                result.prompt_alt_tokens, result.prompt_alt_logprobs = _draw_alternatives(
+                    row_logits, row_logprobs, request
+                )
+            scored[index] = result
     return scored
 
 

@@ -1,0 +1,108 @@
+"""The sampling engine in process: seeded draws independent of batch mates, logprobs equal to a
+forward pass, one prefill per distinct prompt, stop strings across token boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinker_server import ops
+from tinker_server.worker.models import byte_tokenizer
+from tinker_server.worker.sampling import _StopChecker
+
+from .engine_helpers import engine_with_adapters
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return engine_with_adapters()
+
+
+def sample(
+    prompt: list[int],
+    num_samples: int = 1,
+    adapter: str | None = None,
+    max_tokens: int = 12,
+    temperature: float = 1.0,
+    seed: int | None = 5,
+    stop_strings: tuple[str, ...] = (),
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> ops.Sample:
+    params = ops.SamplingConfig(max_tokens, temperature, top_k, top_p, seed, stop_strings, (), True)
+    return ops.Sample(adapter, None, np.asarray(prompt, dtype=np.int64), num_samples, params, False, 0)
+
+
+def run(engine, *requests: ops.Sample) -> list[ops.SampleResult]:
+    items = [ops.WorkItem(f"f{index}", "", request) for index, request in enumerate(requests)]
+    outcomes = engine.run_cycle(ops.Cycle(1, items))
+    assert all(outcome.error is None for outcome in outcomes), [outcome.error for outcome in outcomes]
+    return [outcome.result for outcome in outcomes]
+
+
+def tokens_of(result: ops.SampleResult) -> list[list[int]]:
+    return [sequence.tokens.tolist() for sequence in result.sequences]
+
+
+def test_a_seeded_sample_is_the_same_whatever_shares_its_batch(engine):
+    alone = sample([256, 72, 105, 33], num_samples=3, adapter="a", top_k=40, top_p=0.9)
+    (by_itself,) = run(engine, alone)
+    mates = [
+        sample([256, 10], num_samples=4, adapter="b", max_tokens=2),  # finishes early: leaves the batch
+        sample(list(range(256, 259)) + list(range(30)), num_samples=2, temperature=0.7, seed=None),
+        sample([256, 72, 105, 33], num_samples=1, adapter="b", temperature=0.0),
+    ]
+    crowded = run(engine, mates[0], alone, *mates[1:])[1]
+    assert tokens_of(crowded) == tokens_of(by_itself)
+    assert len({tuple(tokens) for tokens in tokens_of(by_itself)}) == 3  # each sample its own stream
+    for lonely, shared in zip(by_itself.sequences, crowded.sequences, strict=True):
+        np.testing.assert_allclose(shared.logprobs, lonely.logprobs, atol=1e-5)
+        np.testing.assert_allclose(shared.sampling_logprobs, lonely.sampling_logprobs, atol=1e-5)
+
+
+def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine):
+    prompt = [256, 40, 41, 42]
+    short, long = sample(prompt, 3, adapter="a", max_tokens=3), sample(prompt[:2], 2, adapter="b", max_tokens=16)
+    _, result = run(engine, short, long)
+    for sequence in result.sequences:
+        tokens = np.asarray(prompt[:2] + sequence.tokens.tolist(), dtype=np.int64)
+        datum = ops.DatumArrays(
+            tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, dtype=np.float32)}
+        )
+        (outcome,) = engine.run_cycle(
+            ops.Cycle(2, [ops.WorkItem("fwd", "b", ops.ForwardBackward([datum], "cross_entropy", {}, False))])
+        )
+        forward = outcome.result.loss_fn_outputs[0]["logprobs"][len(prompt[:2]) - 1 :]
+        np.testing.assert_allclose(sequence.logprobs, forward, atol=1e-4)
+
+
+def test_a_prompt_is_prefilled_once_for_every_request_of_it(engine):
+    prompt = [256, 1, 2, 3, 4, 5, 6]
+    first, again = sample(prompt, 2, adapter="a", seed=1), sample(prompt, 3, adapter="a", seed=2)
+    other_weights = sample(prompt, 1, adapter="b", seed=3)
+    results = run(engine, first, again, other_weights)
+    assert [result.prompt_cache_hit_tokens for result in results] == [0, len(prompt), 0]
+    separately = [run(engine, request)[0] for request in (first, again, other_weights)]
+    assert [tokens_of(result) for result in results] == [tokens_of(result) for result in separately]
+
+
+def test_a_stop_string_split_across_tokens_ends_the_sequence_where_it_completes():
+    tokenizer = byte_tokenizer()
+    params = ops.SamplingConfig(64, 1.0, 0, 1.0, None, ("é!", "end"), (), True)
+    checker = _StopChecker(params, (), tokenizer)
+    text = "a" * 40 + "en" + "é" + "!"  # "é" is two byte tokens; the stop ends past many tokens
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    hits = [checker.hit(tokens[: end + 1]) for end in range(len(tokens))]
+    assert hits == [False] * (len(tokens) - 1) + [True]
+    assert checker.hit(tokenizer.encode("x" * 50 + "end", add_special_tokens=False))
+
+
+def test_greedy_generation_stops_right_after_its_stop_string(engine):
+    tokenizer = byte_tokenizer()
+    (free,) = run(engine, sample([256, 72], adapter="a", temperature=0.0, max_tokens=16))
+    text = tokenizer.decode(free.sequences[0].tokens.tolist())
+    stop = text[5:7]  # two tokens the unstopped generation produces
+    (stopped,) = run(engine, sample([256, 72], adapter="a", temperature=0.0, max_tokens=16, stop_strings=(stop,)))
+    sequence = stopped.sequences[0]
+    assert sequence.stopped and tokenizer.decode(sequence.tokens.tolist()).endswith(stop)
+    assert stop not in tokenizer.decode(sequence.tokens[:-1].tolist())
