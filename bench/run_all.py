@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import cluster, latency, load, memory, rl_loop, sampling, training, wire
+from bench import cluster, latency, load, memory, rl_loop, sampling, train_while_sampling, training, wire
 
 
 def main() -> None:
@@ -14,6 +14,7 @@ def main() -> None:
     latency.main(extra)
     wire.main([])
     sampling.main(extra)
+    train_while_sampling.main(extra)
     memory.main(extra)
     rl_loop.main(extra)
     load.main(extra)

@@ -1,102 +1,166 @@
-"""Batched sampling through the service vs a naive loop of `transformers` generate.
+"""Batched sampling through the service, side by side in one run with one static Hugging Face
+`generate` batch of the same requests and with the same requests sent one at a time.
 
-For 1, 8 and 32 concurrent requests: generated tokens per second through a real server
-(requests decoded together, KV cache), set beside the same number of sequential
-`model.generate` calls on the same model in this process.
+Two workloads at each concurrency (default 32 and 128 requests):
+- uniform: one prompt length, one output length, one sample per request, the bare base model;
+- mixed: prompt lengths 4-64, output lengths 8-MAX, num_samples of 1, 4 or 8, and three weights
+  (the base model and two LoRA adapters) mixed in one batch.
+
+Throughput counts the tokens each request asked for, up to its first end-of-sequence. The static
+batch decodes every row to the longest output of the batch (what a static batch costs) on the bare
+base model (it does no LoRA work, so it is flattered on the mixed workload).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from bench.common import emit, running_server
+from tinker_client import ServiceClient, types
+from tinker_server.worker.models import load_base_model
 
-from server_process import running_server  # noqa: E402
-
-from tinker_client import ServiceClient, types  # noqa: E402
-from tinker_server.worker.models import load_base_model  # noqa: E402
-
-
-def prompts(count: int, length: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 256, (length,), generator=generator).tolist() for _ in range(count)]
+EOS = 257
 
 
-def service_tokens_per_second(sampler, batch: list[list[int]], max_tokens: int) -> float:
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0, stop=[])
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    weights: int
+    """0: the base model; 1, 2: an adapter."""
+
+
+def workload(kind: str, count: int, max_tokens: int, seed: int = 0) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        return [Request(rng.integers(0, 256, 16).tolist(), 1, max_tokens, 0) for _ in range(count)]
+    return [
+        Request(
+            rng.integers(0, 256, int(rng.integers(4, 65))).tolist(),
+            int(rng.choice([1, 4, 8])),
+            int(rng.integers(8, max_tokens + 1)),
+            int(rng.integers(0, 3)),
+        )
+        for _ in range(count)
+    ]
+
+
+def useful(tokens: list[int], max_tokens: int) -> int:
+    """Tokens a request asked for: up to its first end-of-sequence, at most max_tokens."""
+    tokens = tokens[:max_tokens]
+    return tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
+
+
+def served(samplers: list, requests: list[Request], one_at_a_time: bool) -> float:
+    """Useful tokens per second through the server: every request at once, or one after another."""
+
+    def send(request: Request):
+        params = types.SamplingParams(max_tokens=request.max_tokens, temperature=1.0, stop=[])
+        return samplers[request.weights].sample(types.ModelInput.from_ints(request.prompt), request.num_samples, params)
+
     start = time.perf_counter()
-    futures = [sampler.sample(types.ModelInput.from_ints(prompt), 1, params) for prompt in batch]
-    generated = sum(len(future.result().sequences[0].tokens) for future in futures)
-    return generated / (time.perf_counter() - start)
+    if one_at_a_time:
+        results = [send(request).result() for request in requests]
+    else:
+        results = [future.result() for future in [send(request) for request in requests]]
+    elapsed = time.perf_counter() - start
+    return (
+        sum(
+            useful(list(sequence.tokens), request.max_tokens)
+            for request, result in zip(requests, results, strict=True)
+            for sequence in result.sequences
+        )
+        / elapsed
+    )
 
 
-def generate_loop_tokens_per_second(model, batch: list[list[int]], max_tokens: int) -> float:
+def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
+    """Useful tokens per second of one left-padded `generate` batch of every row."""
+    rows = [(request.prompt, request.max_tokens) for request in requests for _ in range(request.num_samples)]
+    width = max(len(prompt) for prompt, _ in rows)
+    input_ids = torch.full((len(rows), width), model.config.pad_token_id)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, (prompt, _) in enumerate(rows):
+        input_ids[index, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[index, width - len(prompt) :] = 1
+    longest = max(max_tokens for _, max_tokens in rows)
     start = time.perf_counter()
-    generated = 0
     with torch.no_grad():
-        for prompt in batch:
-            output = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=True,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                pad_token_id=model.config.pad_token_id,
-            )
-            generated += output.shape[1] - len(prompt)
-    return generated / (time.perf_counter() - start)
+        output = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            do_sample=True,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            pad_token_id=model.config.pad_token_id,
+        )
+    elapsed = time.perf_counter() - start
+    generated = output[:, width:].tolist()
+    return sum(useful(tokens, max_tokens) for tokens, (_, max_tokens) in zip(generated, rows, strict=True)) / elapsed
 
 
-def run(concurrency: list[int], max_tokens: int, prompt_length: int, base_model: str | None) -> dict:
+def samplers_for(service: ServiceClient) -> list:
+    """The base model's sampler and two adapters' (trained one step, so they differ from it)."""
+    base_model = service.get_server_capabilities().supported_models[0].model_name
+    samplers = [service.create_sampling_client(base_model=base_model).result()]
+    for seed in (1, 2):
+        training = service.create_lora_training_client(base_model, rank=8, seed=seed).result()
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(list(range(10, 40))),
+            loss_fn_inputs={"target_tokens": list(range(11, 41)), "weights": [1.0] * 30},
+        )
+        training.forward_backward([datum], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        samplers.append(training.save_weights_and_get_sampling_client(f"bench-{seed}").result())
+    return samplers
+
+
+def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequential_up_to: int = 32) -> dict:
     model = load_base_model(base_model).model
     results = []
     with tempfile.TemporaryDirectory() as data_dir:
         extra = ["--base-model", base_model] if base_model else []
         with running_server(Path(data_dir), extra) as address:
             service = ServiceClient(base_url=address)
-            sampler = service.create_sampling_client(
-                base_model=service.get_server_capabilities().supported_models[0].model_name
-            ).result()
-            service_tokens_per_second(sampler, prompts(2, prompt_length), 4)  # warm-up
-            for count in concurrency:
-                batch = prompts(count, prompt_length)
-                served = service_tokens_per_second(sampler, batch, max_tokens)
-                naive = generate_loop_tokens_per_second(model, batch, max_tokens)
-                results.append(
-                    {
-                        "concurrent_requests": count,
-                        "service_tokens_per_s": round(served, 1),
-                        "generate_loop_tokens_per_s": round(naive, 1),
-                        "speedup": round(served / naive, 2),
+            samplers = samplers_for(service)
+            served(samplers, workload("mixed", 4, 8), one_at_a_time=False)  # warm-up
+            for kind in ("uniform", "mixed"):
+                for count in concurrency:
+                    requests = workload(kind, count, max_tokens)
+                    service_rate = served(samplers, requests, one_at_a_time=False)
+                    static_rate = static_batch(model, requests)
+                    row = {
+                        "workload": kind,
+                        "requests": count,
+                        "rows": sum(request.num_samples for request in requests),
+                        "service_tokens_per_s": round(service_rate, 1),
+                        "static_batch_tokens_per_s": round(static_rate, 1),
+                        "vs_static_batch": round(service_rate / static_rate, 2),
+                        "vs_one_at_a_time": None,
                     }
-                )
+                    if count <= sequential_up_to:
+                        row["vs_one_at_a_time"] = round(service_rate / served(samplers, requests, True), 2)
+                    results.append(row)
             service.close()
-    return {"benchmark": "sampling", "max_tokens": max_tokens, "prompt_length": prompt_length, "results": results}
+    return {"benchmark": "sampling", "max_tokens": max_tokens, "results": results}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated request counts")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--concurrency", default="32,128", help="comma-separated request counts")
+    parser.add_argument("--max-tokens", type=int, default=64, help="the output length (uniform), the longest (mixed)")
     parser.add_argument("--base-model", default=None, help="local HF directory (default: embedded model)")
     args = parser.parse_args(argv)
-    report = run([int(n) for n in args.concurrency.split(",")], args.max_tokens, args.prompt_length, args.base_model)
-    print(json.dumps(report))
-    print(f"{'requests':>9} {'service tok/s':>14} {'generate tok/s':>15} {'speedup':>8}", file=sys.stderr)
-    for row in report["results"]:
-        print(
-            f"{row['concurrent_requests']:>9} {row['service_tokens_per_s']:>14} "
-            f"{row['generate_loop_tokens_per_s']:>15} {row['speedup']:>8}",
-            file=sys.stderr,
-        )
+    report = run([int(n) for n in args.concurrency.split(",")], args.max_tokens, args.base_model)
+    emit(report, [key for key in report["results"][0]])
     return report
 
 

@@ -87,9 +87,10 @@ def test_fixed_cycles_batch_what_arrives_within_a_tick(tmp_path):
 
     from tinker_client import ServiceClient
 
-    with running_server(tmp_path, ["--cycle", "fixed:2.0"]) as address:
+    with running_server(tmp_path, ["--cycle", "fixed:0.5"]) as address:
         service = ServiceClient(base_url=address)
-        runs = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed).result() for seed in (1, 2, 3)]
+        creating = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed) for seed in (1, 2, 3)]
+        runs = [future.result() for future in creating]
         sessions = [RawSession(address) for _ in runs]
         try:
             for session, training in zip(sessions, runs, strict=True):
