@@ -89,8 +89,9 @@ def test_fixed_cycles_batch_what_arrives_within_a_tick(tmp_path):
 
     with running_server(tmp_path, ["--cycle", "fixed:0.5"]) as address:
         service = ServiceClient(base_url=address)
+        # Created at once: their results arrive together (a client once deadlocked on exactly that).
         creating = [service.create_lora_training_client(BASE_MODEL, rank=4, seed=seed) for seed in (1, 2, 3)]
-        runs = [future.result() for future in creating]
+        runs = [future.result(timeout=30) for future in creating]
         sessions = [RawSession(address) for _ in runs]
         try:
             for session, training in zip(sessions, runs, strict=True):

@@ -264,7 +264,8 @@ class Connection:
     def capabilities(self, fresh: bool = False) -> concurrent.futures.Future[service_pb2.GetServerCapabilitiesResponse]:
         """The server's capabilities: its limits, asked for once per connection, or (`fresh`) now,
         with the current state of its adapters."""
-        if fresh or self._capabilities is None or self._capabilities.exception() is not None:
+        failed = self._capabilities is not None and self._capabilities.done() and self._capabilities.exception()
+        if fresh or self._capabilities is None or failed:  # (never wait on it here: this may be the loop thread)
             request = service_pb2.GetServerCapabilitiesRequest()
             self._capabilities = self.unary_future(self.stub.GetServerCapabilities, request)
         return self._capabilities

@@ -140,6 +140,8 @@ class Fleet:
             # An empty cycle lets the worker move idle adapters off its device even when no one trains.
             asyncio.create_task(self._settle_residency(slot), name=f"residency {slot.replica_id}"),
         ]
+        for task in slot.tasks:
+            task.add_done_callback(_log_failure)
         log.info("replica %s ready (%s)", slot.replica_id, slot.worker.where())
 
     async def _settle_residency(self, slot: ReplicaSlot) -> None:
@@ -422,3 +424,9 @@ class Fleet:
         others[0].scheduler.put_back(dead.scheduler.take())  # the bare base model's, and closed runs' deletions
         log.error("replica %s lost; its runs moved to %s", dead.replica_id, [slot.replica_id for slot in others])
         return True
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A replica's clock or watch that stopped on an error says so (nothing else awaits them)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("%s stopped: %s", task.get_name(), error, exc_info=error)
