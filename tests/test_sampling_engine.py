@@ -106,3 +106,33 @@ def test_greedy_generation_stops_right_after_its_stop_string(engine):
     sequence = stopped.sequences[0]
     assert sequence.stopped and tokenizer.decode(sequence.tokens.tolist()).endswith(stop)
     assert stop not in tokenizer.decode(sequence.tokens[:-1].tolist())
+
+
+def test_a_generation_goes_on_over_cycles_and_training_runs_in_between(engine):
+    request = sample([256, 72, 105], num_samples=2, adapter="b", max_tokens=40, seed=9)
+    (whole,) = run(engine, request)  # in one cycle, to its end
+
+    started = engine.run_cycle(ops.Cycle(1, [ops.WorkItem("gen", "", request)]), decode_seconds=0.0)
+    assert started == []  # one step done, the rest to come
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, 9).astype(np.int64)
+    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(8, dtype=np.float32)})
+    adam = ops.AdamConfig(0.05, 0.9, 0.95, 1e-8, 0.0, 0.0)
+    training = [
+        ops.WorkItem("fb", "b", ops.ForwardBackward([datum], "cross_entropy", {}, True)),
+        ops.WorkItem("step", "b", ops.OptimStep(adam)),
+    ]
+    answered = engine.run_cycle(ops.Cycle(2, training), decode_seconds=0.0)
+    assert [outcome.future_id for outcome in answered] == ["fb", "step"]  # not held behind the generation
+    assert all(outcome.error is None for outcome in answered)
+
+    cycles, finished = 2, []
+    while not finished:
+        cycles += 1
+        finished = engine.run_cycle(ops.Cycle(cycles, []), decode_seconds=0.0)
+    (outcome,) = finished
+    assert outcome.future_id == "gen" and cycles > 30  # one step a cycle
+    # It sampled the weights it started with, whatever training did meanwhile.
+    assert tokens_of(outcome.result) == tokens_of(whole)
+    (after,) = run(engine, request)
+    assert tokens_of(after) != tokens_of(whole)  # the step did change them

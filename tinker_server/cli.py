@@ -127,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="recompute each decoder layer in backward instead of keeping its activations: less memory, "
         "for one more forward pass of the decoder",
     )
+    parser.add_argument(
+        "--decode-chunk-seconds",
+        type=float,
+        default=WorkerOptions.decode_chunk_seconds,
+        help="how long a cycle generates before answering; generations go on over the next cycles, so "
+        "training never waits behind a whole one (default %(default)s)",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
         "--cycle",
@@ -299,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             max_host_adapter_bytes=args.max_host_adapter_bytes,
             adapter_idle_seconds=args.adapter_idle_seconds,
             spill_dir=str(args.data_dir / "spill"),
+            decode_chunk_seconds=args.decode_chunk_seconds,
         ),
         cycle=args.cycle,
         max_cycle_tokens=args.max_cycle_tokens,

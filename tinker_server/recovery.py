@@ -52,6 +52,8 @@ class SupervisedWorker:
         self.handover: Handover | None = None
         self.retired = False
         """Its worker died and its runs went to other replicas: it runs nothing more."""
+        self._unanswered: dict[str, ops.WorkItem] = {}
+        """Sent to the worker, no outcome yet (samples generating over several cycles)."""
 
     async def start(self) -> ops.ModelInfo:
         return await self._worker.start()
@@ -70,24 +72,32 @@ class SupervisedWorker:
         """Replaces a worker that died between cycles, at once (until cancelled or retired)."""
         while not self.retired:
             await asyncio.sleep(WATCH_SECONDS)
-            if self._lock.locked():
-                continue  # a cycle is running: its end says whether the worker lives
+            if self._lock.locked() or self._unanswered:
+                continue  # cycles are running: their end says whether the worker lives
             async with self._lock:
                 if not self.retired and not await self._worker.is_alive():
                     log.error("the worker (%s) died while idle", self._worker.where())
                     await self._replace(set())
 
     async def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+        """The outcomes ready: the cycle's, and those of earlier samples whose generation finished."""
         async with self._lock:
+            self._unanswered.update((item.future_id, item) for item in cycle.items)
             try:
-                return await self._worker.run_cycle(cycle)
+                outcomes = await self._worker.run_cycle(cycle)
             except WorkerDied as error:
+                # What died with it: this cycle, and the samples still generating from earlier ones.
+                dying = ops.Cycle(cycle.cycle_id, list(self._unanswered.values()))
+                self._unanswered.clear()
                 log.error("the worker died during cycle %d (%s)", cycle.cycle_id, error)
-                changing = {ops.run_of(item) for item in cycle.items if not ops.reads_only(item.operation)}
+                changing = {ops.run_of(item) for item in dying.items if not ops.reads_only(item.operation)}
                 report = await self._replace(changing)
                 if self.retired:
-                    return [self._lost(item, cycle.cycle_id, f"{error}; {report}") for item in cycle.items]
-                return await self._rerun_what_may_run_again(cycle, f"{error}; a new worker {report}")
+                    return [self._lost(item, cycle.cycle_id, f"{error}; {report}") for item in dying.items]
+                outcomes = await self._rerun_what_may_run_again(dying, f"{error}; a new worker {report}")
+            for outcome in outcomes:
+                self._unanswered.pop(outcome.future_id, None)
+            return outcomes
 
     async def _replace(self, changing: set[str]) -> str:
         """Restarts the worker here, or (when the platform has no room for a new one and another
@@ -100,7 +110,7 @@ class SupervisedWorker:
 
     async def _rerun_what_may_run_again(self, cycle: ops.Cycle, what_happened: str) -> list[ops.Outcome]:
         """The dying cycle's outcomes: its read-only requests of runs that lost nothing, run again
-        (once); a clear error for the rest."""
+        (once; samples still generating then answer with a later cycle); a clear error for the rest."""
         again = [
             item
             for item in cycle.items
@@ -108,6 +118,7 @@ class SupervisedWorker:
         ]
         outcomes = {}
         if again:
+            self._unanswered.update((item.future_id, item) for item in again)
             try:
                 outcomes = {
                     outcome.future_id: outcome
@@ -115,7 +126,12 @@ class SupervisedWorker:
                 }
             except WorkerDied as error:  # twice in a row: give up on this cycle
                 log.error("the new worker died too (%s)", error)
-        return [outcomes.get(item.future_id) or self._lost(item, cycle.cycle_id, what_happened) for item in cycle.items]
+                self._unanswered.clear()
+        return [
+            outcomes.get(item.future_id) or self._lost(item, cycle.cycle_id, what_happened)
+            for item in cycle.items
+            if item.future_id in outcomes or item.future_id not in self._unanswered
+        ]
 
     def _lost(self, item: ops.WorkItem, cycle_id: int, what_happened: str) -> ops.Outcome:
         fence = self._runs.fence_of(ops.run_of(item))

@@ -112,6 +112,8 @@ class Scheduler:
         self._running_cycle = False
         self._held: set[str] = set()
         self._closed = False
+        self._sent: dict[str, _Queued] = {}
+        """Sent to the worker and not answered yet: samples whose generation runs on over later cycles."""
 
     def submit(self, queue_key: str, item: ops.WorkItem, first: bool = False) -> Ticket:
         """Queues an operation; its order among `queue_key`'s requests is fixed now (its seq, for a
@@ -174,12 +176,13 @@ class Scheduler:
         clock_start = loop.time()
         just_served: set[str] = set()
         while not self._closed:
-            if self._policy.period is None and just_served:
+            if self._policy.period is None and just_served and not self._sent:
                 await self._await_returning(just_served, loop.time() + self._policy.coalesce)
-            await self._work_available.wait()
+            if not self._sent:  # else the worker is still generating: the next cycle goes on with it
+                await self._work_available.wait()
             if self._closed:
                 return
-            if self._policy.period is not None:
+            if self._policy.period is not None and not (self._sent and not self._queues):
                 # Ticks on a fixed grid: whatever arrives between two ticks shares a cycle.
                 period = self._policy.period
                 next_tick = clock_start + (math.floor((loop.time() - clock_start) / period) + 1) * period
@@ -190,7 +193,7 @@ class Scheduler:
             just_served = {queued.queue_key for queued in batch}
             if not batch or not any(self._queues.values()):
                 self._work_available.clear()  # (what is left is held: `release` wakes the clock)
-            if batch:
+            if batch or self._sent:
                 log.debug(
                     "cycle of %d requests: %s",
                     len(batch),
@@ -251,44 +254,48 @@ class Scheduler:
         """Waits, up to `timeout`, until every queued request has run; fails those left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (self._queues or self._running_cycle) and loop.time() < deadline:
+        while (self._queues or self._running_cycle or self._sent) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         code = grpc.StatusCode.UNAVAILABLE.value[0]
         message = f"the server shut down before this request ran (it waited {timeout:g}s)"
-        for queue in self._queues.values():
-            for queued in queue:
+        for queued in [queued for queue in self._queues.values() for queued in queue] + list(self._sent.values()):
+            if not queued.ticket.outcome.done():
                 outcome = ops.Outcome(queued.item.future_id, 0, error=ops.OpError(code, message))
                 queued.ticket.outcome.set_result(outcome)
         self._queues.clear()
+        self._sent.clear()
         self._queued = 0
 
     async def _run_admitted(self, cycle: ops.Cycle) -> list[ops.Outcome]:
-        """Runs the items the gate lets through; the others fail with its error."""
+        """Runs the items the gate lets through (an empty cycle too, while the worker generates);
+        the others fail with its error."""
         refusals = self.gate(cycle.items)
         admitted = [item for item, refusal in zip(cycle.items, refusals, strict=True) if refusal is None]
-        ran = iter(await self._run_cycle(ops.Cycle(cycle.cycle_id, admitted)) if admitted else [])
-        return [
-            next(ran) if refusal is None else ops.Outcome(item.future_id, cycle.cycle_id, error=refusal)
+        refused = [
+            ops.Outcome(item.future_id, cycle.cycle_id, error=refusal)
             for item, refusal in zip(cycle.items, refusals, strict=True)
+            if refusal is not None
         ]
+        ran = await self._run_cycle(ops.Cycle(cycle.cycle_id, admitted)) if admitted or self._sent else []
+        return refused + ran
 
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
         self._running_cycle = True
+        self._sent.update((queued.item.future_id, queued) for queued in batch)
         started = asyncio.get_running_loop().time()
         try:
             outcomes = await self._run_admitted(cycle)
         except Exception as error:  # the worker died or the pipe broke: fail this cycle only
             log.error("cycle %d failed: %s", cycle.cycle_id, error)
             message = f"the worker failed while running this request: {error}"
-            code = grpc.StatusCode.UNAVAILABLE.value[0]
-            outcomes = [
-                ops.Outcome(item.future_id, cycle.cycle_id, error=ops.OpError(code, message)) for item in cycle.items
-            ]
+            failed = ops.OpError(grpc.StatusCode.UNAVAILABLE.value[0], message)
+            outcomes = [ops.Outcome(future_id, cycle.cycle_id, error=failed) for future_id in self._sent]
         finally:
             self._running_cycle = False
             metrics.CYCLE_SECONDS.observe(asyncio.get_running_loop().time() - started)
             metrics.CYCLE_REQUESTS.observe(len(cycle.items))
             metrics.TOKENS.inc(sum(operation_tokens(item.operation) for item in cycle.items))
-        for queued, outcome in zip(batch, outcomes, strict=True):
-            if not queued.ticket.outcome.done():
+        for outcome in outcomes:
+            queued = self._sent.pop(outcome.future_id, None)
+            if queued is not None and not queued.ticket.outcome.done():
                 queued.ticket.outcome.set_result(outcome)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -42,7 +45,7 @@ from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
 from tinker_server.worker.models import LoadedModel, final_hidden_states, tokenizer_files
 from tinker_server.worker.passes import gradients_all_or_nothing, target_logprobs
 from tinker_server.worker.residency import Adapter, Residency, ResidencyLimits, weight_bytes
-from tinker_server.worker.sampling import SampleRow, generate
+from tinker_server.worker.sampling import Generation
 from tinker_server.worker.snapshot_writes import SnapshotWrites
 from tinker_server.worker.targets import KINDS, wrap_lora_targets
 
@@ -89,6 +92,8 @@ class Engine:
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
         self._snapshot_writes = SnapshotWrites()
+        self._generations: list[_Running] = []
+        self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:
         config = self.model.config
@@ -107,14 +112,20 @@ class Engine:
 
     # -- the cycle -------------------------------------------------------------------
 
-    def run_cycle(self, cycle: ops.Cycle) -> list[ops.Outcome]:
+    def run_cycle(self, cycle: ops.Cycle, decode_seconds: float | None = None) -> list[ops.Outcome]:
+        """Runs the cycle's operations, phase by phase; its samples join the generations under way,
+        which then decode for up to `decode_seconds` (None: until every one is done). Returns the
+        outcomes ready: the cycle's, in order (samples only once generated), then those of earlier
+        cycles' samples that finished now."""
         by_phase: dict[ops.Phase, list[ops.WorkItem]] = defaultdict(list)
         for item in cycle.items:
             by_phase[item.operation.phase].append(item)
         results: dict[str, ops.Outcome] = {}
         batched: dict[ops.Phase, Callable[[list[ops.WorkItem]], list[ops.OpResult | ops.OpError]]] = {
             ops.Phase.FORWARD: lambda group: self._per_item(group, self._check_adapter, self._forward_backward),
-            ops.Phase.SAMPLE: lambda group: self._per_item(group, self._ensure_snapshot, self._sample),
+            ops.Phase.SAMPLE: lambda group: self._per_item(
+                group, self._ensure_snapshot, lambda ready: self._start_generation(ready, decode_seconds is not None)
+            ),
         }
         single: dict[type, Callable[[ops.WorkItem], ops.OpResult]] = {
             ops.CreateAdapter: self._create_adapter,
@@ -141,14 +152,19 @@ class Engine:
                     message = f"internal error in {phase.name.lower()}: {error}"
                     outputs = [ops.OpError(grpc.StatusCode.INTERNAL.value[0], message)] * len(group)
                 for item, output in zip(group, outputs, strict=True):
+                    if output is _GENERATING:
+                        continue
                     outcome = ops.Outcome(item.future_id, cycle.cycle_id)
                     if isinstance(output, ops.OpError):
                         outcome.error = output
                     else:
                         outcome.result = output
                     results[item.future_id] = outcome
+        for outcome in self._decode(cycle.cycle_id, decode_seconds):
+            results[outcome.future_id] = outcome
         self.residency.settle()  # between cycles, adapters keep within the limits
-        return [results[item.future_id] for item in cycle.items]
+        ordered = [results.pop(item.future_id) for item in cycle.items if item.future_id in results]
+        return ordered + list(results.values())
 
     @staticmethod
     def _per_item(
@@ -405,15 +421,78 @@ class Engine:
 
     # -- sampling --------------------------------------------------------------------
 
-    def _sample(self, items: list[ops.WorkItem]) -> list[ops.OpResult]:
+    def _start_generation(self, items: list[ops.WorkItem], private: bool) -> list[object]:
+        """Prefills the items' prompts as a new generation. `private`: it decodes across cycles, so
+        it samples copies of the weights it reads (what later cycles do to them cannot reach it)."""
         requests: list[ops.Sample] = [item.operation for item in items]
-        rows = [
-            SampleRow(request_index, sample_index, request)
-            for request_index, request in enumerate(requests)
-            for sample_index in range(request.num_samples)
-        ]
-        loaded = self.loaded
-        return generate(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, rows)
+        adapters: dict[str | None, str | None] = {None: None}
+        for name in {request.adapter for request in requests} - {None}:
+            adapters[name] = name
+            if private:
+                adapters[name] = f"{name}#generation-{next(self._generation_ids)}"
+                self._register(adapters[name], self._weights_copy(name))
+        try:
+            loaded = self.loaded
+            generation = Generation(
+                self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, adapters
+            )
+        except Exception:
+            self._forget_copies(adapters)
+            raise
+        self._generations.append(_Running(generation, items, adapters))
+        return [_GENERATING] * len(items)
+
+    def _weights_copy(self, name: str) -> dict[str, LoraPair]:
+        return {
+            path: LoraPair(pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling)
+            for path, layer in self.layers.items()
+            if (pair := layer.adapters.get(name)) is not None
+        }
+
+    def _forget_copies(self, adapters: dict[str | None, str | None]) -> None:
+        for name, routed in adapters.items():
+            if routed != name:
+                self._unregister(routed)
+
+    def _decode(self, cycle_id: int, seconds: float | None) -> list[ops.Outcome]:
+        """Steps every generation in turn, at least once, then on for up to `seconds` (None: until
+        all are done); the outcomes of those that finished."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        outcomes = []
+        while self._generations:
+            for running in list(self._generations):
+                try:
+                    running.generation.step()
+                    if not running.generation.done:
+                        continue
+                    outputs: list[ops.OpResult | ops.OpError] = list(running.generation.results())
+                except Exception as error:  # a bug must fail its requests, not the worker
+                    log.exception("cycle %d: a generation failed", cycle_id)
+                    outputs = [ops.OpError(grpc.StatusCode.INTERNAL.value[0], f"internal error in sampling: {error}")]
+                    outputs *= len(running.items)
+                self._generations.remove(running)
+                self._forget_copies(running.adapters)
+                for item, output in zip(running.items, outputs, strict=True):
+                    outcome = ops.Outcome(item.future_id, cycle_id)
+                    if isinstance(output, ops.OpError):
+                        outcome.error = output
+                    else:
+                        outcome.result = output
+                    outcomes.append(outcome)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return outcomes
+
+
+_GENERATING = object()
+"""A sample's output while its generation runs: its outcome comes with a later cycle's."""
+
+
+@dataclass
+class _Running:
+    generation: Generation
+    items: list[ops.WorkItem]
+    adapters: dict[str | None, str | None]
 
 
 def _frozen(pairs: dict[str, LoraPair]) -> dict[str, LoraPair]:

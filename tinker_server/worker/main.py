@@ -72,4 +72,4 @@ def worker_main(
             return
         if message is None:
             return
-        conn.send(CycleReport(engine.run_cycle(message), engine.residency.stats()))
+        conn.send(CycleReport(engine.run_cycle(message, options.decode_chunk_seconds), engine.residency.stats()))

@@ -39,12 +39,13 @@ class ReplicaActor:
         torch.set_num_threads(threads)  # the CPUs the actor reserved, not every core of the node
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._engine = build_engine(base_model, options, device)
+        self._decode_seconds = options.decode_chunk_seconds
 
     def info(self) -> ModelInfo:
         return self._engine.info()
 
     def run_cycle(self, cycle: Cycle) -> CycleReport:
-        return CycleReport(self._engine.run_cycle(cycle), self._engine.residency.stats())
+        return CycleReport(self._engine.run_cycle(cycle, self._decode_seconds), self._engine.residency.stats())
 
     def ping(self) -> bool:
         return True

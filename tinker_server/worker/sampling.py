@@ -1,5 +1,7 @@
 """Batched generation with a KV cache: rows of many requests and adapters decoded together.
 
+Logits come from the same output_logits as training's, so sampled and trained logprobs agree.
+
 Each distinct prompt (with its adapter) is prefilled once, left-padded so every row's next token
 sits in the last column, and its keys and values are copied to every row that starts from it
 (the samples of a request, and other requests of the same prompt). Each row keeps its own
@@ -180,53 +182,79 @@ def _distinct_prompts(requests: list[ops.Sample]) -> list[_Prompt]:
     return [prompts[key] for key in sorted(prompts)]
 
 
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    routing: RowRouting,
-    tokenizer: PreTrainedTokenizerBase,
-    eos_token_ids: tuple[int, ...],
-    device: torch.device,
-    requests: list[ops.Sample],
-    rows: list[SampleRow],
-) -> list[ops.SampleResult]:
-    """Logits come from the same output_logits as training's, so sampled and trained logprobs agree."""
-    prompts = _distinct_prompts(requests)
-    prompt_index = {(prompt.adapter or "", prompt.tokens.tobytes()): index for index, prompt in enumerate(prompts)}
-    rows = sorted(rows, key=lambda row: (prompt_index[_prompt_key(row.request)], row.request_index, row.sample_index))
-    width = max(len(prompt.tokens) for prompt in prompts)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for index, prompt in enumerate(prompts):
-        input_ids[index, width - len(prompt.tokens) :] = torch.from_numpy(prompt.tokens)
-        attention_mask[index, width - len(prompt.tokens) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+class Generation:
+    """One batch of sample requests being decoded: prefilled at once, then advanced a step at a time
+    (so the worker can stop between steps for other work) until every row has finished.
+    `adapters` maps each request's adapter to the name its weights are routed by (a private copy,
+    so what later cycles do to the original cannot change a generation under way)."""
 
-    cache = DynamicCache(config=model.config)
-    with routing.route(contiguous_segments([prompt.adapter for prompt in prompts])):
-        hidden = final_hidden_states(
-            model,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
+    @torch.no_grad()
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        routing: RowRouting,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: tuple[int, ...],
+        device: torch.device,
+        requests: list[ops.Sample],
+        adapters: dict[str | None, str | None],
+    ) -> None:
+        self._model, self._routing, self._device, self._adapters = model, routing, device, adapters
+        self.requests = requests
+        self._prompts = _distinct_prompts(requests)
+        prompt_index = {(p.adapter or "", p.tokens.tobytes()): index for index, p in enumerate(self._prompts)}
+        self._rows = sorted(
+            (
+                SampleRow(request_index, sample_index, request)
+                for request_index, request in enumerate(requests)
+                for sample_index in range(request.num_samples)
+            ),
+            key=lambda row: (prompt_index[_prompt_key(row.request)], row.request_index, row.sample_index),
         )
-        if any(_scores_prompt(request) for request in requests):
-            scored = _score_prompts(output_logits(model, hidden), input_ids, prompts, requests)
-        else:
-            scored = {}
-        logits = output_logits(model, hidden[:, -1:])[:, -1]
-    starts = torch.tensor([prompt_index[_prompt_key(row.request)] for row in rows], device=device)
-    cache.reorder_cache(starts)  # every row starts from its prompt's keys and values
-    attention_mask, position_ids, logits = attention_mask[starts], position_ids[starts], logits[starts]
+        width = max(len(prompt.tokens) for prompt in self._prompts)
+        input_ids = torch.zeros((len(self._prompts), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(self._prompts), width), dtype=torch.long)
+        for index, prompt in enumerate(self._prompts):
+            input_ids[index, width - len(prompt.tokens) :] = torch.from_numpy(prompt.tokens)
+            attention_mask[index, width - len(prompt.tokens) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    choice = TokenChoice([row.request for row in rows], [row.sample_index for row in rows], device)
-    stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in rows]
-    active = list(range(len(rows)))  # the rows still decoding, in batch order
-    while True:
-        tokens, picks, top = choice.next(logits, active)
+        self._cache = DynamicCache(config=model.config)
+        with routing.route(contiguous_segments([adapters[prompt.adapter] for prompt in self._prompts])):
+            hidden = final_hidden_states(
+                model,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=self._cache,
+                use_cache=True,
+            )
+            if any(_scores_prompt(request) for request in requests):
+                self._scored = _score_prompts(output_logits(model, hidden), input_ids, self._prompts, requests)
+            else:
+                self._scored = {}
+            logits = output_logits(model, hidden[:, -1:])[:, -1]
+        starts = torch.tensor([prompt_index[_prompt_key(row.request)] for row in self._rows], device=device)
+        self._cache.reorder_cache(starts)  # every row starts from its prompt's keys and values
+        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
+        self._logits = logits[starts]
+        self._choice = TokenChoice(
+            [row.request for row in self._rows], [row.sample_index for row in self._rows], device
+        )
+        self._stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in self._rows]
+        self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
+
+    @property
+    def done(self) -> bool:
+        return not self._active
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Chooses every active row's next token; finished rows leave the batch (from here they
+        cost nothing); the others go one token further."""
+        rows, active = self._rows, self._active
+        tokens, picks, top = self._choice.next(self._logits, active)
         keep = []
         for position, (index, (token, logprob, sampling_logprob)) in enumerate(zip(active, picks, strict=True)):
             row = rows[index]
@@ -236,39 +264,47 @@ def generate(
             if top[position] is not None:
                 row.topk_tokens.append(top[position][0])
                 row.topk_logprobs.append(top[position][1])
-            if stops[index].hit(row.tokens):
+            if self._stops[index].hit(row.tokens):
                 row.stopped = row.finished = True
             elif len(row.tokens) >= row.request.params.max_tokens:
                 row.finished = True
             else:
                 keep.append(position)
-        if not keep:
-            break
-        if len(keep) < len(active):  # finished rows leave the batch: from here they cost nothing
-            kept = torch.tensor(keep, device=device)
-            cache.reorder_cache(kept)
-            attention_mask, position_ids, tokens = attention_mask[kept], position_ids[kept], tokens[kept]
-            active = [active[position] for position in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        with routing.route(contiguous_segments([rows[index].request.adapter for index in active])):
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, device=self._device, dtype=torch.long)
+            if keep:
+                self._cache.reorder_cache(kept)
+            self._attention_mask, self._position_ids, tokens = (
+                self._attention_mask[kept],
+                self._position_ids[kept],
+                tokens[kept],
+            )
+            self._active = active = [active[position] for position in keep]
+        if not active:
+            return
+        self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(active), 1))], 1)
+        self._position_ids = self._position_ids[:, -1:] + 1
+        segments = contiguous_segments([self._adapters[rows[index].request.adapter] for index in active])
+        with self._routing.route(segments):
             hidden = final_hidden_states(
-                model,
+                self._model,
                 input_ids=tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
+                attention_mask=self._attention_mask,
+                position_ids=self._position_ids,
+                cache=self._cache,
                 use_cache=True,
             )
-            logits = output_logits(model, hidden)[:, -1]
+            self._logits = output_logits(self._model, hidden)[:, -1]
 
-    results = [scored.get(index, ops.SampleResult([])) for index in range(len(requests))]
-    for prompt in prompts:
-        for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
-            results[index].prompt_cache_hit_tokens = len(prompt.tokens)
-    for row in sorted(rows, key=lambda row: (row.request_index, row.sample_index)):
-        results[row.request_index].sequences.append(_sequence_arrays(row))
-    return results
+    def results(self) -> list[ops.SampleResult]:
+        """Once done: a result per request, in the order given."""
+        results = [self._scored.get(index, ops.SampleResult([])) for index in range(len(self.requests))]
+        for prompt in self._prompts:
+            for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
+                results[index].prompt_cache_hit_tokens = len(prompt.tokens)
+        for row in sorted(self._rows, key=lambda row: (row.request_index, row.sample_index)):
+            results[row.request_index].sequences.append(_sequence_arrays(row))
+        return results
 
 
 def _sequence_arrays(row: SampleRow) -> ops.SequenceArrays:
