@@ -136,3 +136,34 @@ def test_a_generation_goes_on_over_cycles_and_training_runs_in_between(engine):
     assert tokens_of(outcome.result) == tokens_of(whole)
     (after,) = run(engine, request)
     assert tokens_of(after) != tokens_of(whole)  # the step did change them
+
+
+def test_requests_arriving_mid_generation_join_its_batch_and_draw_the_same(engine):
+    early = sample([256, 72, 105, 33, 10], num_samples=2, adapter="a", max_tokens=30, seed=21)
+    late = sample([256, 1, 2], num_samples=3, max_tokens=12, seed=22, top_k=20)
+    alone = [run(engine, request)[0] for request in (early, late)]
+
+    assert engine.run_cycle(ops.Cycle(1, [ops.WorkItem("early", "", early)]), decode_seconds=0.0) == []
+    assert (
+        engine.run_cycle(
+            ops.Cycle(
+                2,
+                [],
+            ),
+            decode_seconds=0.0,
+        )
+        == []
+    )  # a few steps on
+    answered = {}
+    cycle = 3
+    items = [ops.WorkItem("late", "", late)]
+    while len(answered) < 2:
+        for outcome in engine.run_cycle(ops.Cycle(cycle, items), decode_seconds=0.0):
+            answered[outcome.future_id] = outcome.result
+        if cycle == 3:
+            assert len(engine._generations) == 1  # the late rows joined the running batch
+        cycle, items = cycle + 1, []
+    assert tokens_of(answered["early"]) == tokens_of(alone[0])
+    assert tokens_of(answered["late"]) == tokens_of(alone[1])
+    for joined, lonely in zip(answered["late"].sequences, alone[1].sequences, strict=True):
+        np.testing.assert_allclose(joined.logprobs, lonely.logprobs, atol=1e-5)

@@ -357,7 +357,7 @@ class WorkerOptions:
     """An adapter unused this long leaves the device for disk."""
     spill_dir: str | None = None
     """Where offloaded training adapters are written (the server's data dir /spill)."""
-    decode_chunk_seconds: float = 0.025
+    decode_chunk_seconds: float = 0.015
     """How long a cycle decodes before it answers: generations go on over the next cycles, so
     training requests never wait behind a whole generation, only behind one chunk of it."""
 

@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -92,7 +91,7 @@ class Engine:
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
         self._snapshot_writes = SnapshotWrites()
-        self._generations: list[_Running] = []
+        self._generations: list[Generation] = []
         self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:
@@ -434,12 +433,12 @@ class Engine:
         try:
             loaded = self.loaded
             generation = Generation(
-                self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, adapters
+                self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, adapters, items
             )
         except Exception:
             self._forget_copies(adapters)
             raise
-        self._generations.append(_Running(generation, items, adapters))
+        self._generations.append(generation)
         return [_GENERATING] * len(items)
 
     def _weights_copy(self, name: str) -> dict[str, LoraPair]:
@@ -455,44 +454,52 @@ class Engine:
                 self._unregister(routed)
 
     def _decode(self, cycle_id: int, seconds: float | None) -> list[ops.Outcome]:
-        """Steps every generation in turn, at least once, then on for up to `seconds` (None: until
-        all are done); the outcomes of those that finished."""
+        """Steps the generations (rows that arrived since the last step join the batch first), at
+        least once, then on for up to `seconds` (None: until all are done); the outcomes of the
+        requests whose rows all finished."""
+        self._join_generations()
         deadline = None if seconds is None else time.monotonic() + seconds
         outcomes = []
         while self._generations:
-            for running in list(self._generations):
+            for generation in list(self._generations):
                 try:
-                    running.generation.step()
-                    if not running.generation.done:
-                        continue
-                    outputs: list[ops.OpResult | ops.OpError] = list(running.generation.results())
+                    generation.step()
+                    finished = generation.take_finished()
                 except Exception as error:  # a bug must fail its requests, not the worker
                     log.exception("cycle %d: a generation failed", cycle_id)
-                    outputs = [ops.OpError(grpc.StatusCode.INTERNAL.value[0], f"internal error in sampling: {error}")]
-                    outputs *= len(running.items)
-                self._generations.remove(running)
-                self._forget_copies(running.adapters)
-                for item, output in zip(running.items, outputs, strict=True):
-                    outcome = ops.Outcome(item.future_id, cycle_id)
-                    if isinstance(output, ops.OpError):
-                        outcome.error = output
-                    else:
-                        outcome.result = output
-                    outcomes.append(outcome)
+                    failed = ops.OpError(grpc.StatusCode.INTERNAL.value[0], f"internal error in sampling: {error}")
+                    finished = [(items, [failed] * len(items)) for items in generation.payloads()]
+                    self._generations.remove(generation)
+                    self._forget_copies(generation.adapters)
+                for items, outputs in finished:
+                    for item, output in zip(items, outputs, strict=True):
+                        outcome = ops.Outcome(item.future_id, cycle_id)
+                        if isinstance(output, ops.OpError):
+                            outcome.error = output
+                        else:
+                            outcome.result = output
+                        outcomes.append(outcome)
+                if generation.done and generation in self._generations:
+                    self._generations.remove(generation)
+                    self._forget_copies(generation.adapters)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return outcomes
 
+    def _join_generations(self) -> None:
+        """One batch where the caches allow it: fewer, larger forward passes."""
+        if len(self._generations) < 2:
+            return
+        first, *others = self._generations
+        self._generations = [first]
+        for other in others:
+            if first.can_absorb(other):
+                first.absorb(other)
+            else:
+                self._generations.append(other)
 
 _GENERATING = object()
 """A sample's output while its generation runs: its outcome comes with a later cycle's."""
-
-
-@dataclass
-class _Running:
-    generation: Generation
-    items: list[ops.WorkItem]
-    adapters: dict[str | None, str | None]
 
 
 def _frozen(pairs: dict[str, LoraPair]) -> dict[str, LoraPair]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from tinker_server import ops
 from tinker_server.worker.lora import RowRouting, contiguous_segments
@@ -111,6 +112,12 @@ class TokenChoice:
                     top[position] = (ids[position, :k], values[position, :k])
         return tokens, [(int(token), logprob, sampled) for token, logprob, sampled in picks], top
 
+    def absorb(self, other: TokenChoice) -> None:
+        """Takes `other`'s rows, after this one's."""
+        for name in ("temperature", "top_k", "top_p", "row_keys", "steps"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.topk_logprobs = self.topk_logprobs + other.topk_logprobs
+
     def _distribution(self, logits: torch.Tensor, temperature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [A, V] of what each row samples from: top-k first, then top-p over what
         top-k kept (as Hugging Face and vLLM do)."""
@@ -182,11 +189,33 @@ def _distinct_prompts(requests: list[ops.Sample]) -> list[_Prompt]:
     return [prompts[key] for key in sorted(prompts)]
 
 
+@dataclass(eq=False)  # told apart by identity: its requests hold arrays
+class _Part:
+    """The requests one Generation started with, and what to answer them with once their rows finish."""
+
+    requests: list[ops.Sample]
+    prompts: list[_Prompt]
+    scored: dict[int, ops.SampleResult]
+    rows: list[SampleRow]
+    payload: object
+
+    def results(self) -> list[ops.SampleResult]:
+        results = [self.scored.get(index, ops.SampleResult([])) for index in range(len(self.requests))]
+        for prompt in self.prompts:
+            for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
+                results[index].prompt_cache_hit_tokens = len(prompt.tokens)
+        for row in sorted(self.rows, key=lambda row: (row.request_index, row.sample_index)):
+            results[row.request_index].sequences.append(_sequence_arrays(row))
+        return results
+
+
 class Generation:
-    """One batch of sample requests being decoded: prefilled at once, then advanced a step at a time
-    (so the worker can stop between steps for other work) until every row has finished.
+    """Sample requests being decoded: prefilled at once, then advanced a step at a time (so the
+    worker can stop between steps for other work) until every row has finished. Another
+    generation's rows can join between steps (`absorb`): one batch, one forward per step.
     `adapters` maps each request's adapter to the name its weights are routed by (a private copy,
-    so what later cycles do to the original cannot change a generation under way)."""
+    so what later cycles do to the original cannot change a generation under way); `payload`
+    comes back with the requests' results (`take_finished`)."""
 
     @torch.no_grad()
     def __init__(
@@ -198,11 +227,11 @@ class Generation:
         device: torch.device,
         requests: list[ops.Sample],
         adapters: dict[str | None, str | None],
+        payload: object = None,
     ) -> None:
         self._model, self._routing, self._device, self._adapters = model, routing, device, adapters
-        self.requests = requests
-        self._prompts = _distinct_prompts(requests)
-        prompt_index = {(p.adapter or "", p.tokens.tobytes()): index for index, p in enumerate(self._prompts)}
+        prompts = _distinct_prompts(requests)
+        prompt_index = {(p.adapter or "", p.tokens.tobytes()): index for index, p in enumerate(prompts)}
         self._rows = sorted(
             (
                 SampleRow(request_index, sample_index, request)
@@ -211,17 +240,17 @@ class Generation:
             ),
             key=lambda row: (prompt_index[_prompt_key(row.request)], row.request_index, row.sample_index),
         )
-        width = max(len(prompt.tokens) for prompt in self._prompts)
-        input_ids = torch.zeros((len(self._prompts), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(self._prompts), width), dtype=torch.long)
-        for index, prompt in enumerate(self._prompts):
+        width = max(len(prompt.tokens) for prompt in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for index, prompt in enumerate(prompts):
             input_ids[index, width - len(prompt.tokens) :] = torch.from_numpy(prompt.tokens)
             attention_mask[index, width - len(prompt.tokens) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
         self._cache = DynamicCache(config=model.config)
-        with routing.route(contiguous_segments([adapters[prompt.adapter] for prompt in self._prompts])):
+        with routing.route(contiguous_segments([adapters[prompt.adapter] for prompt in prompts])):
             hidden = final_hidden_states(
                 model,
                 input_ids=input_ids,
@@ -231,13 +260,14 @@ class Generation:
                 use_cache=True,
             )
             if any(_scores_prompt(request) for request in requests):
-                self._scored = _score_prompts(output_logits(model, hidden), input_ids, self._prompts, requests)
+                scored = _score_prompts(output_logits(model, hidden), input_ids, prompts, requests)
             else:
-                self._scored = {}
+                scored = {}
             logits = output_logits(model, hidden[:, -1:])[:, -1]
+        self._parts = [_Part(requests, prompts, scored, self._rows, payload)]
         starts = torch.tensor([prompt_index[_prompt_key(row.request)] for row in self._rows], device=device)
         self._cache.reorder_cache(starts)  # every row starts from its prompt's keys and values
-        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
+        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts][:, -1:]
         self._logits = logits[starts]
         self._choice = TokenChoice(
             [row.request for row in self._rows], [row.sample_index for row in self._rows], device
@@ -248,6 +278,45 @@ class Generation:
     @property
     def done(self) -> bool:
         return not self._active
+
+    def can_absorb(self, other: Generation) -> bool:
+        """Rows join only where every cache layer is a plain one (no sliding window to line up)."""
+        return all(type(layer) is DynamicLayer for layer in (*self._cache.layers, *other._cache.layers))
+
+    def absorb(self, other: Generation) -> None:
+        """Takes `other`'s unfinished rows into this batch, after this one's: the shorter of the two
+        caches is left-padded (and masked) to the other's length, so every row's next token still
+        sits in the last column."""
+        offset = len(self._rows)
+        self._rows = self._rows + other._rows
+        self._active = self._active + [offset + index for index in other._active]
+        self._stops = self._stops + other._stops
+        self._choice.absorb(other._choice)
+        self._adapters = self._adapters | other._adapters
+        self._parts = self._parts + other._parts
+        length = max(self._attention_mask.shape[1], other._attention_mask.shape[1])
+        self._attention_mask = torch.cat(
+            [_pad_left(self._attention_mask, length, 1), _pad_left(other._attention_mask, length, 1)]
+        )
+        for mine, theirs in zip(self._cache.layers, other._cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+        self._position_ids = torch.cat([self._position_ids, other._position_ids])
+        self._logits = torch.cat([self._logits, other._logits])
+
+    @property
+    def adapters(self) -> dict[str | None, str | None]:
+        return self._adapters
+
+    def payloads(self) -> list[object]:
+        """Of the parts not answered yet."""
+        return [part.payload for part in self._parts]
+
+    def take_finished(self) -> list[tuple[object, list[ops.SampleResult]]]:
+        """The payload and results of every part whose rows have all finished, once each."""
+        finished = [part for part in self._parts if all(row.finished for row in part.rows)]
+        self._parts = [part for part in self._parts if part not in finished]
+        return [(part.payload, part.results()) for part in finished]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -283,7 +352,7 @@ class Generation:
         if not active:
             return
         self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(active), 1))], 1)
-        self._position_ids = self._position_ids[:, -1:] + 1
+        self._position_ids = self._position_ids + 1
         segments = contiguous_segments([self._adapters[rows[index].request.adapter] for index in active])
         with self._routing.route(segments):
             hidden = final_hidden_states(
@@ -296,15 +365,16 @@ class Generation:
             )
             self._logits = output_logits(self._model, hidden)[:, -1]
 
-    def results(self) -> list[ops.SampleResult]:
-        """Once done: a result per request, in the order given."""
-        results = [self._scored.get(index, ops.SampleResult([])) for index in range(len(self.requests))]
-        for prompt in self._prompts:
-            for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
-                results[index].prompt_cache_hit_tokens = len(prompt.tokens)
-        for row in sorted(self._rows, key=lambda row: (row.request_index, row.sample_index)):
-            results[row.request_index].sequences.append(_sequence_arrays(row))
-        return results
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros before `tensor` along `dim`, up to `length`."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _sequence_arrays(row: SampleRow) -> ops.SequenceArrays:
