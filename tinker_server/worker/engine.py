@@ -498,6 +498,7 @@ class Engine:
             else:
                 self._generations.append(other)
 
+
 _GENERATING = object()
 """A sample's output while its generation runs: its outcome comes with a later cycle's."""
 

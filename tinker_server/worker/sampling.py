@@ -366,7 +366,6 @@ class Generation:
             self._logits = output_logits(self._model, hidden)[:, -1]
 
 
-
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """Zeros before `tensor` along `dim`, up to `length`."""
     missing = length - tensor.shape[dim]
