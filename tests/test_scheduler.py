@@ -174,3 +174,31 @@ def test_a_request_larger_than_the_cycle_cap_still_runs_alone():
     scheduler = Scheduler(RecordingWorker().run_cycle, CyclePolicy(), max_cycle_tokens=100)
     outcomes = asyncio.run(run_all(scheduler, [("a", forward("a", tokens=500)), ("b", forward("b", tokens=50))]))
     assert sorted(outcome.cycle_id for outcome in outcomes) == [1, 2]
+
+
+def test_a_sample_answered_cycles_later_reaches_its_ticket_through_ticks_too():
+    """A worker still generating answers a sample in a later cycle: the scheduler keeps cycling for
+    it, and a settling tick (no work queued) is one of its cycles, so no outcome goes astray."""
+    calls: list[list[str]] = []
+
+    async def run_cycle(cycle: ops.Cycle) -> list[ops.Outcome]:
+        calls.append([item.future_id for item in cycle.items])
+        if len(calls) == 3:  # finished during the tick
+            return [ops.Outcome("gen", cycle.cycle_id, result=ops.SampleResult([]))]
+        return []
+
+    async def scenario() -> ops.Outcome:
+        scheduler = Scheduler(run_cycle, CyclePolicy())
+        clock = asyncio.create_task(scheduler.run())
+        sampling = ops.SamplingConfig(8, 1.0, 0, 1.0, 1, (), (), True)
+        sample = ops.Sample(None, None, np.array([1, 2], dtype=np.int64), 1, sampling, False, 0)
+        ticket = scheduler.submit("sampler", ops.WorkItem("gen", "", sample))
+        scheduler.tick()
+        try:
+            return await asyncio.wait_for(ticket.outcome, 5)
+        finally:
+            clock.cancel()
+
+    outcome = asyncio.run(scenario())
+    assert outcome.future_id == "gen" and outcome.error is None
+    assert calls[0] == ["gen"] and all(call == [] for call in calls[1:])

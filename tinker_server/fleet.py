@@ -147,10 +147,7 @@ class Fleet:
     async def _settle_residency(self, slot: ReplicaSlot) -> None:
         while slot.serving:
             await asyncio.sleep(self._options.sweep_interval_seconds)
-            try:
-                await slot.worker.run_cycle(ops.Cycle(0, []))
-            except Exception:  # retried next time; it must not stop the loop
-                log.exception("settling %s's adapters failed", slot.replica_id)
+            slot.scheduler.tick()
 
     async def add_replica(self, base_model: str) -> ReplicaSlot:
         """One more replica of a served model; existing runs stay where they are (see rebalance)."""

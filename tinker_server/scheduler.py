@@ -112,6 +112,7 @@ class Scheduler:
         self._running_cycle = False
         self._held: set[str] = set()
         self._closed = False
+        self._tick_requested = False
         self._sent: dict[str, _Queued] = {}
         """Sent to the worker and not answered yet: samples whose generation runs on over later cycles."""
 
@@ -161,6 +162,13 @@ class Scheduler:
         if taken:
             self._work_available.set()
 
+    def tick(self) -> None:
+        """Runs a cycle soon even if nothing is queued: between cycles the worker moves idle
+        adapters off its device. (Never a cycle beside the scheduler's: its outcomes, samples
+        finishing included, are the scheduler's to answer.)"""
+        self._tick_requested = True
+        self._work_available.set()
+
     def close(self) -> None:
         """Stops the clock after the running cycle (its replica retired)."""
         self._closed = True
@@ -193,7 +201,8 @@ class Scheduler:
             just_served = {queued.queue_key for queued in batch}
             if not batch or not any(self._queues.values()):
                 self._work_available.clear()  # (what is left is held: `release` wakes the clock)
-            if batch or self._sent:
+            if batch or self._sent or self._tick_requested:
+                self._tick_requested = False
                 log.debug(
                     "cycle of %d requests: %s",
                     len(batch),
@@ -267,8 +276,8 @@ class Scheduler:
         self._queued = 0
 
     async def _run_admitted(self, cycle: ops.Cycle) -> list[ops.Outcome]:
-        """Runs the items the gate lets through (an empty cycle too, while the worker generates);
-        the others fail with its error."""
+        """Runs the items the gate lets through (none, for a cycle that only lets the worker go
+        on generating or settle its adapters); the others fail with its error."""
         refusals = self.gate(cycle.items)
         admitted = [item for item, refusal in zip(cycle.items, refusals, strict=True) if refusal is None]
         refused = [
@@ -276,8 +285,7 @@ class Scheduler:
             for item, refusal in zip(cycle.items, refusals, strict=True)
             if refusal is not None
         ]
-        ran = await self._run_cycle(ops.Cycle(cycle.cycle_id, admitted)) if admitted or self._sent else []
-        return refused + ran
+        return refused + await self._run_cycle(ops.Cycle(cycle.cycle_id, admitted))
 
     async def _execute(self, cycle: ops.Cycle, batch: list[_Queued]) -> None:
         self._running_cycle = True
