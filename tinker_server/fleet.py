@@ -389,11 +389,14 @@ class Fleet:
             return moved
 
     async def _retire(self, slot: ReplicaSlot) -> None:
-        """Stops a replica with no runs; samples of the base model queued on it go to another."""
-        slot.scheduler.close()
+        """Stops a replica with no runs: samples of the base model queued on it go to another, those
+        generating there finish first."""
         others = self._replicas_of(slot.base_model)
         if others:
             others[0].scheduler.put_back(slot.scheduler.take())
+        while slot.scheduler.answering():
+            await asyncio.sleep(0.05)
+        slot.scheduler.close()
         for task in slot.tasks:
             task.cancel()
         await slot.worker.stop()

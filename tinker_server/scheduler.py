@@ -162,6 +162,10 @@ class Scheduler:
         if taken:
             self._work_available.set()
 
+    def answering(self) -> bool:
+        """A cycle runs, or samples sent to the worker are still generating."""
+        return self._running_cycle or bool(self._sent)
+
     def tick(self) -> None:
         """Runs a cycle soon even if nothing is queued: between cycles the worker moves idle
         adapters off its device. (Never a cycle beside the scheduler's: its outcomes, samples
