@@ -224,12 +224,6 @@ def test_checkpoints_with_a_ttl_expire(tmp_path):
         assert not checkpoint_dir(tmp_path, short).exists() and checkpoint_dir(tmp_path, kept).exists()
         with pytest.raises(BadRequestError, match="ttl_seconds: 0"):
             training.save_state("never", ttl_seconds=0).result(timeout=30)
-        # A generation longer than several sweeps (each settles the worker's adapters with a cycle
-        # of its own) still answers its client.
-        sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
-        params = types.SamplingParams(max_tokens=200, temperature=1.0, seed=1, stop=[])
-        response = sampler.sample(types.ModelInput.from_ints([256, 72, 105]), 8, params).result(timeout=60)
-        assert len(response.sequences) == 8
         service.close()
 
 

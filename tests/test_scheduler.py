@@ -176,14 +176,14 @@ def test_a_request_larger_than_the_cycle_cap_still_runs_alone():
     assert sorted(outcome.cycle_id for outcome in outcomes) == [1, 2]
 
 
-def test_a_sample_answered_cycles_later_reaches_its_ticket_through_ticks_too():
-    """A worker still generating answers a sample in a later cycle: the scheduler keeps cycling for
-    it, and a settling tick (no work queued) is one of its cycles, so no outcome goes astray."""
+def test_a_sample_answered_cycles_later_reaches_its_ticket():
+    """A worker still generating answers a sample in a later cycle: the scheduler keeps running
+    (empty) cycles for it until then."""
     calls: list[list[str]] = []
 
     async def run_cycle(cycle: ops.Cycle) -> list[ops.Outcome]:
         calls.append([item.future_id for item in cycle.items])
-        if len(calls) == 3:  # finished during the tick
+        if len(calls) == 3:
             return [ops.Outcome("gen", cycle.cycle_id, result=ops.SampleResult([]))]
         return []
 
@@ -193,7 +193,6 @@ def test_a_sample_answered_cycles_later_reaches_its_ticket_through_ticks_too():
         sampling = ops.SamplingConfig(8, 1.0, 0, 1.0, 1, (), (), True)
         sample = ops.Sample(None, None, np.array([1, 2], dtype=np.int64), 1, sampling, False, 0)
         ticket = scheduler.submit("sampler", ops.WorkItem("gen", "", sample))
-        scheduler.tick()
         try:
             return await asyncio.wait_for(ticket.outcome, 5)
         finally:
@@ -201,4 +200,26 @@ def test_a_sample_answered_cycles_later_reaches_its_ticket_through_ticks_too():
 
     outcome = asyncio.run(scenario())
     assert outcome.future_id == "gen" and outcome.error is None
-    assert calls[0] == ["gen"] and all(call == [] for call in calls[1:])
+    assert calls == [["gen"], [], []]
+
+
+def test_a_tick_runs_one_cycle_with_nothing_queued():
+    """What settles the worker's adapters between requests goes through the scheduler, so any
+    outcome that cycle brings (a sample finishing) is answered like every other."""
+    calls: list[list[str]] = []
+
+    async def run_cycle(cycle: ops.Cycle) -> list[ops.Outcome]:
+        calls.append([item.future_id for item in cycle.items])
+        return []
+
+    async def scenario() -> None:
+        scheduler = Scheduler(run_cycle, CyclePolicy())
+        clock = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.05)
+        assert calls == []  # nothing queued: no cycle
+        scheduler.tick()
+        await asyncio.sleep(0.05)
+        clock.cancel()
+
+    asyncio.run(scenario())
+    assert calls == [[]]

@@ -72,7 +72,7 @@ class ReplicaSlot:
 class ReplicaStatus:
     replica_id: str
     base_model: str
-    where: str
+    location: str
     runs: tuple[str, ...]
     queued: int
     state: str

@@ -76,7 +76,7 @@ def _replica(status: ReplicaStatus) -> admin_pb2.Replica:
     return admin_pb2.Replica(
         replica_id=status.replica_id,
         base_model=status.base_model,
-        location=status.where,
+        location=status.location,
         model_ids=status.runs,
         queued=status.queued,
         state=status.state,
