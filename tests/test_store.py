@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 
@@ -10,12 +11,21 @@ import numpy as np
 import pytest
 
 from tinker_rpc.v1 import service_pb2
+from tinker_server import ops
 from tinker_server.api.dispatch import Dispatcher
 from tinker_server.api.provenance import SEQUENCE_TTL_SECONDS
-from tinker_server.api.requests import Limits
+from tinker_server.api.requests import Limits, ParsedRequest
 from tinker_server.ops import LoraSpec
 from tinker_server.runs import Runs
-from tinker_server.store import MIGRATIONS, Checkpoint, CheckpointPath, RecordedSequence, Store, TrainingRun
+from tinker_server.store import (
+    MIGRATIONS,
+    Checkpoint,
+    CheckpointPath,
+    RecordedSequence,
+    RestorePoint,
+    Store,
+    TrainingRun,
+)
 
 LORA = LoraSpec(rank=4, seed=1, train_mlp=True, train_attn=True, train_unembed=False, alpha=32.0)
 
@@ -140,3 +150,65 @@ def test_requests_a_crash_cut_short_are_answered_with_an_error_saying_so(tmp_pat
     previous, result = asyncio.run(after_restart())
     assert previous == ("lost", 1)  # a resend is answered with the original ack, never run again
     assert result.error.code == 10 and "before this request finished" in result.error.message
+
+
+def _record(dispatcher: Dispatcher, operation: ops.Operation, result: ops.OpResult) -> None:
+    """The dispatcher records a successful request of run-a as when the worker answered it."""
+    parsed = ParsedRequest("run-a", ops.WorkItem("f", "run-a", operation))
+    dispatcher._record(parsed, ops.Outcome("f", 1, result), "")
+
+
+def _forward_backward(lengths: list[int], weights: list[float] | None, loss_sum: float) -> tuple:
+    data = [
+        ops.DatumArrays(
+            np.arange(length, dtype=np.int64),
+            {"target_tokens": np.arange(length, dtype=np.int64)}
+            | ({} if weights is None else {"weights": np.full(length, weights[index], np.float32)}),
+        )
+        for index, length in enumerate(lengths)
+    ]
+    loss_fn = "cross_entropy" if weights is not None else "importance_sampling"
+    return ops.ForwardBackward(data, loss_fn, {}, backward=True), ops.ForwardBackwardResult([], {"loss:sum": loss_sum})
+
+
+def _optim_step(learning_rate: float, grad_norm: float) -> tuple:
+    adam = ops.AdamConfig(learning_rate, 0.9, 0.95, 1e-8, 0.0, 0.0)
+    return ops.OptimStep(adam), ops.OptimStepResult({"grad_norm": grad_norm, "learning_rate": learning_rate})
+
+
+def test_each_step_records_loss_per_weighted_token_tokens_learning_rate_and_grad_norm(tmp_path):
+    store = Store(tmp_path / "db")
+    store.add_run(TrainingRun("run-a", "", "base", LORA))
+    dispatcher = Dispatcher(None, Runs(store, tmp_path), Limits(), 60.0)
+    # Step 0: two passes accumulate (weights 0.5 over 4 tokens, 1.0 over 6), then the optimizer step.
+    _record(dispatcher, *_forward_backward([4], [0.5], loss_sum=3.0))
+    _record(dispatcher, *_forward_backward([6], [1.0], loss_sum=9.0))
+    _record(dispatcher, *_optim_step(1e-3, 2.5))
+    # Step 1: a loss without weights counts each target token once; a forward-only pass adds nothing.
+    _record(dispatcher, *_forward_backward([5, 3], None, loss_sum=4.0))
+    forward, result = _forward_backward([7], None, loss_sum=100.0)
+    _record(dispatcher, dataclasses.replace(forward, backward=False), result)
+
+    first, second = store.step_metrics("run-a")
+    assert (first.step, first.loss_per_token, first.tokens) == (0, 12.0 / (0.5 * 4 + 6), 10)
+    assert (first.learning_rate, first.grad_norm) == (1e-3, 2.5)
+    assert (second.step, second.loss_per_token, second.tokens) == (1, 4.0 / 8, 8)
+    assert (second.learning_rate, second.grad_norm) == (None, None)  # its optim_step has not run
+
+
+def test_a_run_keeps_only_its_newest_steps_and_a_load_forgets_the_steps_it_undid(tmp_path):
+    store = Store(tmp_path / "db")
+    store.add_run(TrainingRun("run-a", "", "base", LORA))
+    dispatcher = Dispatcher(None, Runs(store, tmp_path), Limits(max_metric_steps_per_run=3), 60.0)
+    for step in range(5):
+        _record(dispatcher, *_forward_backward([2], [1.0], loss_sum=float(step)))
+        _record(dispatcher, *_optim_step(1e-3, 1.0))
+    assert [point.step for point in store.step_metrics("run-a")] == [2, 3, 4]
+
+    load = ParsedRequest(
+        "run-a", ops.WorkItem("f", "run-a", ops.LoadState(None, False)), restore=RestorePoint("", step=3)
+    )
+    dispatcher._record(load, ops.Outcome("f", 1, ops.LoadStateResult()), "")
+    assert [point.step for point in store.step_metrics("run-a")] == [2]
+    _record(dispatcher, *_forward_backward([2], [1.0], loss_sum=7.0))
+    assert [(point.step, point.loss_per_token) for point in store.step_metrics("run-a")] == [(2, 2.0 / 2), (3, 7.0 / 2)]

@@ -92,6 +92,7 @@ class Runs:
     def restored(self, model_id: str, point: RestorePoint) -> None:
         """Its adapter was rebuilt at `point`: what it had done since is gone."""
         self.store.set_restore_point(model_id, point)
+        self.store.forget_steps_from(model_id, point.step)
         self.store.touch_run(model_id, time.time(), gradients=False)
         self._built.add(model_id)
 

@@ -154,6 +154,19 @@ MIGRATIONS = [
     ALTER TABLE training_runs ADD COLUMN replica TEXT NOT NULL DEFAULT '';
     ALTER TABLE training_runs ADD COLUMN placement_epoch INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    CREATE TABLE step_metrics (
+        model_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        recorded_at REAL NOT NULL,
+        loss_sum REAL NOT NULL,
+        loss_weight REAL NOT NULL,
+        tokens INTEGER NOT NULL,
+        learning_rate REAL,
+        grad_norm REAL,
+        PRIMARY KEY (model_id, step)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -371,22 +384,27 @@ class Store:
             self._db.execute("DELETE FROM checkpoints WHERE model_id = ?", (model_id,))
             self._db.execute("DELETE FROM training_runs WHERE model_id = ?", (model_id,))
             self._db.execute("DELETE FROM queue_seqs WHERE queue_key = ?", (model_id,))
+            self._db.execute("DELETE FROM step_metrics WHERE model_id = ?", (model_id,))
 
     def run(self, model_id: str) -> TrainingRun | None:
         row = self._db.execute(f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE model_id = ?", (model_id,)).fetchone()
         return None if row is None else _run_from_row(row)
 
     def runs(
-        self, owner: str, limit: int, offset: int, with_published: bool = False, project_id: str = ""
+        self, owner: str | None, limit: int, offset: int, with_published: bool = False, project_id: str = ""
     ) -> tuple[list[TrainingRun], int]:
-        """`owner`'s runs, newest first; `with_published` adds other runs with a public checkpoint."""
-        where = "(owner = ?" + (
-            " OR model_id IN (SELECT model_id FROM checkpoints WHERE public = 1))" if with_published else ")"
-        )
-        arguments: tuple = (owner,)
+        """`owner`'s runs (None: every owner's), newest first; `with_published` adds other runs with a
+        public checkpoint."""
+        conditions: list[str] = []
+        arguments: tuple = ()
+        if owner is not None:
+            published = " OR model_id IN (SELECT model_id FROM checkpoints WHERE public = 1)" if with_published else ""
+            conditions.append(f"(owner = ?{published})")
+            arguments += (owner,)
         if project_id:
-            where += " AND project_id = ?"
+            conditions.append("project_id = ?")
             arguments += (project_id,)
+        where = " AND ".join(conditions) or "1"
         rows = self._db.execute(
             f"SELECT {_RUN_COLUMNS} FROM training_runs WHERE {where}"
             " ORDER BY created_at DESC, model_id LIMIT ? OFFSET ?",
@@ -417,14 +435,15 @@ class Store:
             ),
         )
 
-    def touch_run(self, model_id: str, when: float, steps_applied: int = 0, gradients: bool | None = None) -> None:
+    def touch_run(self, model_id: str, when: float, steps_applied: int = 0, gradients: bool | None = None) -> int:
         """A request of the run succeeded: it applied `steps_applied` optimizer steps, and left it
-        holding gradients or not (None: as before)."""
-        self._db.execute(
+        holding gradients or not (None: as before). Returns its optimizer steps so far."""
+        rows = self._db.execute(  # fetchall ends the statement, so the write commits at once
             "UPDATE training_runs SET last_request_time = ?, steps = steps + ?,"
-            " pending_gradients = coalesce(?, pending_gradients) WHERE model_id = ?",
+            " pending_gradients = coalesce(?, pending_gradients) WHERE model_id = ? RETURNING steps",
             (when, steps_applied, gradients, model_id),
-        )
+        ).fetchall()
+        return rows[0][0] if rows else 0
 
     def set_restore_point(self, model_id: str, point: RestorePoint) -> None:
         """The run's state is now `point`'s (saved as, or loaded from it)."""
@@ -448,6 +467,39 @@ class Store:
 
     def close_run(self, model_id: str) -> None:
         self._db.execute("UPDATE training_runs SET closed = 1 WHERE model_id = ?", (model_id,))
+
+    # -- step metrics (the console's curves) -----------------------------------------
+
+    def add_gradients(self, model_id: str, step: int, loss_sum: float, loss_weight: float, tokens: int) -> None:
+        """A forward_backward's share of `step` (passes accumulating one step's gradients add up)."""
+        self._db.execute(
+            "INSERT INTO step_metrics (model_id, step, recorded_at, loss_sum, loss_weight, tokens)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model_id, step) DO UPDATE SET recorded_at = excluded.recorded_at,"
+            " loss_sum = loss_sum + excluded.loss_sum, loss_weight = loss_weight + excluded.loss_weight,"
+            " tokens = tokens + excluded.tokens",
+            (model_id, step, time.time(), loss_sum, loss_weight, tokens),
+        )
+
+    def add_optimizer_step(self, model_id: str, step: int, learning_rate: float, grad_norm: float, keep: int) -> None:
+        """The optim_step that applied `step`; only the newest `keep` steps of a run are kept."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE step_metrics SET learning_rate = ?, grad_norm = ? WHERE model_id = ? AND step = ?",
+                (learning_rate, grad_norm, model_id, step),
+            )
+            self._db.execute("DELETE FROM step_metrics WHERE model_id = ? AND step <= ?", (model_id, step - keep))
+
+    def forget_steps_from(self, model_id: str, step: int) -> None:
+        """The run went back to `step` (a load or a crash): the steps it took after are undone."""
+        self._db.execute("DELETE FROM step_metrics WHERE model_id = ? AND step >= ?", (model_id, step))
+
+    def step_metrics(self, model_id: str) -> list[StepMetrics]:
+        rows = self._db.execute(
+            "SELECT step, recorded_at, loss_sum, loss_weight, tokens, learning_rate, grad_norm FROM step_metrics"
+            " WHERE model_id = ? ORDER BY step",
+            (model_id,),
+        ).fetchall()
+        return [StepMetrics(*row) for row in rows]
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -653,7 +705,17 @@ class Store:
             " FROM samplers WHERE sampler_id = ?",
             (sampler_id,),
         ).fetchone()
-        return None if row is None else Sampler(*row[:5], bool(row[5]), row[6])
+        return None if row is None else _sampler_from_row(row)
+
+    def run_samplers(self, model_id: str) -> list[Sampler]:
+        """The samplers of weights the run saved (or of its live weights), oldest first."""
+        prefix = f"{TINKER_SCHEME}{model_id}/"
+        rows = self._db.execute(
+            "SELECT sampler_id, owner, session_id, base_model, model_path, record_stability_info, created_at"
+            " FROM samplers WHERE substr(model_path, 1, ?) = ? ORDER BY created_at, sampler_id",
+            (len(prefix), prefix),
+        ).fetchall()
+        return [_sampler_from_row(row) for row in rows]
 
     def session_samplers(self, session_id: str) -> list[str]:
         rows = self._db.execute(
@@ -731,6 +793,26 @@ class Store:
 
 
 @dataclass(frozen=True)
+class StepMetrics:
+    """What one optimizer step of a run saw: the forward_backward passes that made its gradients
+    (summed), and the optim_step that applied them (None until it ran)."""
+
+    step: int
+    recorded_at: float
+    loss_sum: float
+    loss_weight: float
+    """The tokens the loss counted, weighted (cross_entropy's weights, else 1 per target token)."""
+    tokens: int
+    """Input tokens through the model."""
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+
+    @property
+    def loss_per_token(self) -> float | None:
+        return self.loss_sum / self.loss_weight if self.loss_weight else None
+
+
+@dataclass(frozen=True)
 class RecordedSequence:
     """A sampled sequence as the sampler saw it: prompt and sampled tokens, and the sampling
     model's own logprob of each sampled token."""
@@ -762,6 +844,10 @@ def _run_from_row(row: tuple) -> TrainingRun:
         bool(pending_gradients),
         bool(closed),
     )
+
+
+def _sampler_from_row(row: tuple) -> Sampler:
+    return Sampler(*row[:5], bool(row[5]), row[6])
 
 
 def _checkpoint_from_row(row: tuple) -> Checkpoint:

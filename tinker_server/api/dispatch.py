@@ -216,6 +216,7 @@ class Dispatcher:
             self._runs.note_built(model_id)
         elif isinstance(payload, ops.LoadStateResult):
             self._runs.lift_fence(model_id)  # the client acknowledged a rollback, if there was one
+            self._runs.store.forget_steps_from(model_id, parsed.restore.step)
         saved = isinstance(payload, ops.SaveCheckpointResult)
         step = self._runs.store.run(model_id).steps if saved else 0
         if parsed.restore is not None:
@@ -228,8 +229,23 @@ class Dispatcher:
             gradients = True
         elif stepped or isinstance(payload, ops.CreateAdapterResult | ops.LoadStateResult):
             gradients = False  # consumed, or a fresh adapter
-        self._runs.store.touch_run(model_id, now, steps_applied=int(stepped), gradients=gradients)
+        steps = self._runs.store.touch_run(model_id, now, steps_applied=int(stepped), gradients=gradients)
+        self._record_step_metrics(model_id, parsed.item.operation, payload, steps)
         return step
+
+    def _record_step_metrics(self, model_id: str, operation: ops.Operation, payload: ops.OpResult, steps: int) -> None:
+        """The console's curves: a backward pass adds to the step in progress (the run's `steps`th,
+        counting from 0), an optimizer step completes it."""
+        store = self._runs.store
+        if isinstance(payload, ops.ForwardBackwardResult) and operation.backward:
+            weight = sum(_loss_weight(datum) for datum in operation.data)
+            tokens = sum(len(datum.tokens) for datum in operation.data)
+            store.add_gradients(model_id, steps, payload.metrics["loss:sum"], weight, tokens)
+        elif isinstance(payload, ops.OptimStepResult):
+            limit = self._limits.max_metric_steps_per_run
+            store.add_optimizer_step(
+                model_id, steps - 1, operation.adam.learning_rate, payload.metrics["grad_norm"], limit
+            )
 
     def _revive(self, model_id: str) -> None:
         """A run of an earlier server process: rebuilt at its restore point, ahead of the request
@@ -301,6 +317,12 @@ class Dispatcher:
 
     def discard_files(self, path: CheckpointPath) -> None:
         shutil.rmtree(self._runs.directory(path), ignore_errors=True)
+
+
+def _loss_weight(datum: ops.DatumArrays) -> float:
+    """The tokens a datum's loss counts: cross_entropy's weights, else one per target token."""
+    weights = datum.loss_fn_inputs.get("weights")
+    return float(weights.sum()) if weights is not None else float(len(datum.loss_fn_inputs["target_tokens"]))
 
 
 def status_code(number: int) -> grpc.StatusCode:

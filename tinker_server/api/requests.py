@@ -86,6 +86,8 @@ class Limits:
     """Results kept for resuming (for --result-retention-seconds) per owner; new requests wait beyond it."""
     max_checkpoint_bytes_per_owner: int = 1 << 40
     """Bytes of saved checkpoints one owner may keep; saves beyond it are refused."""
+    max_metric_steps_per_run: int = 10_000
+    """Steps whose loss and optimizer metrics the console shows, per run; older ones are forgotten."""
 
 
 @dataclass(frozen=True)
