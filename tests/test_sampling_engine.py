@@ -161,7 +161,7 @@ def test_requests_arriving_mid_generation_join_its_batch_and_draw_the_same(engin
         for outcome in engine.run_cycle(ops.Cycle(cycle, items), decode_seconds=0.0):
             answered[outcome.future_id] = outcome.result
         if cycle == 3:
-            assert len(engine._generations) == 1  # the late rows joined the running batch
+            assert engine.decoder.batches == 1  # the late rows joined the running batch
         cycle, items = cycle + 1, []
     assert tokens_of(answered["early"]) == tokens_of(alone[0])
     assert tokens_of(answered["late"]) == tokens_of(alone[1])

@@ -134,6 +134,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="how long a cycle generates before answering; generations go on over the next cycles, so "
         "training never waits behind a whole one (default %(default)s)",
     )
+    parser.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=WorkerOptions.kv_cache_bytes,
+        help="device bytes for sampling's keys and values and for prompts kept for reuse; samples wait "
+        "while what runs leaves no room for theirs (default %(default)s)",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
         "--cycle",
@@ -328,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         api_keys=api_keys,
         admin_owners=frozenset(args.admin_owner),
         tls_cert=args.tls_cert,
+            kv_cache_bytes=args.kv_cache_bytes,
         tls_key=args.tls_key,
         shutdown_grace_seconds=args.shutdown_grace,
         metrics_port=args.metrics_port,

@@ -12,7 +12,6 @@ import itertools
 import logging
 import shutil
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from tinker_server.worker.checkpoints import (
     write_gradients,
     write_optimizer_state,
 )
+from tinker_server.worker.decoding import Decoder
 from tinker_server.worker.lora import (
     LoraPair,
     RowRouting,
@@ -44,7 +44,6 @@ from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
 from tinker_server.worker.models import LoadedModel, final_hidden_states, tokenizer_files
 from tinker_server.worker.passes import gradients_all_or_nothing, target_logprobs
 from tinker_server.worker.residency import Adapter, Residency, ResidencyLimits, weight_bytes
-from tinker_server.worker.sampling import Generation
 from tinker_server.worker.snapshot_writes import SnapshotWrites
 from tinker_server.worker.targets import KINDS, wrap_lora_targets
 
@@ -77,6 +76,7 @@ class Engine:
         max_tokens_per_pass: int = ops.WorkerOptions.max_tokens_per_pass,
         residency: ResidencyLimits | None = None,
         spill_dir: Path | None = None,
+        kv_cache_bytes: int = ops.WorkerOptions.kv_cache_bytes,
     ) -> None:
         self.loaded = loaded
         self.max_tokens_per_pass = max_tokens_per_pass
@@ -91,7 +91,15 @@ class Engine:
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
         self._snapshot_writes = SnapshotWrites()
-        self._generations: list[Generation] = []
+        self.decoder = Decoder(
+            self.model,
+            self.routing,
+            loaded.tokenizer,
+            loaded.eos_token_ids,
+            device,
+            kv_cache_bytes,
+            release=self._unregister,
+        )
         self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:
@@ -123,7 +131,7 @@ class Engine:
         batched: dict[ops.Phase, Callable[[list[ops.WorkItem]], list[ops.OpResult | ops.OpError]]] = {
             ops.Phase.FORWARD: lambda group: self._per_item(group, self._check_adapter, self._forward_backward),
             ops.Phase.SAMPLE: lambda group: self._per_item(
-                group, self._ensure_snapshot, lambda ready: self._start_generation(ready, decode_seconds is not None)
+                group, self._check_sample, lambda ready: self._start_generation(ready, decode_seconds is not None)
             ),
         }
         single: dict[type, Callable[[ops.WorkItem], ops.OpResult]] = {
@@ -159,7 +167,7 @@ class Engine:
                     else:
                         outcome.result = output
                     results[item.future_id] = outcome
-        for outcome in self._decode(cycle.cycle_id, decode_seconds):
+        for outcome in self.decoder.decode(cycle.cycle_id, decode_seconds):
             results[outcome.future_id] = outcome
         self.residency.settle()  # between cycles, adapters keep within the limits
         ordered = [results.pop(item.future_id) for item in cycle.items if item.future_id in results]
@@ -198,10 +206,12 @@ class Engine:
         return adapter
 
     def _register(self, name: str, pairs: dict[str, LoraPair]) -> None:
+        self.decoder.forget_prompts(name)
         for path, pair in pairs.items():
             self.layers[path].adapters[name] = pair
 
     def _unregister(self, name: str) -> None:
+        self.decoder.forget_prompts(name)
         for layer in self.layers.values():
             layer.adapters.pop(name, None)
 
@@ -401,10 +411,13 @@ class Engine:
         self.residency.drop(item.model_id)
         return ops.UnloadResult()
 
-    def _ensure_snapshot(self, item: ops.WorkItem) -> None:
-        """The weights a sample reads are resident: a snapshot (loaded from its files on first
-        use, e.g. after a restart) or, for an in-flight sampler, the run's live adapter."""
+    def _check_sample(self, item: ops.WorkItem) -> None:
+        """The sample fits the KV cache budget, and the weights it reads are resident: a snapshot
+        (loaded from its files on first use, e.g. after a restart) or, for an in-flight sampler,
+        the run's live adapter."""
         request: ops.Sample = item.operation
+        if reason := self.decoder.too_large(request):
+            raise OperationError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
         if request.adapter is None:
             return
         if request.adapter in self.residency.entries:
@@ -421,24 +434,21 @@ class Engine:
     # -- sampling --------------------------------------------------------------------
 
     def _start_generation(self, items: list[ops.WorkItem], private: bool) -> list[object]:
-        """Prefills the items' prompts as a new generation. `private`: it decodes across cycles, so
-        it samples copies of the weights it reads (what later cycles do to them cannot reach it)."""
-        requests: list[ops.Sample] = [item.operation for item in items]
-        adapters: dict[str | None, str | None] = {None: None}
-        for name in {request.adapter for request in requests} - {None}:
-            adapters[name] = name
-            if private:
-                adapters[name] = f"{name}#generation-{next(self._generation_ids)}"
-                self._register(adapters[name], self._weights_copy(name))
-        try:
-            loaded = self.loaded
-            generation = Generation(
-                self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, self.device, requests, adapters, items
-            )
-        except Exception:
-            self._forget_copies(adapters)
-            raise
-        self._generations.append(generation)
+        """Queues the items' samples for the decoder. `private`: they decode across cycles, so
+        they sample copies of the weights they read (one per adapter of the cycle): what later
+        cycles do to those weights, or where residency moves them, cannot reach a generation."""
+        copies: dict[str, str] = {}
+        for item in items:
+            name = item.operation.adapter
+            weights = name
+            if private and name is not None:
+                if name not in copies:
+                    copies[name] = f"{name}#generation-{next(self._generation_ids)}"
+                    self._register(copies[name], self._weights_copy(name))
+                weights = copies[name]
+            # Prompts are reused only with weights that never change: the base model's and snapshots'.
+            reusable = name is None or self.residency.has_snapshot(name)
+            self.decoder.submit(item, weights, copy=weights != name, reuse_key=(name or "") if reusable else None)
         return [_GENERATING] * len(items)
 
     def _weights_copy(self, name: str) -> dict[str, LoraPair]:
@@ -447,56 +457,6 @@ class Engine:
             for path, layer in self.layers.items()
             if (pair := layer.adapters.get(name)) is not None
         }
-
-    def _forget_copies(self, adapters: dict[str | None, str | None]) -> None:
-        for name, routed in adapters.items():
-            if routed != name:
-                self._unregister(routed)
-
-    def _decode(self, cycle_id: int, seconds: float | None) -> list[ops.Outcome]:
-        """Steps the generations (rows that arrived since the last step join the batch first), at
-        least once, then on for up to `seconds` (None: until all are done); the outcomes of the
-        requests whose rows all finished."""
-        self._join_generations()
-        deadline = None if seconds is None else time.monotonic() + seconds
-        outcomes = []
-        while self._generations:
-            for generation in list(self._generations):
-                try:
-                    generation.step()
-                    finished = generation.take_finished()
-                except Exception as error:  # a bug must fail its requests, not the worker
-                    log.exception("cycle %d: a generation failed", cycle_id)
-                    failed = ops.OpError(grpc.StatusCode.INTERNAL.value[0], f"internal error in sampling: {error}")
-                    finished = [(items, [failed] * len(items)) for items in generation.payloads()]
-                    self._generations.remove(generation)
-                    self._forget_copies(generation.adapters)
-                for items, outputs in finished:
-                    for item, output in zip(items, outputs, strict=True):
-                        outcome = ops.Outcome(item.future_id, cycle_id)
-                        if isinstance(output, ops.OpError):
-                            outcome.error = output
-                        else:
-                            outcome.result = output
-                        outcomes.append(outcome)
-                if generation.done and generation in self._generations:
-                    self._generations.remove(generation)
-                    self._forget_copies(generation.adapters)
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        return outcomes
-
-    def _join_generations(self) -> None:
-        """One batch where the caches allow it: fewer, larger forward passes."""
-        if len(self._generations) < 2:
-            return
-        first, *others = self._generations
-        self._generations = [first]
-        for other in others:
-            if first.can_absorb(other):
-                first.absorb(other)
-            else:
-                self._generations.append(other)
 
 
 _GENERATING = object()

@@ -46,7 +46,7 @@ def build_engine(base_model: str | None, options: WorkerOptions, device: torch.d
     spill_dir = Path(options.spill_dir) if options.spill_dir else None
     if spill_dir is not None:
         shutil.rmtree(spill_dir, ignore_errors=True)  # a previous worker's offloads died with it
-    engine = Engine(loaded, device, options.max_tokens_per_pass, limits, spill_dir)
+    engine = Engine(loaded, device, options.max_tokens_per_pass, limits, spill_dir, options.kv_cache_bytes)
     check_output_logits(engine.model)
     return engine
 

@@ -2,11 +2,14 @@
 
 Logits come from the same output_logits as training's, so sampled and trained logprobs agree.
 
-Each distinct prompt (with its adapter) is prefilled once, left-padded so every row's next token
+Each distinct prompt (with its weights) is prefilled once, left-padded so every row's next token
 sits in the last column, and its keys and values are copied to every row that starts from it
-(the samples of a request, and other requests of the same prompt). Each row keeps its own
-adapter, sampling parameters, random stream and stop conditions; token choice is vectorised on
-the device with one host sync per step, and a finished row leaves the batch at once.
+(the samples of a request, and other requests of the same prompt). A prompt that begins like one
+prefilled before (kv_cache.PrefixCache) computes only what follows the whole blocks they share.
+The rows' keys and values live in buffers reserved for every token they may generate
+(kv_cache.ReservedLayer). Each row keeps its own weights, sampling parameters, random stream and
+stop conditions; token choice is vectorised on the device with one host sync per step, and a
+finished row leaves the batch at once, its room with it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from tinker_server import ops
+from tinker_server.worker.kv_cache import (
+    KeptPrompt,
+    PrefixCache,
+    is_plain,
+    join_rows,
+    reserve_rows,
+    reserved_bytes,
+)
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
 
@@ -29,6 +39,8 @@ class SampleRow:
     request_index: int
     sample_index: int
     request: ops.Sample
+    weights: str | None
+    """The adapter name its weights are routed by (None: the bare base model)."""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     sampling_logprobs: list[float] = field(default_factory=list)
@@ -169,23 +181,30 @@ class _StopChecker:
 
 @dataclass
 class _Prompt:
-    """One distinct (adapter, prompt) of a batch: prefilled once for every row that starts from it."""
+    """One distinct (weights, prompt) of a batch: prefilled once for every row that starts from it."""
 
-    adapter: str | None
+    weights: str | None
     tokens: np.ndarray
     request_indices: list[int] = field(default_factory=list)
+    reused: KeptPrompt | None = None
+    """A prompt prefilled earlier that begins like this one: its first `reused_length` positions' keys and values."""
+    reused_length: int = 0
+
+    @property
+    def computed_length(self) -> int:
+        return len(self.tokens) - self.reused_length
 
 
-def _prompt_key(request: ops.Sample) -> tuple[str, bytes]:
-    return request.adapter or "", request.prompt.astype(np.int64).tobytes()
+def _prompt_key(weights: str | None, request: ops.Sample) -> tuple[str, bytes]:
+    return weights or "", request.prompt.astype(np.int64).tobytes()
 
 
-def _distinct_prompts(requests: list[ops.Sample]) -> list[_Prompt]:
-    """The batch's distinct (adapter, prompt)s, adapters contiguous, each with its requests in order."""
+def _distinct_prompts(requests: list[ops.Sample], weights: list[str | None]) -> list[_Prompt]:
+    """The batch's distinct (weights, prompt)s, weights contiguous, each with its requests in order."""
     prompts: dict[tuple[str, bytes], _Prompt] = {}
-    for index, request in enumerate(requests):
-        key = _prompt_key(request)
-        prompts.setdefault(key, _Prompt(request.adapter, request.prompt.astype(np.int64))).request_indices.append(index)
+    for index, (request, routed) in enumerate(zip(requests, weights, strict=True)):
+        prompt = prompts.setdefault(_prompt_key(routed, request), _Prompt(routed, request.prompt.astype(np.int64)))
+        prompt.request_indices.append(index)
     return [prompts[key] for key in sorted(prompts)]
 
 
@@ -202,7 +221,9 @@ class _Part:
     def results(self) -> list[ops.SampleResult]:
         results = [self.scored.get(index, ops.SampleResult([])) for index in range(len(self.requests))]
         for prompt in self.prompts:
-            for index in prompt.request_indices[1:]:  # the first request prefilled it; these reused it
+            first, *others = prompt.request_indices
+            results[first].prompt_cache_hit_tokens = prompt.reused_length
+            for index in others:  # the first request prefilled the prompt; these reused all of it
                 results[index].prompt_cache_hit_tokens = len(prompt.tokens)
         for row in sorted(self.rows, key=lambda row: (row.request_index, row.sample_index)):
             results[row.request_index].sequences.append(_sequence_arrays(row))
@@ -213,9 +234,10 @@ class Generation:
     """Sample requests being decoded: prefilled at once, then advanced a step at a time (so the
     worker can stop between steps for other work) until every row has finished. Another
     generation's rows can join between steps (`absorb`): one batch, one forward per step.
-    `adapters` maps each request's adapter to the name its weights are routed by (a private copy,
-    so what later cycles do to the original cannot change a generation under way); `payload`
-    comes back with the requests' results (`take_finished`)."""
+    `weights` names what each request's weights are routed by (for a run's live weights, a private
+    copy, so what later cycles do to them cannot change a generation under way); `payload` comes
+    back with the requests' results (`take_finished`). With `prefixes`, prompts of the weights in
+    `reuse_keys` start from the longest prefix kept under their key, and are kept there."""
 
     @torch.no_grad()
     def __init__(
@@ -226,54 +248,104 @@ class Generation:
         eos_token_ids: tuple[int, ...],
         device: torch.device,
         requests: list[ops.Sample],
-        adapters: dict[str | None, str | None],
+        weights: list[str | None],
         payload: object = None,
+        prefixes: PrefixCache | None = None,
+        reuse_keys: dict[str | None, str] | None = None,
     ) -> None:
-        self._model, self._routing, self._device, self._adapters = model, routing, device, adapters
-        prompts = _distinct_prompts(requests)
-        prompt_index = {(p.adapter or "", p.tokens.tobytes()): index for index, p in enumerate(prompts)}
+        self._model, self._routing, self._device = model, routing, device
+        prompts = _distinct_prompts(requests, weights)
+        prompt_index = {(p.weights or "", p.tokens.tobytes()): index for index, p in enumerate(prompts)}
         self._rows = sorted(
             (
-                SampleRow(request_index, sample_index, request)
-                for request_index, request in enumerate(requests)
+                SampleRow(request_index, sample_index, request, routed)
+                for request_index, (request, routed) in enumerate(zip(requests, weights, strict=True))
                 for sample_index in range(request.num_samples)
             ),
-            key=lambda row: (prompt_index[_prompt_key(row.request)], row.request_index, row.sample_index),
+            key=lambda row: (prompt_index[_prompt_key(row.weights, row.request)], row.request_index, row.sample_index),
         )
-        width = max(len(prompt.tokens) for prompt in prompts)
-        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for index, prompt in enumerate(prompts):
-            input_ids[index, width - len(prompt.tokens) :] = torch.from_numpy(prompt.tokens)
-            attention_mask[index, width - len(prompt.tokens) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-        self._cache = DynamicCache(config=model.config)
-        with routing.route(contiguous_segments([adapters[prompt.adapter] for prompt in prompts])):
-            hidden = final_hidden_states(
-                model,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=self._cache,
-                use_cache=True,
-            )
-            if any(_scores_prompt(request) for request in requests):
-                scored = _score_prompts(output_logits(model, hidden), input_ids, prompts, requests)
-            else:
-                scored = {}
-            logits = output_logits(model, hidden[:, -1:])[:, -1]
+        reuse_keys = reuse_keys if prefixes is not None and reuse_keys else {}
+        for prompt in prompts:
+            if prompt.weights in reuse_keys and not any(_scores_prompt(requests[i]) for i in prompt.request_indices):
+                prompt.reused, prompt.reused_length = prefixes.longest_prefix(reuse_keys[prompt.weights], prompt.tokens)
+        self._cache, attention_mask, position_ids, logits, scored = self._prefill(prompts, requests)
+        if all(is_plain(layer) for layer in self._cache.layers):
+            for index, prompt in enumerate(prompts):
+                key = reuse_keys.get(prompt.weights)
+                if key is not None and prefixes.wants(key, prompt.tokens):
+                    columns = attention_mask[index].nonzero().squeeze(-1)
+                    prefixes.keep(KeptPrompt.of_row(self._cache, index, columns, key, prompt.tokens))
         self._parts = [_Part(requests, prompts, scored, self._rows, payload)]
-        starts = torch.tensor([prompt_index[_prompt_key(row.request)] for row in self._rows], device=device)
-        self._cache.reorder_cache(starts)  # every row starts from its prompt's keys and values
+        first_rows = [prompt_index[_prompt_key(row.weights, row.request)] for row in self._rows]
+        starts = torch.tensor(first_rows, device=device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts][:, -1:]
+        self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
+        reserve_rows(self._cache, starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
         self._choice = TokenChoice(
             [row.request for row in self._rows], [row.sample_index for row in self._rows], device
         )
         self._stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in self._rows]
-        self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
+
+    def _prefill(
+        self, prompts: list[_Prompt], requests: list[ops.Sample]
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
+        """One forward over what each prompt does not reuse, right-aligned after the reused
+        prefixes (themselves right-aligned in the columns before): its cache, attention mask and
+        position ids [prompts, columns], each prompt's next-token logits, and the prompt scores asked for."""
+        reused_width = max(prompt.reused_length for prompt in prompts)
+        width = max(prompt.computed_length for prompt in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), reused_width + width), dtype=torch.long)
+        position_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        for index, prompt in enumerate(prompts):
+            computed = prompt.computed_length
+            input_ids[index, width - computed :] = torch.from_numpy(prompt.tokens[prompt.reused_length :])
+            attention_mask[index, reused_width - prompt.reused_length : reused_width] = 1
+            attention_mask[index, reused_width + width - computed :] = 1
+            position_ids[index, width - computed :] = torch.arange(prompt.reused_length, len(prompt.tokens))
+        input_ids, attention_mask, position_ids = (
+            t.to(self._device) for t in (input_ids, attention_mask, position_ids)
+        )
+        cache = DynamicCache(config=self._model.config)
+        if reused_width:
+            _load_prefixes(cache, prompts, reused_width)
+        with self._routing.route(contiguous_segments([prompt.weights for prompt in prompts])):
+            hidden = final_hidden_states(
+                self._model,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            if any(_scores_prompt(request) for request in requests):
+                scored = _score_prompts(output_logits(self._model, hidden), input_ids, prompts, requests)
+            else:
+                scored = {}
+            logits = output_logits(self._model, hidden[:, -1:])[:, -1]
+        return cache, attention_mask, position_ids, logits, scored
+
+    def _capacity(self) -> int:
+        """Positions the active rows' cache needs: those so far, and every token they may still generate."""
+        return self._attention_mask.shape[1] + self._remaining()
+
+    def _remaining(self) -> int:
+        rows = [self._rows[index] for index in self._active]
+        return max((row.request.params.max_tokens - len(row.tokens) for row in rows), default=0)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._active)
+
+    def joined_positions(self, other: Generation) -> int:
+        """The positions each row of this batch would reserve with `other`'s rows joined."""
+        columns = max(self._attention_mask.shape[1], other._attention_mask.shape[1])
+        return columns + max(self._remaining(), other._remaining())
+
+    @property
+    def reserved_bytes(self) -> int:
+        return reserved_bytes(self._cache)
 
     @property
     def done(self) -> bool:
@@ -281,7 +353,7 @@ class Generation:
 
     def can_absorb(self, other: Generation) -> bool:
         """Rows join only where every cache layer is a plain one (no sliding window to line up)."""
-        return all(type(layer) is DynamicLayer for layer in (*self._cache.layers, *other._cache.layers))
+        return all(is_plain(layer) for layer in (*self._cache.layers, *other._cache.layers))
 
     def absorb(self, other: Generation) -> None:
         """Takes `other`'s unfinished rows into this batch, after this one's: the shorter of the two
@@ -292,21 +364,14 @@ class Generation:
         self._active = self._active + [offset + index for index in other._active]
         self._stops = self._stops + other._stops
         self._choice.absorb(other._choice)
-        self._adapters = self._adapters | other._adapters
         self._parts = self._parts + other._parts
         length = max(self._attention_mask.shape[1], other._attention_mask.shape[1])
         self._attention_mask = torch.cat(
             [_pad_left(self._attention_mask, length, 1), _pad_left(other._attention_mask, length, 1)]
         )
-        for mine, theirs in zip(self._cache.layers, other._cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+        join_rows(self._cache, other._cache, self._capacity())
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
         self._logits = torch.cat([self._logits, other._logits])
-
-    @property
-    def adapters(self) -> dict[str | None, str | None]:
-        return self._adapters
 
     def payloads(self) -> list[object]:
         """Of the parts not answered yet."""
@@ -341,19 +406,19 @@ class Generation:
                 keep.append(position)
         if len(keep) < len(active):
             kept = torch.tensor(keep, device=self._device, dtype=torch.long)
-            if keep:
-                self._cache.reorder_cache(kept)
             self._attention_mask, self._position_ids, tokens = (
                 self._attention_mask[kept],
                 self._position_ids[kept],
                 tokens[kept],
             )
             self._active = active = [active[position] for position in keep]
-        if not active:
-            return
+            if not active:
+                self._cache = DynamicCache()  # nothing left to decode: the memory goes back at once
+                return
+            reserve_rows(self._cache, kept, self._capacity())
         self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(active), 1))], 1)
         self._position_ids = self._position_ids + 1
-        segments = contiguous_segments([self._adapters[rows[index].request.adapter] for index in active])
+        segments = contiguous_segments([rows[index].weights for index in active])
         with self._routing.route(segments):
             hidden = final_hidden_states(
                 self._model,
@@ -364,6 +429,21 @@ class Generation:
                 use_cache=True,
             )
             self._logits = output_logits(self._model, hidden)[:, -1]
+
+
+def _load_prefixes(cache: DynamicCache, prompts: list[_Prompt], width: int) -> None:
+    """Puts each prompt's reused keys and values in the last of `width` columns (zeros before)."""
+    donors = [(index, prompt) for index, prompt in enumerate(prompts) if prompt.reused is not None]
+    template = donors[0][1].reused
+    for layer_index, layer in enumerate(cache.layers):
+        heads, _, dim = template.keys[layer_index].shape
+        keys = template.keys[layer_index].new_zeros((len(prompts), heads, width, dim))
+        values = template.values[layer_index].new_zeros((len(prompts), heads, width, dim))
+        for index, prompt in donors:
+            length = prompt.reused_length
+            keys[index, :, width - length :] = prompt.reused.keys[layer_index][:, :length]
+            values[index, :, width - length :] = prompt.reused.values[layer_index][:, :length]
+        layer.update(keys, values)
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -407,13 +487,14 @@ def _score_prompts(
     scored: dict[int, ops.SampleResult] = {}
     width = input_ids.shape[1]
     for prompt_index, prompt in enumerate(prompts):
-        start = width - len(prompt.tokens)
+        scoring = [index for index in prompt.request_indices if _scores_prompt(requests[index])]
+        if not scoring:
+            continue
+        start = width - len(prompt.tokens)  # a scored prompt reuses nothing: all of it is in input_ids
         row_logits = logits[prompt_index, start : width - 1]  # [P-1, V]: row i predicts prompt[i + 1]
         row_logprobs = torch.log_softmax(row_logits, dim=-1)
-        for index in prompt.request_indices:
+        for index in scoring:
             request = requests[index]
-            if not _scores_prompt(request):
-                continue
             result = ops.SampleResult([])
             if request.include_prompt_logprobs or request.topk_prompt_logprobs:
                 result.prompt = _prompt_logprobs(row_logprobs, input_ids[prompt_index, start + 1 : width], request)

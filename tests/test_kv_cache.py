@@ -1,0 +1,116 @@
+"""The sampling engine's keys and values in process: reserved once per generation within the
+budget, requests waiting for room, and prompts reused across requests with the same prefix (only
+while the weights that computed them are unchanged)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from tinker_server import ops
+from tinker_server.worker.kv_cache import PREFIX_BLOCK
+
+from .engine_helpers import engine_with_adapters
+from .test_sampling_engine import run, sample, tokens_of
+
+RNG = np.random.default_rng(3)
+PROMPT = [256, *RNG.integers(0, 256, 47).tolist()]
+"""Three whole blocks."""
+
+
+def starting_like(prompt: list[int], shared: int, seed: int) -> list[int]:
+    tail = np.random.default_rng(seed).integers(0, 256, 10).tolist()
+    return prompt[:shared] + tail
+
+
+def assert_same_draws(result: ops.SampleResult, reference: ops.SampleResult) -> None:
+    assert tokens_of(result) == tokens_of(reference)
+    for sequence, expected in zip(result.sequences, reference.sequences, strict=True):
+        np.testing.assert_allclose(sequence.logprobs, expected.logprobs, atol=1e-4)
+
+
+def test_a_prompt_starting_like_an_earlier_one_reuses_its_whole_blocks():
+    engine, fresh = engine_with_adapters(), engine_with_adapters()
+    (first,) = run(engine, sample(PROMPT, max_tokens=8))
+    assert first.prompt_cache_hit_tokens == 0
+
+    later = [sample(starting_like(PROMPT, 40, seed), 2, max_tokens=10, seed=seed) for seed in (1, 2)]
+    unrelated = sample(starting_like([256, 9, 9, 9], 4, 7), max_tokens=10)
+    results = run(engine, *later, unrelated)
+    # 40 shared tokens: two whole blocks are reused; an unrelated prompt computes everything.
+    assert [result.prompt_cache_hit_tokens for result in results] == [2 * PREFIX_BLOCK, 2 * PREFIX_BLOCK, 0]
+    for result, request in zip(results, [*later, unrelated], strict=True):
+        assert_same_draws(result, run(fresh, request)[0])  # what computing the whole prompt draws
+
+    # A live run's weights change under it: nothing is reused for them.
+    (live,) = run(engine, sample(starting_like(PROMPT, 40, 3), adapter="a"))
+    (live_again,) = run(engine, sample(starting_like(PROMPT, 40, 4), adapter="a"))
+    assert live.prompt_cache_hit_tokens == live_again.prompt_cache_hit_tokens == 0
+
+
+def test_a_snapshot_saved_again_under_its_name_reuses_nothing_of_the_old_weights(tmp_path):
+    engine, fresh = engine_with_adapters(), engine_with_adapters()
+    path = "tinker://a/sampler_weights/latest"
+
+    def save(directory: str) -> None:
+        (saved,) = engine.run_cycle(ops.Cycle(2, [ops.WorkItem("s", "a", ops.SaveForSampler(path, directory))]))
+        assert saved.error is None, saved.error
+
+    save(str(tmp_path / "one"))
+    run(engine, sample(PROMPT, adapter=path))
+    (hit,) = run(engine, sample(starting_like(PROMPT, 33, 1), adapter=path))
+    assert hit.prompt_cache_hit_tokens == 2 * PREFIX_BLOCK
+
+    for pair in engine.residency.run("a").pairs.values():  # training moves the run on
+        pair.B.data.mul_(-1.0)
+    save(str(tmp_path / "two"))
+    request = sample(starting_like(PROMPT, 33, 2), adapter="a", temperature=0.0)
+    (after,) = run(engine, sample(starting_like(PROMPT, 33, 2), adapter=path, temperature=0.0))
+    assert after.prompt_cache_hit_tokens == 0
+    for pair in fresh.residency.run("a").pairs.values():
+        pair.B.data.mul_(-1.0)
+    assert_same_draws(after, run(fresh, request)[0])
+
+
+def test_requests_wait_for_room_in_the_kv_budget_and_one_too_large_fails_alone():
+    reference = engine_with_adapters()
+    per_token = reference.decoder.budget.bytes_per_token
+    budget = per_token * 128  # 128 positions of one row
+    engine = engine_with_adapters(kv_cache_bytes=budget)
+
+    too_large = sample([256, 1, 2, 3], num_samples=4, max_tokens=60)  # 4 x 64 positions
+    first, second = sample([256, 5, 6], max_tokens=90, seed=1), sample([256, 7, 8], max_tokens=90, seed=2)
+    items = [ops.WorkItem(name, "", request) for name, request in zip("xab", (too_large, first, second), strict=True)]
+    answered = {outcome.future_id: outcome for outcome in engine.run_cycle(ops.Cycle(1, items), decode_seconds=0.0)}
+    assert answered["x"].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "--kv-cache-bytes" in answered["x"].error.message and "num_samples=4" in answered["x"].error.message
+
+    finished_at, cycle = {}, 1
+    while len(answered) < 3:
+        assert engine.decoder.reserved_bytes <= budget
+        assert engine.decoder.batches == 1  # the second waits: the two together do not fit
+        cycle += 1
+        for outcome in engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0):
+            answered[outcome.future_id], finished_at[outcome.future_id] = outcome, cycle
+    assert finished_at["a"] < finished_at["b"]
+    for name, request in (("a", first), ("b", second)):
+        assert_same_draws(answered[name].result, run(reference, request)[0])
+
+
+def test_a_generation_reserves_its_positions_once_and_gives_back_those_of_rows_that_finish():
+    engine = engine_with_adapters()
+    per_token = engine.decoder.budget.bytes_per_token
+    short, long = sample([256, 1, 2, 3], max_tokens=4, seed=1), sample([256, 4, 5, 6], max_tokens=40, seed=2)
+    items = [ops.WorkItem("short", "", short), ops.WorkItem("long", "", long)]
+    assert engine.run_cycle(ops.Cycle(1, items), decode_seconds=0.0) == []
+    reserved = engine.decoder.reserved_bytes
+    assert reserved == 2 * (4 + 40) * per_token  # every row, room for its prompt and the longest output
+    engine.run_cycle(ops.Cycle(2, []), decode_seconds=0.0)
+    assert engine.decoder.reserved_bytes == reserved  # a step writes in place
+    cycle = 2
+    while engine.decoder.reserved_bytes == reserved:
+        cycle += 1
+        engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+    assert cycle == 4  # the short request's fourth token: its row leaves, and its room with it
+    # One row left: its prompt, the 3 tokens in the cache (the 4th goes in next) and the 36 it may still draw.
+    assert engine.decoder.reserved_bytes == (4 + 3 + 36) * per_token
