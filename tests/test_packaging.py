@@ -87,6 +87,10 @@ def test_build_makes_an_sdist_with_the_protos_and_a_wheel_with_the_generated_cod
         names = set(archive.namelist())
     assert {f"tinker_rpc/v1/service_pb2{suffix}" for suffix in (".py", ".pyi", "_grpc.py")} <= names
     assert "tinker_wire/tensor_codec.py" in names
+    console = {
+        f"tinker_server/console/{name}" for name in ("static/chart.js", "static/console.css", "templates/run.html")
+    }
+    assert console <= names, "the console's pages and script ship in the wheel (the server runs offline)"
 
 
 def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_installs_work(server, dist, workdir):

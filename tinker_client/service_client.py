@@ -103,7 +103,9 @@ class ServiceClient:
         return _convert.capabilities(await asyncio.wrap_future(self._connection.capabilities(fresh=True)))
 
     def get_console_url(self) -> str:
-        return types.training.no_console()
+        """The web console's list of your training runs; raises UnsupportedFeatureError when the server
+        runs without a console (no --console-port)."""
+        return types.training.console_page(self._connection.capabilities().result().console_url, "runs")
 
     def get_telemetry(self) -> None:
         """This SDK sends no telemetry."""

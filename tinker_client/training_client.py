@@ -386,7 +386,10 @@ class TrainingClient:
         return None
 
     def get_console_url(self) -> str:
-        return types.training.no_console()
+        """The run's page in the web console (its loss curves and checkpoints); raises
+        UnsupportedFeatureError when the server runs without a console (no --console-port)."""
+        console_url = self._connection.capabilities().result().console_url
+        return types.training.console_page(console_url, f"runs/{self.model_id}")
 
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, base_model={self._base_model!r})"

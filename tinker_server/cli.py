@@ -274,6 +274,25 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free port)"
     )
+    parser.add_argument(
+        "--console-port",
+        type=int,
+        default=None,
+        help="serve the web console (runs, loss curves, checkpoints; read-only, behind the API keys) on this "
+        "port (0: any free port); off by default",
+    )
+    parser.add_argument(
+        "--console-url",
+        default="",
+        help="the console's public base URL that clients are given, e.g. behind a proxy "
+        "(default: http://HOST:CONSOLE_PORT)",
+    )
+    parser.add_argument(
+        "--max-metric-steps-per-run",
+        type=int,
+        default=Limits.max_metric_steps_per_run,
+        help="steps of loss and optimizer metrics kept per run for the console; older ones go (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     apply_environment(parser)
@@ -282,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if args.max_tokens_per_pass < 1:
         parser.error(f"--max-tokens-per-pass: {args.max_tokens_per_pass}; give at least 1")
+    if args.max_metric_steps_per_run < 1:
+        parser.error(f"--max-metric-steps-per-run: {args.max_metric_steps_per_run}; give at least 1")
     try:
         models = model_specs(args.base_model, args.served_model_name, args.replicas, args.models_file)
     except (OSError, ValueError, tomllib.TOMLDecodeError) as error:
@@ -332,6 +353,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             max_queued_bytes_per_owner=args.max_queued_bytes_per_owner,
             max_stored_results_per_owner=args.max_stored_results_per_owner,
             max_checkpoint_bytes_per_owner=args.max_checkpoint_bytes_per_owner,
+            max_metric_steps_per_run=args.max_metric_steps_per_run,
         ),
         api_keys=api_keys,
         admin_owners=frozenset(args.admin_owner),
@@ -339,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         tls_key=args.tls_key,
         shutdown_grace_seconds=args.shutdown_grace,
         metrics_port=args.metrics_port,
+        console_port=args.console_port,
+        console_url=args.console_url,
         result_retention_seconds=args.result_retention_seconds,
         sweep_interval_seconds=args.sweep_interval,
     )

@@ -39,6 +39,10 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (0 picks a free one); None: off."""
+    console_port: int | None = None
+    """Serve the web console on this port (0 picks a free one); None: off."""
+    console_url: str = ""
+    """The console's public base URL, as clients are told it; empty: http://<host>:<console port>."""
     result_retention_seconds: float = 3600.0
     """How long completed requests' results stay retrievable by future_id."""
     sweep_interval_seconds: float = 10.0

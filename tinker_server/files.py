@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 STAGING_PREFIX = "."
 """Directories being written are hidden: no checkpoint name starts with a dot."""
@@ -50,3 +52,11 @@ def remove_staging_leftovers(data_dir: Path) -> None:
     and uploads it cut short."""
     for leftover in [*data_dir.glob(f"runs/*/*/{STAGING_PREFIX}*"), data_dir / UPLOADS_DIR]:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_tar(directory: Path, archive: BinaryIO) -> int:
+    """A checkpoint's files as an uncompressed tar (weights do not compress); its size."""
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for file in sorted(directory.iterdir()):
+            tar.add(file, arcname=file.name)
+    return archive.tell()

@@ -21,7 +21,7 @@ import grpc
 from tinker_server import metrics, ops
 from tinker_server.api.dispatch import status_code
 from tinker_server.api.requests import RequestError
-from tinker_server.recovery import SupervisedWorker
+from tinker_server.recovery import CycleSummary, SupervisedWorker
 from tinker_server.runs import Runs, rollback_message
 from tinker_server.scheduler import CyclePolicy, Gate, Scheduler, Ticket, admit_all
 from tinker_server.store import Placement, TrainingRun
@@ -76,6 +76,10 @@ class ReplicaStatus:
     runs: tuple[str, ...]
     queued: int
     state: str
+    restarts: int = 0
+    """Workers that replaced a crashed one here."""
+    residency: ops.ResidencyStats = ops.ResidencyStats()
+    recent_cycles: tuple[CycleSummary, ...] = ()
 
 
 class Fleet:
@@ -179,8 +183,7 @@ class Fleet:
 
     def residency(self) -> ops.ResidencyStats:
         """Where adapters are, summed over the replicas."""
-        stats = [dataclasses.asdict(slot.worker.residency) for slot in self._slots.values()]
-        return ops.ResidencyStats(**{name: sum(s[name] for s in stats) for name in stats[0]} if stats else {})
+        return sum((slot.worker.residency for slot in self._slots.values()), ops.ResidencyStats())
 
     def statuses(self) -> list[ReplicaStatus]:
         return [
@@ -191,6 +194,9 @@ class Fleet:
                 tuple(run.model_id for run in self.runs_on(slot)),
                 slot.scheduler.queued(),
                 "retired" if slot.worker.retired else "draining" if slot.draining else "serving",
+                slot.worker.restarts,
+                slot.worker.residency,
+                tuple(slot.worker.recent_cycles),
             )
             for slot in self._slots.values()
         ]

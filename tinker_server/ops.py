@@ -7,7 +7,7 @@ worker pipe and import no torch.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, TypeAlias
 
 import numpy as np
@@ -379,6 +379,20 @@ class ResidencyStats:
     """Training adapters written to the worker's spill directory."""
     offloads: int = 0
     reloads: int = 0
+    offloaded_runs: tuple[str, ...] = ()
+    """The training runs among the offloaded adapters, by model_id."""
+
+    def counts(self) -> dict[str, int]:
+        """Every number above, by name."""
+        return {name: value for name, value in asdict(self).items() if name != "offloaded_runs"}
+
+    def __add__(self, other: ResidencyStats) -> ResidencyStats:
+        """Two workers' adapters together."""
+        mine, theirs = self.counts(), other.counts()
+        return ResidencyStats(
+            **{name: mine[name] + theirs[name] for name in mine},
+            offloaded_runs=self.offloaded_runs + other.offloaded_runs,
+        )
 
 
 @dataclass

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -25,9 +28,37 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 0.5
 """How often an idle worker is checked: a dead one is replaced before the next request needs it."""
 
+RECENT_CYCLES = 50
+"""Cycles each replica remembers for the console's server page."""
+
 Handover = Callable[[set[str]], Awaitable[bool]]
 """Offered a dead worker's runs (with those that were changing when it died): True if it placed
 them elsewhere (this replica retires), False to restart the worker here."""
+
+
+@dataclass(frozen=True)
+class CycleSummary:
+    """What one cycle carried: requests, the training runs they were for (the tenants sharing the
+    base model's batch), rows (data trained on, samples asked for), and how long it took."""
+
+    cycle_id: int
+    ended_at: float
+    seconds: float
+    requests: int
+    runs: int
+    rows: int
+
+    @classmethod
+    def of(cls, cycle: ops.Cycle, seconds: float) -> CycleSummary:
+        runs = len({ops.home_run(item) for item in cycle.items})
+        rows = sum(_rows(item.operation) for item in cycle.items)
+        return cls(cycle.cycle_id, time.time(), seconds, len(cycle.items), runs, rows)
+
+
+def _rows(operation: ops.Operation) -> int:
+    if isinstance(operation, ops.ForwardBackward):
+        return len(operation.data)
+    return operation.num_samples if isinstance(operation, ops.Sample) else 0
 
 
 class SupervisedWorker:
@@ -54,6 +85,8 @@ class SupervisedWorker:
         """Its worker died and its runs went to other replicas: it runs nothing more."""
         self._unanswered: dict[str, ops.WorkItem] = {}
         """Sent to the worker, no outcome yet (samples generating over several cycles)."""
+        self.recent_cycles: deque[CycleSummary] = deque(maxlen=RECENT_CYCLES)
+        """The latest cycles that brought new requests, oldest first."""
 
     async def start(self) -> ops.ModelInfo:
         return await self._worker.start()
@@ -83,8 +116,11 @@ class SupervisedWorker:
         """The outcomes ready: the cycle's, and those of earlier samples whose generation finished."""
         async with self._lock:
             self._unanswered.update((item.future_id, item) for item in cycle.items)
+            started = time.monotonic()
             try:
                 outcomes = await self._worker.run_cycle(cycle)
+                if cycle.items:
+                    self.recent_cycles.append(CycleSummary.of(cycle, time.monotonic() - started))
             except WorkerDied as error:
                 # What died with it: this cycle, and the samples still generating from earlier ones.
                 dying = ops.Cycle(cycle.cycle_id, list(self._unanswered.values()))

@@ -20,6 +20,9 @@ from tinker_server.api.requests import ParsedRequest, RequestParser
 from tinker_server.api.runs_servicer import RunsServicer
 from tinker_server.api.servicer import TinkerServicer
 from tinker_server.config import ServerConfig
+from tinker_server.console.app import Console
+from tinker_server.console.queries import ConsoleQueries
+from tinker_server.console.sessions import Sessions
 from tinker_server.files import remove_staging_leftovers
 from tinker_server.fleet import Fleet, FleetOptions
 from tinker_server.metrics import serve_metrics
@@ -45,6 +48,7 @@ class TinkerServer:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._store: Store | None = None
+        self._console: Console | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -72,8 +76,13 @@ class TinkerServer:
         self._fleet.gate = self._dispatcher.gate
         parser = RequestParser(self._served, runs, config.limits)
         metrics.watch_residency(self._fleet.residency)
+        if config.console_port is not None:
+            self._console = Console(
+                ConsoleQueries(runs, self._fleet), Sessions(config.api_keys, config.admin_owners), config.console_url
+            )
+            await self._console.start(config.host, config.console_port)
         self._servicer = TinkerServicer(
-            self._served, runs, parser, self._dispatcher, config.limits, self._fleet.residency
+            self._served, runs, parser, self._dispatcher, config.limits, self._fleet.residency, self.console_url
         )
         options = [
             ("grpc.max_receive_message_length", config.limits.max_message_bytes),
@@ -105,6 +114,11 @@ class TinkerServer:
             )
         else:
             log.info("API keys for %d owner(s)", len(set(config.api_keys.owners.values())))
+
+    @property
+    def console_url(self) -> str:
+        """The web console's base URL; empty when it is off."""
+        return self._console.url if self._console is not None else ""
 
     async def boot(self) -> None:
         """Starts every replica (loading the base models), then serves: health SERVING."""
@@ -150,6 +164,8 @@ class TinkerServer:
             await self._autosave(grace)
         if self._grpc is not None:
             await self._grpc.stop(1.0)  # results already queued on the streams go out first
+        if self._console is not None:
+            await self._console.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -194,6 +210,8 @@ async def serve(config: ServerConfig) -> None:
         if config.metrics_port is not None:
             port = serve_metrics(config.host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.host, port)
+        if server.console_url:
+            log.info("console on %s", server.console_url)
         # Machine-readable lines, so scripts and tests can find an ephemeral port: the first
         # while the model loads (health NOT_SERVING), the second once requests are served.
         print(f"tinker-server bound on {config.host}:{server.port}", flush=True)

@@ -169,7 +169,21 @@ class GetInfoResponse:
 
 
 def no_console() -> str:
-    """Tinker's web console has no counterpart on this server."""
+    """A checkpoint has no console page of its own here: its run's page lists it."""
     from tinker_client.errors import UnsupportedFeatureError
 
-    raise UnsupportedFeatureError("console URLs: this self-hosted server has no web console")
+    raise UnsupportedFeatureError(
+        "console URLs of checkpoints: open their run's page (TrainingClient.get_console_url()), which lists them"
+    )
+
+
+def console_page(console_url: str, page: str) -> str:
+    """`page` of the server's web console, at the base URL the server gave; raises when it has none."""
+    from tinker_client.errors import UnsupportedFeatureError
+
+    if not console_url:
+        raise UnsupportedFeatureError(
+            "console URLs: the server's web console is off; start tinker-server with --console-port PORT "
+            "(and --console-url URL if browsers reach it by another address)"
+        )
+    return f"{console_url.rstrip('/')}/{page}"

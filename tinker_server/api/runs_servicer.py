@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc
 from tinker_server.api.dispatch import Dispatcher, status_code
 from tinker_server.api.requests import CONFIG_FILE, IMPORT_FILES, RequestError, RequestParser, new_model_id
 from tinker_server.auth import current_owner
-from tinker_server.files import UPLOADS_DIR, write_whole
+from tinker_server.files import UPLOADS_DIR, write_tar, write_whole
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModels
 from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Session, TrainingRun
@@ -282,7 +281,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     ) -> AsyncIterator[runs_pb2.DownloadCheckpointArchiveResponse]:
         path, _, _ = self._checkpoint(request.tinker_path)
         with tempfile.TemporaryFile() as archive:
-            total = await asyncio.to_thread(_write_tar, self._runs.directory(path), archive)
+            total = await asyncio.to_thread(write_tar, self._runs.directory(path), archive)
             archive.seek(0)
             while chunk := await asyncio.to_thread(archive.read, ARCHIVE_CHUNK_BYTES):
                 yield runs_pb2.DownloadCheckpointArchiveResponse(data=chunk, total_bytes=total)
@@ -378,10 +377,3 @@ def _move_files(source: Path, names: set[str], directory: Path) -> None:
 
 def _directory_bytes(directory: Path) -> int:
     return sum(file.stat().st_size for file in directory.iterdir())
-
-
-def _write_tar(directory: Path, archive) -> int:
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        for file in sorted(directory.iterdir()):
-            tar.add(file, arcname=file.name)
-    return archive.tell()

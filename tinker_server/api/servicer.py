@@ -7,7 +7,6 @@ acks it; results are written back on the same stream as they complete.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -41,8 +40,10 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         dispatcher: Dispatcher,
         limits: Limits,
         residency: Callable[[], ops.ResidencyStats] = ops.ResidencyStats,
+        console_url: str = "",
     ) -> None:
         self._residency = residency
+        self._console_url = console_url
         self._served = served
         self._runs = runs
         self._parser = parser
@@ -199,7 +200,8 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             max_inflight_requests=self._limits.max_inflight_requests,
             max_batch_tokens=self._limits.max_batch_tokens,
             max_num_samples=self._limits.max_num_samples,
-            residency=service_pb2.AdapterResidency(**dataclasses.asdict(self._residency())),
+            residency=service_pb2.AdapterResidency(**self._residency().counts()),
+            console_url=self._console_url,
         )
 
     async def GetInfo(

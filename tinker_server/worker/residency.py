@@ -181,6 +181,7 @@ class Residency:
             spilled_bytes=sum(entry.spill.stat().st_size for entry in entries if entry.spill is not None),
             offloads=self.offloads,
             reloads=self.reloads,
+            offloaded_runs=tuple(entry.name for entry in entries if entry.is_run and not entry.resident),
         )
 
     # -- moves ---------------------------------------------------------------------
