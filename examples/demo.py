@@ -71,9 +71,12 @@ class Outcome:
         return self.losses[-1] <= self.losses[0] / 2
 
 
-def fine_tune(service: ServiceClient, base_model: str, position: int = 0) -> Outcome:
-    """The demo's loop on one base model: completions before, STEPS steps, completions after."""
+def fine_tune(service: ServiceClient, base_model: str, position: int = 0, show_console: bool = False) -> Outcome:
+    """The demo's loop on one base model: completions before, STEPS steps, completions after;
+    `show_console`: print the run's console page first, to watch its loss curve fall."""
     training = service.create_lora_training_client(base_model, rank=16, seed=0).result()
+    if show_console:
+        print(f"watch the run's loss curve in the console: {training.get_console_url()}", flush=True)
     tokenizer = training.get_tokenizer()
     data = [make_datum(tokenizer, question, answer) for question, answer in QA_PAIRS]
     answer_tokens = sum(sum(datum.loss_fn_inputs["weights"].data) for datum in data)
@@ -104,11 +107,12 @@ def report(outcome: Outcome) -> None:
 
 def main() -> int:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as data_dir, running_server(Path(data_dir)) as address:
+    # The console on any free port; its URL comes to the client with the server's capabilities.
+    with tempfile.TemporaryDirectory() as data_dir, running_server(Path(data_dir), ["--console-port", "0"]) as address:
         print(f"server up at {address} ({time.monotonic() - started:.1f}s)")
         service = ServiceClient(base_url=address)
         base_model = service.get_server_capabilities().supported_models[0].model_name
-        outcome = fine_tune(service, base_model)
+        outcome = fine_tune(service, base_model, show_console=True)
         service.close()
     report(outcome)
     print(f"total {time.monotonic() - started:.0f}s")
