@@ -23,6 +23,13 @@ def starting_like(prompt: list[int], shared: int, seed: int) -> list[int]:
     return prompt[:shared] + tail
 
 
+def computing_everything(engine, request: ops.Sample) -> ops.SampleResult:
+    """The request's result with no prompt kept to reuse."""
+    engine.decoder.budget.prefixes.shrink_to(0)
+    (result,) = run(engine, request)
+    return result
+
+
 def assert_same_draws(result: ops.SampleResult, reference: ops.SampleResult) -> None:
     assert tokens_of(result) == tokens_of(reference)
     for sequence, expected in zip(result.sequences, reference.sequences, strict=True):
@@ -40,12 +47,25 @@ def test_a_prompt_starting_like_an_earlier_one_reuses_its_whole_blocks():
     # 40 shared tokens: two whole blocks are reused; an unrelated prompt computes everything.
     assert [result.prompt_cache_hit_tokens for result in results] == [2 * PREFIX_BLOCK, 2 * PREFIX_BLOCK, 0]
     for result, request in zip(results, [*later, unrelated], strict=True):
-        assert_same_draws(result, run(fresh, request)[0])  # what computing the whole prompt draws
+        assert_same_draws(result, computing_everything(fresh, request))  # what computing the whole prompt draws
 
     # A live run's weights change under it: nothing is reused for them.
     (live,) = run(engine, sample(starting_like(PROMPT, 40, 3), adapter="a"))
     (live_again,) = run(engine, sample(starting_like(PROMPT, 40, 4), adapter="a"))
     assert live.prompt_cache_hit_tokens == live_again.prompt_cache_hit_tokens == 0
+
+
+def test_prompts_of_one_batch_that_begin_alike_compute_their_shared_blocks_once():
+    engine, fresh = engine_with_adapters(), engine_with_adapters()
+    alike = [sample(starting_like(PROMPT, 35, seed), 2, seed=seed) for seed in (1, 2, 3)]
+    scored = sample(starting_like(PROMPT, 35, 4))
+    scored.include_prompt_logprobs = True  # needs every prompt position's logits: computes all
+    results = run(engine, *alike, scored)
+    assert [result.prompt_cache_hit_tokens for result in results] == [0, 32, 32, 0]
+    for result, request in zip(results, [*alike, scored], strict=True):
+        assert_same_draws(result, computing_everything(fresh, request))
+    expected = computing_everything(fresh, scored).prompt.logprobs
+    np.testing.assert_allclose(results[3].prompt.logprobs, expected, atol=1e-5)
 
 
 def test_a_snapshot_saved_again_under_its_name_reuses_nothing_of_the_old_weights(tmp_path):
@@ -69,7 +89,7 @@ def test_a_snapshot_saved_again_under_its_name_reuses_nothing_of_the_old_weights
     assert after.prompt_cache_hit_tokens == 0
     for pair in fresh.residency.run("a").pairs.values():
         pair.B.data.mul_(-1.0)
-    assert_same_draws(after, run(fresh, request)[0])
+    assert_same_draws(after, computing_everything(fresh, request))
 
 
 def test_requests_wait_for_room_in_the_kv_budget_and_one_too_large_fails_alone():

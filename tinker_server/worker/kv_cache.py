@@ -148,7 +148,7 @@ class PrefixCache:
         for kept in self._kept.values():
             if kept.key != key:
                 continue
-            length = min(_common_prefix(kept.tokens, tokens), len(tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+            length = reusable_length(kept.tokens, tokens)
             if length > best_length:
                 best, best_length = kept, length
         if best is not None:
@@ -181,6 +181,12 @@ class PrefixCache:
     def _drop(self, kept: KeptPrompt) -> None:
         del self._kept[id(kept)]
         self.nbytes -= kept.nbytes
+
+
+def reusable_length(kept: np.ndarray, tokens: np.ndarray) -> int:
+    """How many of `tokens` can start from `kept`'s keys and values: the whole blocks they share,
+    leaving at least the last token to compute (its logits are what a prefill is for)."""
+    return min(_common_prefix(kept, tokens), len(tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
 
 
 def _common_prefix(first: np.ndarray, second: np.ndarray) -> int:

@@ -29,6 +29,7 @@ from tinker_server.worker.kv_cache import (
     join_rows,
     reserve_rows,
     reserved_bytes,
+    reusable_length,
 )
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
@@ -186,6 +187,8 @@ class _Prompt:
     weights: str | None
     tokens: np.ndarray
     request_indices: list[int] = field(default_factory=list)
+    reuse_key: str | None = None
+    """What its weights' prompts are kept and found under (None: nothing is reused)."""
     reused: KeptPrompt | None = None
     """A prompt prefilled earlier that begins like this one: its first `reused_length` positions' keys and values."""
     reused_length: int = 0
@@ -195,16 +198,16 @@ class _Prompt:
         return len(self.tokens) - self.reused_length
 
 
-def _prompt_key(weights: str | None, request: ops.Sample) -> tuple[str, bytes]:
-    return weights or "", request.prompt.astype(np.int64).tobytes()
+def _prompt_key(weights: str | None, tokens: np.ndarray) -> tuple[str, bytes]:
+    return weights or "", tokens.astype(np.int64).tobytes()
 
 
 def _distinct_prompts(requests: list[ops.Sample], weights: list[str | None]) -> list[_Prompt]:
     """The batch's distinct (weights, prompt)s, weights contiguous, each with its requests in order."""
     prompts: dict[tuple[str, bytes], _Prompt] = {}
     for index, (request, routed) in enumerate(zip(requests, weights, strict=True)):
-        prompt = prompts.setdefault(_prompt_key(routed, request), _Prompt(routed, request.prompt.astype(np.int64)))
-        prompt.request_indices.append(index)
+        tokens = request.prompt.astype(np.int64)
+        prompts.setdefault(_prompt_key(routed, tokens), _Prompt(routed, tokens)).request_indices.append(index)
     return [prompts[key] for key in sorted(prompts)]
 
 
@@ -255,30 +258,33 @@ class Generation:
     ) -> None:
         self._model, self._routing, self._device = model, routing, device
         prompts = _distinct_prompts(requests, weights)
-        prompt_index = {(p.weights or "", p.tokens.tobytes()): index for index, p in enumerate(prompts)}
+        if prefixes is not None:
+            for prompt in prompts:
+                if not any(_scores_prompt(requests[index]) for index in prompt.request_indices):
+                    prompt.reuse_key = (reuse_keys or {}).get(prompt.weights)
+        # Prompts that begin like another of the batch wait for it: a second pass reuses its blocks.
+        first, then = _split_on_shared_prefixes(prompts)
+        self._cache, attention_mask, position_ids, logits, scored = self._prefill_keeping(first, requests, prefixes)
+        if then:
+            second = self._prefill_keeping(then, requests, prefixes)
+            attention_mask, position_ids, logits = _joined_prefills(
+                self._cache, (attention_mask, position_ids, logits), second
+            )
+            scored |= second[4]
+        prompts = first + then
+        prompt_index = {_prompt_key(p.weights, p.tokens): index for index, p in enumerate(prompts)}
         self._rows = sorted(
             (
                 SampleRow(request_index, sample_index, request, routed)
                 for request_index, (request, routed) in enumerate(zip(requests, weights, strict=True))
                 for sample_index in range(request.num_samples)
             ),
-            key=lambda row: (prompt_index[_prompt_key(row.weights, row.request)], row.request_index, row.sample_index),
+            key=lambda row: (row.weights or "", prompt_index[_prompt_key(row.weights, row.request.prompt)]),
         )
-        reuse_keys = reuse_keys if prefixes is not None and reuse_keys else {}
-        for prompt in prompts:
-            if prompt.weights in reuse_keys and not any(_scores_prompt(requests[i]) for i in prompt.request_indices):
-                prompt.reused, prompt.reused_length = prefixes.longest_prefix(reuse_keys[prompt.weights], prompt.tokens)
-        self._cache, attention_mask, position_ids, logits, scored = self._prefill(prompts, requests)
-        if all(is_plain(layer) for layer in self._cache.layers):
-            for index, prompt in enumerate(prompts):
-                key = reuse_keys.get(prompt.weights)
-                if key is not None and prefixes.wants(key, prompt.tokens):
-                    columns = attention_mask[index].nonzero().squeeze(-1)
-                    prefixes.keep(KeptPrompt.of_row(self._cache, index, columns, key, prompt.tokens))
         self._parts = [_Part(requests, prompts, scored, self._rows, payload)]
-        first_rows = [prompt_index[_prompt_key(row.weights, row.request)] for row in self._rows]
-        starts = torch.tensor(first_rows, device=device)
-        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts][:, -1:]
+        starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
+        starts = starts.to(device)
+        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
         self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
         reserve_rows(self._cache, starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
@@ -287,12 +293,28 @@ class Generation:
         )
         self._stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in self._rows]
 
+    def _prefill_keeping(
+        self, prompts: list[_Prompt], requests: list[ops.Sample], prefixes: PrefixCache | None
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
+        """`_prefill`, each prompt starting from the longest prefix kept for its weights, and kept there."""
+        for prompt in prompts:
+            if prompt.reuse_key is not None:
+                prompt.reused, prompt.reused_length = prefixes.longest_prefix(prompt.reuse_key, prompt.tokens)
+        cache, attention_mask, position_ids, logits, scored = self._prefill(prompts, requests)
+        if all(is_plain(layer) for layer in cache.layers):
+            for index, prompt in enumerate(prompts):
+                if prompt.reuse_key is not None and prefixes.wants(prompt.reuse_key, prompt.tokens):
+                    columns = attention_mask[index].nonzero().squeeze(-1)
+                    prefixes.keep(KeptPrompt.of_row(cache, index, columns, prompt.reuse_key, prompt.tokens))
+        return cache, attention_mask, position_ids, logits, scored
+
     def _prefill(
         self, prompts: list[_Prompt], requests: list[ops.Sample]
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
         """One forward over what each prompt does not reuse, right-aligned after the reused
-        prefixes (themselves right-aligned in the columns before): its cache, attention mask and
-        position ids [prompts, columns], each prompt's next-token logits, and the prompt scores asked for."""
+        prefixes (themselves right-aligned in the columns before): its cache and attention mask
+        [prompts, columns], each prompt's last position [prompts, 1] and next-token logits, and
+        the prompt scores asked for."""
         reused_width = max(prompt.reused_length for prompt in prompts)
         width = max(prompt.computed_length for prompt in prompts)
         input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -324,7 +346,7 @@ class Generation:
             else:
                 scored = {}
             logits = output_logits(self._model, hidden[:, -1:])[:, -1]
-        return cache, attention_mask, position_ids, logits, scored
+        return cache, attention_mask, position_ids[:, -1:], logits, scored
 
     def _capacity(self) -> int:
         """Positions the active rows' cache needs: those so far, and every token they may still generate."""
@@ -429,6 +451,34 @@ class Generation:
                 use_cache=True,
             )
             self._logits = output_logits(self._model, hidden)[:, -1]
+
+
+def _split_on_shared_prefixes(prompts: list[_Prompt]) -> tuple[list[_Prompt], list[_Prompt]]:
+    """The prompts to prefill first, and those sharing a whole block with one of them (same
+    weights key), to prefill after it from its keys and values."""
+    first: list[_Prompt] = []
+    then: list[_Prompt] = []
+    for prompt in prompts:
+        shares = prompt.reuse_key is not None and any(
+            earlier.reuse_key == prompt.reuse_key and reusable_length(earlier.tokens, prompt.tokens)
+            for earlier in first
+        )
+        (then if shares else first).append(prompt)
+    return first, then
+
+
+def _joined_prefills(
+    cache: DynamicCache,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    second: tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, object],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Appends the second prefill's prompts to the first's `cache`; their attention masks, last
+    positions and logits, joined the same way."""
+    (attention_mask, position_ids, logits), (other_cache, other_mask, other_positions, other_logits, _) = first, second
+    width = max(attention_mask.shape[1], other_mask.shape[1])
+    join_rows(cache, other_cache, width)
+    attention_mask = torch.cat([_pad_left(attention_mask, width, 1), _pad_left(other_mask, width, 1)])
+    return attention_mask, torch.cat([position_ids, other_positions]), torch.cat([logits, other_logits])
 
 
 def _load_prefixes(cache: DynamicCache, prompts: list[_Prompt], width: int) -> None:
