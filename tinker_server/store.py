@@ -480,7 +480,9 @@ class Store:
             (model_id, step, time.time(), loss_sum, loss_weight, tokens),
         )
 
-    def add_optimizer_step(self, model_id: str, step: int, learning_rate: float, grad_norm: float, keep: int) -> None:
+    def add_optimizer_step(
+        self, model_id: str, step: int, learning_rate: float, grad_norm: float | None, keep: int
+    ) -> None:
         """The optim_step that applied `step`; only the newest `keep` steps of a run are kept."""
         with self._transaction():
             self._db.execute(

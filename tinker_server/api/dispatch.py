@@ -243,9 +243,8 @@ class Dispatcher:
             store.add_gradients(model_id, steps, payload.metrics["loss:sum"], weight, tokens)
         elif isinstance(payload, ops.OptimStepResult):
             limit = self._limits.max_metric_steps_per_run
-            store.add_optimizer_step(
-                model_id, steps - 1, operation.adam.learning_rate, payload.metrics["grad_norm"], limit
-            )
+            grad_norm = payload.metrics.get("grad_norm")  # (a worker that reports none leaves a gap)
+            store.add_optimizer_step(model_id, steps - 1, operation.adam.learning_rate, grad_norm, limit)
 
     def _revive(self, model_id: str) -> None:
         """A run of an earlier server process: rebuilt at its restore point, ahead of the request
