@@ -1,10 +1,12 @@
 """Batched sampling through the service, side by side in one run with one static Hugging Face
 `generate` batch of the same requests and with the same requests sent one at a time.
 
-Two workloads at each concurrency (default 32 and 128 requests):
+Three workloads at each concurrency (default 32 and 128 requests):
 - uniform: one prompt length, one output length, one sample per request, the bare base model;
 - mixed: prompt lengths 4-64, output lengths 8-MAX, num_samples of 1, 4 or 8, and three weights
-  (the base model and two LoRA adapters) mixed in one batch.
+  (the base model and two LoRA adapters) mixed in one batch;
+- shared_prefix: as mixed, every prompt a common 192-token prefix (a system prompt, few-shot
+  examples) and 8-32 tokens of its own: the service computes the prefix once per weights.
 
 Throughput counts the tokens each request asked for, up to its first end-of-sequence. The static
 batch decodes every row to the longest output of the batch (what a static batch costs) on the bare
@@ -27,6 +29,7 @@ from tinker_client import ServiceClient, types
 from tinker_server.worker.models import load_base_model
 
 EOS = 257
+SHARED_PREFIX = 192
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,11 @@ def workload(kind: str, count: int, max_tokens: int, seed: int = 0) -> list[Requ
     rng = np.random.default_rng(seed)
     if kind == "uniform":
         return [Request(rng.integers(0, 256, 16).tolist(), 1, max_tokens, 0) for _ in range(count)]
+    prefix = rng.integers(0, 256, SHARED_PREFIX).tolist() if kind == "shared_prefix" else []
+    own = (8, 33) if prefix else (4, 65)
     return [
         Request(
-            rng.integers(0, 256, int(rng.integers(4, 65))).tolist(),
+            prefix + rng.integers(0, 256, int(rng.integers(*own))).tolist(),
             int(rng.choice([1, 4, 8])),
             int(rng.integers(8, max_tokens + 1)),
             int(rng.integers(0, 3)),
@@ -132,7 +137,7 @@ def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequent
             service = ServiceClient(base_url=address)
             samplers = samplers_for(service)
             served(samplers, workload("mixed", 4, 8), one_at_a_time=False)  # warm-up
-            for kind in ("uniform", "mixed"):
+            for kind in ("uniform", "mixed", "shared_prefix"):
                 for count in concurrency:
                     requests = workload(kind, count, max_tokens)
                     service_rate = served(samplers, requests, one_at_a_time=False)

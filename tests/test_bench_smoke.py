@@ -7,9 +7,10 @@ import pytest
 from bench import sampling
 
 
-def test_sampling_benchmark_compares_both_workloads_with_a_static_batch():
+def test_sampling_benchmark_compares_every_workload_with_a_static_batch():
     report = sampling.run(concurrency=[2], max_tokens=8, base_model=None)
-    assert [(row["workload"], row["requests"]) for row in report["results"]] == [("uniform", 2), ("mixed", 2)]
+    workloads = [(row["workload"], row["requests"]) for row in report["results"]]
+    assert workloads == [("uniform", 2), ("mixed", 2), ("shared_prefix", 2)]
     for row in report["results"]:
         assert row["service_tokens_per_s"] > 0 and row["static_batch_tokens_per_s"] > 0
         ratio = row["service_tokens_per_s"] / row["static_batch_tokens_per_s"]

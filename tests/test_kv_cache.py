@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import torch
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import PREFIX_BLOCK
+from tinker_server.worker.kv_cache import PREFIX_BLOCK, KeptPrompt, PrefixCache
 
 from .engine_helpers import engine_with_adapters
 from .test_sampling_engine import run, sample, tokens_of
@@ -134,3 +135,26 @@ def test_a_generation_reserves_its_positions_once_and_gives_back_those_of_rows_t
     assert cycle == 4  # the short request's fourth token: its row leaves, and its room with it
     # One row left: its prompt, the 3 tokens in the cache (the 4th goes in next) and the 36 it may still draw.
     assert engine.decoder.reserved_bytes == (4 + 3 + 36) * per_token
+
+
+def test_the_prefix_cache_keeps_each_prompt_once_and_drops_the_least_recently_used_first():
+    cache = PrefixCache()
+
+    def kept(tokens: list[int]) -> KeptPrompt:
+        return KeptPrompt("w", np.asarray(tokens), [torch.zeros(1, len(tokens), 1)], [torch.zeros(1, len(tokens), 1)])
+
+    base = list(range(40))
+    cache.keep(kept(base[:20]))
+    assert not cache.wants("w", np.asarray(base[:18]))  # begins a kept prompt: nothing new
+    cache.keep(kept(base))  # begins with the kept one: replaces it
+    cache.keep(kept([7] * 33))
+    assert cache.nbytes == (40 + 33) * 2 * 4
+    found, length = cache.longest_prefix("w", np.asarray(base[:35] + [99]))
+    assert found.tokens.tolist() == base and length == 32
+    assert cache.longest_prefix("other weights", np.asarray(base))[1] == 0
+
+    cache.shrink_to(40 * 2 * 4)  # the [7] prompt was used least lately
+    assert cache.longest_prefix("w", np.asarray([7] * 33))[1] == 0
+    assert cache.longest_prefix("w", np.asarray(base))[1] == 32
+    cache.forget("w")
+    assert cache.nbytes == 0 and cache.longest_prefix("w", np.asarray(base))[1] == 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from tinker_server.worker.lora import RowRouting, contiguous_segments
@@ -31,15 +31,26 @@ class ReservedLayer(DynamicLayer):
     """A plain attention layer's keys and values [rows, heads, length, dim], views of buffers
     with room for `capacity` positions."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
+        """The rows of `parts` (keys and values each), one after another, each right-aligned to
+        the longest (zeros before: the caller masks them)."""
         super().__init__()
+        keys, values = parts[0]
         self.device, self.is_initialized = keys.device, True
-        length = keys.shape[2]
-        self._key_buffer = keys.new_empty((*keys.shape[:2], max(capacity, length), keys.shape[3]))
-        self._value_buffer = values.new_empty((*values.shape[:2], max(capacity, length), values.shape[3]))
-        self._key_buffer[:, :, :length] = keys
-        self._value_buffer[:, :, :length] = values
-        self._expose(length)
+        rows = sum(part_keys.shape[0] for part_keys, _ in parts)
+        length = max(part_keys.shape[2] for part_keys, _ in parts)
+        room = max(capacity, length)
+        self._key_buffer = keys.new_empty((rows, keys.shape[1], room, keys.shape[3]))
+        self._value_buffer = values.new_empty((rows, values.shape[1], room, values.shape[3]))
+        start = 0
+        for part_keys, part_values in parts:
+            end, pad = start + part_keys.shape[0], length - part_keys.shape[2]
+            self._key_buffer[start:end, :, :pad] = 0
+            self._value_buffer[start:end, :, :pad] = 0
+            self._key_buffer[start:end, :, pad:length] = part_keys
+            self._value_buffer[start:end, :, pad:length] = part_values
+            start = end
+        self._expose(rows, length)
 
     @property
     def capacity(self) -> int:
@@ -52,64 +63,86 @@ class ReservedLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.keys.shape[2]
+        rows, _, start, _ = self.keys.shape
         end = start + key_states.shape[2]
         if end > self.capacity:  # more than was reserved: grow, doubling (not reached when reserved right)
-            self.__init__(self.keys, self.values, max(end, 2 * self.capacity))
-        self._key_buffer[:, :, start:end] = key_states
-        self._value_buffer[:, :, start:end] = value_states
-        self._expose(end)
+            self.__init__([(self.keys, self.values)], max(end, 2 * self.capacity))
+        self._key_buffer[:rows, :, start:end] = key_states
+        self._value_buffer[:rows, :, start:end] = value_states
+        self._expose(rows, end)
         return self.keys, self.values
 
-    def _expose(self, length: int) -> None:
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+    def keep_rows(
+        self, rows: torch.Tensor, capacity: int, spare: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keeps `rows`, in that order, with room for `capacity` positions: gathered into `spare`
+        buffers (allocated if it has none of the right shape), whose place the old buffers take
+        in what it returns, so layer after layer and step after step nothing is allocated. The
+        buffers are reallocated only to grow, or once they are more than half empty."""
+        if capacity > self.capacity or 2 * len(rows) * capacity < self._key_buffer.shape[0] * self.capacity:
+            self.__init__([(self.keys[rows], self.values[rows])], capacity)
+            return spare
+        if spare is None or spare[0].shape != self._key_buffer.shape or spare[1].shape != self._value_buffer.shape:
+            spare = (torch.empty_like(self._key_buffer), torch.empty_like(self._value_buffer))
+        length = self.keys.shape[2]
+        torch.index_select(self.keys, 0, rows, out=spare[0][: len(rows), :, :length])
+        torch.index_select(self.values, 0, rows, out=spare[1][: len(rows), :, :length])
+        freed = self._key_buffer, self._value_buffer
+        self._key_buffer, self._value_buffer = spare
+        self._expose(len(rows), length)
+        return freed
+
+    def _expose(self, rows: int, length: int) -> None:
+        self.keys, self.values = self._key_buffer[:rows, :, :length], self._value_buffer[:rows, :, :length]
 
 
 def is_plain(layer: object) -> bool:
     return type(layer) is DynamicLayer or isinstance(layer, ReservedLayer)
 
 
-def reserve_rows(cache: DynamicCache, rows: torch.Tensor, capacity: int) -> None:
-    """Keeps only `rows` (in that order) of every layer; plain layers get room for `capacity` positions."""
-    for index, layer in enumerate(cache.layers):
-        if is_plain(layer):
-            cache.layers[index] = ReservedLayer(layer.keys[rows], layer.values[rows], capacity)
-        else:
-            layer.reorder_cache(rows)
+class GenerationCache(DynamicCache):
+    """A generation's cache: Hugging Face's, whose plain attention layers become `ReservedLayer`s
+    once its rows are known (`keep_rows`). One spare pair of buffers, passed from layer to layer,
+    lets rows leave without an allocation (a fresh one costs more than the move itself on a CPU)."""
 
+    def __init__(self, config: PretrainedConfig | None = None) -> None:
+        super().__init__(config=config)
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
-def join_rows(cache: DynamicCache, other: DynamicCache, capacity: int) -> None:
-    """Appends `other`'s rows to `cache`'s (plain layers only): the shorter is left-padded with
-    zeros (masked by the caller), so every row's latest position stays in the last column."""
-    for index, (mine, theirs) in enumerate(zip(cache.layers, other.layers, strict=True)):
-        length = max(mine.keys.shape[2], theirs.keys.shape[2])
-        keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
-        values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
-        cache.layers[index] = ReservedLayer(keys, values, capacity)
+    def keep_rows(self, rows: torch.Tensor, capacity: int) -> None:
+        """Keeps only `rows` (in that order) of every layer; plain layers get room for `capacity` positions."""
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, ReservedLayer):
+                self._spare = layer.keep_rows(rows, capacity, self._spare)
+            elif is_plain(layer):
+                self.layers[index] = ReservedLayer([(layer.keys[rows], layer.values[rows])], capacity)
+            else:
+                layer.reorder_cache(rows)
 
+    def join(self, other: DynamicCache, capacity: int) -> None:
+        """Appends `other`'s rows to these (plain layers only): the shorter is left-padded with
+        zeros (masked by the caller), so every row's latest position stays in the last column."""
+        for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
+            self.layers[index] = ReservedLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], capacity)
+        self._spare = None  # the rows' shape changed
 
-def reserved_bytes(cache: DynamicCache) -> int:
-    return sum(
-        layer.reserved_bytes if isinstance(layer, ReservedLayer) else layer.keys.nbytes + layer.values.nbytes
-        for layer in cache.layers
-        if layer.is_initialized
-    )
-
-
-def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - tensor.shape[2]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor.new_zeros((*tensor.shape[:2], missing, tensor.shape[3])), tensor], dim=2)
+    @property
+    def reserved_bytes(self) -> int:
+        spare = sum(tensor.nbytes for tensor in self._spare) if self._spare is not None else 0
+        return spare + sum(
+            layer.reserved_bytes if isinstance(layer, ReservedLayer) else layer.keys.nbytes + layer.values.nbytes
+            for layer in self.layers
+            if layer.is_initialized
+        )
 
 
 @torch.no_grad()
 def kv_bytes_per_token(model: PreTrainedModel, routing: RowRouting, device: torch.device) -> int:
     """What one row's cache holds per position, measured on one token (any architecture's layout)."""
-    cache = DynamicCache(config=model.config)
+    cache = GenerationCache(config=model.config)
     with routing.route(contiguous_segments([None])):
         final_hidden_states(model, input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
-    return reserved_bytes(cache)
+    return cache.reserved_bytes
 
 
 @dataclass(eq=False)
@@ -135,19 +168,19 @@ class KeptPrompt:
 
 class PrefixCache:
     """Prompts prefilled lately, per weights key, for later prompts that start the same way. Least
-    recently used ones leave first; `forget` drops the prompts of weights that changed."""
+    recently used ones leave first; `forget` drops the prompts of weights that changed. Prompts
+    are found through their first block (any reuse shares it), not by comparing with every one."""
 
     def __init__(self) -> None:
         self._kept: OrderedDict[int, KeptPrompt] = OrderedDict()
+        self._families: dict[tuple[str, bytes], dict[int, KeptPrompt]] = {}
         self.nbytes = 0
 
     def longest_prefix(self, key: str, tokens: np.ndarray) -> tuple[KeptPrompt | None, int]:
         """The kept prompt sharing the most whole blocks with `tokens` (leaving at least its last
         token to compute), and how many tokens they share."""
         best, best_length = None, 0
-        for kept in self._kept.values():
-            if kept.key != key:
-                continue
+        for kept in self._family(key, tokens).values():
             length = reusable_length(kept.tokens, tokens)
             if length > best_length:
                 best, best_length = kept, length
@@ -158,15 +191,16 @@ class PrefixCache:
     def wants(self, key: str, tokens: np.ndarray) -> bool:
         """Whether keeping this prompt adds anything: a whole block, and no kept prompt begins with it."""
         return len(tokens) > PREFIX_BLOCK and not any(
-            kept.key == key and _common_prefix(kept.tokens, tokens) == len(tokens) for kept in self._kept.values()
+            _common_prefix(kept.tokens, tokens) == len(tokens) for kept in self._family(key, tokens).values()
         )
 
     def keep(self, prompt: KeptPrompt) -> None:
         """Keeps `prompt` (which `wants` it) in place of the kept prompts it begins with."""
-        for kept in list(self._kept.values()):
-            if kept.key == prompt.key and _common_prefix(kept.tokens, prompt.tokens) == len(kept.tokens):
+        for kept in list(self._family(prompt.key, prompt.tokens).values()):
+            if _common_prefix(kept.tokens, prompt.tokens) == len(kept.tokens):
                 self._drop(kept)
         self._kept[id(prompt)] = prompt
+        self._families.setdefault(_family_key(prompt.key, prompt.tokens), {})[id(prompt)] = prompt
         self.nbytes += prompt.nbytes
 
     def forget(self, key: str) -> None:
@@ -178,9 +212,21 @@ class PrefixCache:
         while self._kept and self.nbytes > nbytes:
             self._drop(next(iter(self._kept.values())))
 
+    def _family(self, key: str, tokens: np.ndarray) -> dict[int, KeptPrompt]:
+        return self._families.get(_family_key(key, tokens), {}) if len(tokens) > PREFIX_BLOCK else {}
+
     def _drop(self, kept: KeptPrompt) -> None:
         del self._kept[id(kept)]
+        family_key = _family_key(kept.key, kept.tokens)
+        family = self._families[family_key]
+        del family[id(kept)]
+        if not family:
+            del self._families[family_key]
         self.nbytes -= kept.nbytes
+
+
+def _family_key(key: str, tokens: np.ndarray) -> tuple[str, bytes]:
+    return key, tokens[:PREFIX_BLOCK].tobytes()
 
 
 def reusable_length(kept: np.ndarray, tokens: np.ndarray) -> int:

@@ -22,15 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import (
-    KeptPrompt,
-    PrefixCache,
-    is_plain,
-    join_rows,
-    reserve_rows,
-    reserved_bytes,
-    reusable_length,
-)
+from tinker_server.worker.kv_cache import GenerationCache, KeptPrompt, PrefixCache, is_plain, reusable_length
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
 
@@ -286,7 +278,7 @@ class Generation:
         starts = starts.to(device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
         self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
-        reserve_rows(self._cache, starts, self._capacity())  # every row starts from its prompt's keys and values
+        self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
         self._choice = TokenChoice(
             [row.request for row in self._rows], [row.sample_index for row in self._rows], device
@@ -295,7 +287,7 @@ class Generation:
 
     def _prefill_keeping(
         self, prompts: list[_Prompt], requests: list[ops.Sample], prefixes: PrefixCache | None
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
+    ) -> tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
         """`_prefill`, each prompt starting from the longest prefix kept for its weights, and kept there."""
         for prompt in prompts:
             if prompt.reuse_key is not None:
@@ -310,7 +302,7 @@ class Generation:
 
     def _prefill(
         self, prompts: list[_Prompt], requests: list[ops.Sample]
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
+    ) -> tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
         """One forward over what each prompt does not reuse, right-aligned after the reused
         prefixes (themselves right-aligned in the columns before): its cache and attention mask
         [prompts, columns], each prompt's last position [prompts, 1] and next-token logits, and
@@ -329,7 +321,7 @@ class Generation:
         input_ids, attention_mask, position_ids = (
             t.to(self._device) for t in (input_ids, attention_mask, position_ids)
         )
-        cache = DynamicCache(config=self._model.config)
+        cache = GenerationCache(config=self._model.config)
         if reused_width:
             _load_prefixes(cache, prompts, reused_width)
         with self._routing.route(contiguous_segments([prompt.weights for prompt in prompts])):
@@ -367,7 +359,7 @@ class Generation:
 
     @property
     def reserved_bytes(self) -> int:
-        return reserved_bytes(self._cache)
+        return self._cache.reserved_bytes
 
     @property
     def done(self) -> bool:
@@ -391,7 +383,7 @@ class Generation:
         self._attention_mask = torch.cat(
             [_pad_left(self._attention_mask, length, 1), _pad_left(other._attention_mask, length, 1)]
         )
-        join_rows(self._cache, other._cache, self._capacity())
+        self._cache.join(other._cache, self._capacity())
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
         self._logits = torch.cat([self._logits, other._logits])
 
@@ -435,9 +427,9 @@ class Generation:
             )
             self._active = active = [active[position] for position in keep]
             if not active:
-                self._cache = DynamicCache()  # nothing left to decode: the memory goes back at once
+                self._cache = GenerationCache()  # nothing left to decode: the memory goes back at once
                 return
-            reserve_rows(self._cache, kept, self._capacity())
+            self._cache.keep_rows(kept, self._capacity())
         self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(active), 1))], 1)
         self._position_ids = self._position_ids + 1
         segments = contiguous_segments([rows[index].weights for index in active])
@@ -468,15 +460,15 @@ def _split_on_shared_prefixes(prompts: list[_Prompt]) -> tuple[list[_Prompt], li
 
 
 def _joined_prefills(
-    cache: DynamicCache,
+    cache: GenerationCache,
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    second: tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor, object],
+    second: tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, object],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Appends the second prefill's prompts to the first's `cache`; their attention masks, last
     positions and logits, joined the same way."""
     (attention_mask, position_ids, logits), (other_cache, other_mask, other_positions, other_logits, _) = first, second
     width = max(attention_mask.shape[1], other_mask.shape[1])
-    join_rows(cache, other_cache, width)
+    cache.join(other_cache, width)
     attention_mask = torch.cat([_pad_left(attention_mask, width, 1), _pad_left(other_mask, width, 1)])
     return attention_mask, torch.cat([position_ids, other_positions]), torch.cat([logits, other_logits])
 
