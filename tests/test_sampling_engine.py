@@ -167,3 +167,27 @@ def test_requests_arriving_mid_generation_join_its_batch_and_draw_the_same(engin
     assert tokens_of(answered["late"]) == tokens_of(alone[1])
     for joined, lonely in zip(answered["late"].sequences, alone[1].sequences, strict=True):
         np.testing.assert_allclose(joined.logprobs, lonely.logprobs, atol=1e-5)
+
+
+def test_a_cycle_decodes_on_while_nothing_waits_and_answers_after_one_step_when_something_does(engine):
+    request = sample([256, 72, 105], num_samples=2, max_tokens=30, seed=9)
+    (whole,) = run(engine, request)
+
+    # Nothing waits for the next cycle: this one goes past its (zero) chunk to the generation's end.
+    nothing_waits = engine.run_cycle(ops.Cycle(1, [ops.WorkItem("gen", "", request)]), 0.0, interrupt=lambda: False)
+    assert [tokens_of(outcome.result) for outcome in nothing_waits] == [tokens_of(whole)]
+
+    # Requests wait: one step, however long the chunk, and the cycle answers.
+    asked = []
+    item = ops.WorkItem("gen", "", request)
+    assert engine.run_cycle(ops.Cycle(2, [item]), 10.0, interrupt=lambda: asked.append(True) or True) == []
+    assert len(asked) == 1
+
+    # A cycle with answers of its own ready decodes its chunk only, even with nothing waiting.
+    tokens = np.arange(9, dtype=np.int64)
+    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(8, dtype=np.float32)})
+    forward = ops.WorkItem("fwd", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False))
+    answered = engine.run_cycle(ops.Cycle(3, [forward]), 0.0, interrupt=lambda: False)
+    assert [outcome.future_id for outcome in answered] == ["fwd"]
+    (rest,) = engine.run_cycle(ops.Cycle(4, []))
+    assert tokens_of(rest.result) == tokens_of(whole)

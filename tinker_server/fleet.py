@@ -125,7 +125,7 @@ class Fleet:
         worker = SupervisedWorker(
             self.platform, spec.path, options, self._runs, lambda: self.runs_on(slot), self._set_serving
         )
-        scheduler = Scheduler(worker.run_cycle, self._options.cycle, self._options.max_cycle_tokens)
+        scheduler = Scheduler(worker.run_cycle, self._options.cycle, self._options.max_cycle_tokens, worker)
         slot = ReplicaSlot("", spec, worker, scheduler)
         worker.handover = lambda changing: self._hand_over(slot, changing)
         return slot

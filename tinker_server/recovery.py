@@ -95,6 +95,13 @@ class SupervisedWorker:
     def residency(self) -> ops.ResidencyStats:
         return self._worker.residency
 
+    # The scheduler's WorkSignal, passed on to whichever worker runs now.
+    def set(self) -> None:
+        self._worker.work_waiting.set()
+
+    def clear(self) -> None:
+        self._worker.work_waiting.clear()
+
     def where(self) -> str:
         return self._worker.where()
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from tinker_server import metrics, ops
+from tinker_server.worker.platform import NO_SIGNAL, WorkSignal
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,15 @@ def admit_all(items: list[ops.WorkItem]) -> list[ops.OpError | None]:
 
 class Scheduler:
     def __init__(
-        self, run_cycle: RunCycle, policy: CyclePolicy, max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS
+        self,
+        run_cycle: RunCycle,
+        policy: CyclePolicy,
+        max_cycle_tokens: int = DEFAULT_MAX_CYCLE_TOKENS,
+        work_waiting: WorkSignal = NO_SIGNAL,
     ) -> None:
         self._run_cycle = run_cycle
+        self._work_waiting = work_waiting
+        """Tells a worker generating across cycles that requests wait for its next one."""
         self.gate: Gate = admit_all
         self._policy = policy
         self._max_cycle_tokens = max_cycle_tokens
@@ -127,6 +134,7 @@ class Scheduler:
         queue.appendleft(queued) if first else queue.append(queued)
         self._queued += 1
         self._work_available.set()
+        self._work_waiting.set()
         self._submitted.set()
         return ticket
 
@@ -139,6 +147,7 @@ class Scheduler:
     def release(self, run: str) -> None:
         self._held.discard(run)
         self._work_available.set()
+        self._work_waiting.set()
 
     def take(self, run: str | None = None) -> list[_Queued]:
         """Removes every queued request whose home is `run` (None: every one), in order."""
@@ -172,6 +181,7 @@ class Scheduler:
         finishing included, are the scheduler's to answer.)"""
         self._tick_requested = True
         self._work_available.set()
+        self._work_waiting.set()
 
     def close(self) -> None:
         """Stops the clock after the running cycle (its replica retired)."""
@@ -201,6 +211,7 @@ class Scheduler:
                 await asyncio.sleep(next_tick - loop.time())
             else:
                 await asyncio.sleep(0)  # let requests already received join, e.g. an optim_step sent with its backward
+            self._work_waiting.clear()  # (before the take: what is queued after it sets it again)
             batch = self._take_cycle()
             just_served = {queued.queue_key for queued in batch}
             if not batch or not any(self._queues.values()):

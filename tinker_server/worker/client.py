@@ -23,9 +23,17 @@ class WorkerClient:
         self._base_model = base_model
         context = multiprocessing.get_context("spawn")  # never fork a process with gRPC threads
         self._conn, child_conn = context.Pipe()
+        self.work_waiting = context.Event()
         self._process = context.Process(
             target=worker_main,
-            args=(child_conn, base_model, options, logging.getLogger().getEffectiveLevel(), current_format()),
+            args=(
+                child_conn,
+                base_model,
+                options,
+                logging.getLogger().getEffectiveLevel(),
+                current_format(),
+                self.work_waiting,
+            ),
             name="tinker-worker",
             daemon=True,
         )

@@ -25,6 +25,10 @@ from tinker_server.worker.sampling import Generation
 
 log = logging.getLogger(__name__)
 
+MAX_UNINTERRUPTED_SECONDS = 0.25
+"""The longest a cycle decodes while nothing waits for the next one (it then answers anyway: the
+server's housekeeping runs between cycles)."""
+
 
 @dataclass(eq=False)
 class _Request:
@@ -94,11 +98,16 @@ class Decoder:
         """The weights kept under `reuse_key` changed or left: their prompts are no longer theirs."""
         self.budget.prefixes.forget(reuse_key)
 
-    def decode(self, cycle_id: int, seconds: float | None) -> list[ops.Outcome]:
+    def decode(
+        self, cycle_id: int, seconds: float | None, interrupt: Callable[[], bool] | None = None
+    ) -> list[ops.Outcome]:
         """Steps the generations (admitting and joining waiting requests first), at least once,
         then on for up to `seconds` (None: until all are done); the outcomes of the requests whose
-        rows all finished, or that failed."""
-        deadline = None if seconds is None else time.monotonic() + seconds
+        rows all finished, or that failed. With `interrupt` (whether requests wait for the next
+        cycle), it stops as soon as one does, and otherwise goes on past `seconds` until some
+        outcome is ready to answer (at most MAX_UNINTERRUPTED_SECONDS): no cycle ends, and costs
+        a round trip, for nothing."""
+        start = time.monotonic()
         outcomes = self._admit(cycle_id)
         while self._generations:
             self._join()
@@ -115,9 +124,17 @@ class Decoder:
                 if generation.done and generation in self._generations:
                     self._generations.remove(generation)
             outcomes.extend(self._admit(cycle_id))
-            if deadline is not None and time.monotonic() >= deadline:
+            if seconds is not None and self._chunk_ends(time.monotonic() - start, seconds, interrupt, bool(outcomes)):
                 break
         return outcomes
+
+    @staticmethod
+    def _chunk_ends(elapsed: float, seconds: float, interrupt: Callable[[], bool] | None, answers: bool) -> bool:
+        if interrupt is None:
+            return elapsed >= seconds
+        if interrupt():
+            return True
+        return elapsed >= seconds and (answers or elapsed >= MAX_UNINTERRUPTED_SECONDS)
 
     def _admit(self, cycle_id: int) -> list[ops.Outcome]:
         """Prefills, as one generation, the waiting requests that fit beside what is reserved, in

@@ -119,11 +119,13 @@ class Engine:
 
     # -- the cycle -------------------------------------------------------------------
 
-    def run_cycle(self, cycle: ops.Cycle, decode_seconds: float | None = None) -> list[ops.Outcome]:
+    def run_cycle(
+        self, cycle: ops.Cycle, decode_seconds: float | None = None, interrupt: Callable[[], bool] | None = None
+    ) -> list[ops.Outcome]:
         """Runs the cycle's operations, phase by phase; its samples join the generations under way,
-        which then decode for up to `decode_seconds` (None: until every one is done). Returns the
-        outcomes ready: the cycle's, in order (samples only once generated), then those of earlier
-        cycles' samples that finished now."""
+        which then decode for `decode_seconds` (None: until every one is done; see Decoder.decode
+        for `interrupt`). Returns the outcomes ready: the cycle's, in order (samples only once
+        generated), then those of earlier cycles' samples that finished now."""
         by_phase: dict[ops.Phase, list[ops.WorkItem]] = defaultdict(list)
         for item in cycle.items:
             by_phase[item.operation.phase].append(item)
@@ -167,7 +169,9 @@ class Engine:
                     else:
                         outcome.result = output
                     results[item.future_id] = outcome
-        for outcome in self.decoder.decode(cycle.cycle_id, decode_seconds):
+        if results:  # answers ready now wait for the decoding: a chunk at most, never longer
+            interrupt = None
+        for outcome in self.decoder.decode(cycle.cycle_id, decode_seconds, interrupt):
             results[outcome.future_id] = outcome
         self.residency.settle()  # between cycles, adapters keep within the limits
         ordered = [results.pop(item.future_id) for item in cycle.items if item.future_id in results]

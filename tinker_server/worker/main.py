@@ -7,6 +7,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,12 @@ def build_engine(base_model: str | None, options: WorkerOptions, device: torch.d
 
 
 def worker_main(
-    conn: Connection, base_model: str | None, options: WorkerOptions, log_level: int, log_format: str
+    conn: Connection,
+    base_model: str | None,
+    options: WorkerOptions,
+    log_level: int,
+    log_format: str,
+    work_waiting: Event,
 ) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -72,4 +78,5 @@ def worker_main(
             return
         if message is None:
             return
-        conn.send(CycleReport(engine.run_cycle(message, options.decode_chunk_seconds), engine.residency.stats()))
+        outcomes = engine.run_cycle(message, options.decode_chunk_seconds, interrupt=work_waiting.is_set)
+        conn.send(CycleReport(outcomes, engine.residency.stats()))

@@ -17,9 +17,32 @@ class WorkerDied(RuntimeError):
     """The replica's worker (a process, an actor) went away while the server needed it."""
 
 
+class WorkSignal(Protocol):
+    """Set by the scheduler when requests are queued, cleared as it forms a cycle: while it is
+    clear, a worker decoding across cycles may go on past its chunk, since nothing waits for it."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+class NoSignal:
+    """For workers that cannot see the flag (a Ray actor on another node): chunks keep their length."""
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+NO_SIGNAL = NoSignal()
+
+
 class Replica(Protocol):
     residency: ResidencyStats
     """Where the replica's adapters are, as of its last cycle."""
+    work_waiting: WorkSignal
 
     async def start(self) -> ModelInfo:
         """Loads the base model; raises RuntimeError saying why it could not."""

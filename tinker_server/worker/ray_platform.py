@@ -17,7 +17,7 @@ from typing import Any
 
 from tinker_server.logs import current_format
 from tinker_server.ops import Cycle, CycleReport, ModelInfo, Outcome, ResidencyStats, WorkerOptions
-from tinker_server.worker.platform import RaySettings, Replica, WorkerDied
+from tinker_server.worker.platform import NO_SIGNAL, RaySettings, Replica, WorkerDied
 
 log = logging.getLogger(__name__)
 PING_SECONDS = 10.0
@@ -64,6 +64,7 @@ class RayReplica:
         self._gone = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
         self._location = "ray actor (starting)"
         self.residency = ResidencyStats()
+        self.work_waiting = NO_SIGNAL
 
     async def start(self) -> ModelInfo:
         try:
