@@ -53,12 +53,13 @@ $(REFERENCE_WHEEL): | $(PY)
 # not reachable in CI): installed with apt when missing and apt-get is usable (as root, or by sudo
 # without a password); elsewhere that test is skipped, saying why.
 APT_BROWSER := apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver
+BROWSER_SKIPPED := echo "chromium and chromium-driver are missing and could not be installed here:" \
+	"the console's browser test will be skipped"
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then sh -c '$(APT_BROWSER)'; \
-	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then sudo sh -c '$(APT_BROWSER)'; \
-	else echo "chromium and chromium-driver are missing and apt-get cannot install them here:" \
-		"the console's browser test will be skipped"; fi
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then sh -c '$(APT_BROWSER)' || $(BROWSER_SKIPPED); \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then sudo sh -c '$(APT_BROWSER)' || $(BROWSER_SKIPPED); \
+	else $(BROWSER_SKIPPED); fi
 
 # pytest runs last, so its summary closes the output.
 test: install lint proto-lint test-node browser $(COOKBOOK_STAMP) $(REFERENCE_WHEEL)
