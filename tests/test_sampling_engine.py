@@ -108,6 +108,21 @@ def test_greedy_generation_stops_right_after_its_stop_string(engine):
     assert stop not in tokenizer.decode(sequence.tokens[:-1].tolist())
 
 
+def test_a_stop_string_completed_across_two_cycles_ends_the_sequence_as_in_one(engine):
+    tokenizer = byte_tokenizer()
+    (free,) = run(engine, sample([256, 80], adapter="b", temperature=0.0, max_tokens=16))
+    stop = tokenizer.decode(free.sequences[0].tokens[6:8].tolist())  # tokens 7 and 8: drawn in two cycles
+    request = sample([256, 80], adapter="b", temperature=0.0, max_tokens=16, stop_strings=(stop,))
+    (whole,) = run(engine, request)
+    outcomes, cycle = engine.run_cycle(ops.Cycle(1, [ops.WorkItem("gen", "", request)]), decode_seconds=0.0), 1
+    while not outcomes:  # one token a cycle
+        cycle += 1
+        outcomes = engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+    (chunked,) = outcomes
+    assert cycle == len(whole.sequences[0].tokens) <= 8 and chunked.result.sequences[0].stopped
+    assert tokens_of(chunked.result) == tokens_of(whole)
+
+
 def test_a_generation_goes_on_over_cycles_and_training_runs_in_between(engine):
     request = sample([256, 72, 105], num_samples=2, adapter="b", max_tokens=40, seed=9)
     (whole,) = run(engine, request)  # in one cycle, to its end
