@@ -15,19 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
 from tinker_server.worker.kv_cache import KvBudget, kv_bytes_per_token
-from tinker_server.worker.lora import RowRouting
-from tinker_server.worker.sampling import Generation
+from tinker_server.worker.sampling import Generation, SamplingModel
 
 log = logging.getLogger(__name__)
-
-MAX_UNINTERRUPTED_SECONDS = 0.25
-"""The longest a cycle decodes while nothing waits for the next one (it then answers anyway: the
-server's housekeeping runs between cycles)."""
 
 
 @dataclass(eq=False)
@@ -50,19 +43,12 @@ class Decoder:
     """Admits, batches and steps generations. `release` is called with the name of a weights
     copy once no request reads it any more."""
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        routing: RowRouting,
-        tokenizer: PreTrainedTokenizerBase,
-        eos_token_ids: tuple[int, ...],
-        device: torch.device,
-        kv_cache_bytes: int,
-        release: Callable[[str], None],
-    ) -> None:
-        self._model, self._routing, self._tokenizer = model, routing, tokenizer
-        self._eos_token_ids, self._device, self._release = eos_token_ids, device, release
-        self.budget = KvBudget(kv_cache_bytes, kv_bytes_per_token(model, routing, device))
+    def __init__(self, sampler: SamplingModel, kv_cache_bytes: int, release: Callable[[str], None]) -> None:
+        self._sampler, self._release = sampler, release
+        self.max_uninterrupted_seconds = 0.25
+        """The longest a cycle decodes while nothing waits for the next one (it then answers
+        anyway: the server's housekeeping runs between cycles)."""
+        self.budget = KvBudget(kv_cache_bytes, kv_bytes_per_token(sampler.model, sampler.routing, sampler.device))
         self._generations: list[Generation] = []
         self._waiting: deque[_Request] = deque()
         self._readers: Counter[str] = Counter()
@@ -105,7 +91,7 @@ class Decoder:
         then on for up to `seconds` (None: until all are done); the outcomes of the requests whose
         rows all finished, or that failed. With `interrupt` (whether requests wait for the next
         cycle), it stops as soon as one does, and otherwise goes on past `seconds` until some
-        outcome is ready to answer (at most MAX_UNINTERRUPTED_SECONDS): no cycle ends, and costs
+        outcome is ready to answer (at most `max_uninterrupted_seconds`): no cycle ends, and costs
         a round trip, for nothing."""
         start = time.monotonic()
         outcomes = self._admit(cycle_id)
@@ -128,13 +114,12 @@ class Decoder:
                 break
         return outcomes
 
-    @staticmethod
-    def _chunk_ends(elapsed: float, seconds: float, interrupt: Callable[[], bool] | None, answers: bool) -> bool:
+    def _chunk_ends(self, elapsed: float, seconds: float, interrupt: Callable[[], bool] | None, answers: bool) -> bool:
         if interrupt is None:
             return elapsed >= seconds
         if interrupt():
             return True
-        return elapsed >= seconds and (answers or elapsed >= MAX_UNINTERRUPTED_SECONDS)
+        return elapsed >= seconds and (answers or elapsed >= self.max_uninterrupted_seconds)
 
     def _admit(self, cycle_id: int) -> list[ops.Outcome]:
         """Prefills, as one generation, the waiting requests that fit beside what is reserved, in
@@ -165,11 +150,7 @@ class Decoder:
 
     def _prefill(self, requests: list[_Request]) -> Generation:
         return Generation(
-            self._model,
-            self._routing,
-            self._tokenizer,
-            self._eos_token_ids,
-            self._device,
+            self._sampler,
             [request.sample for request in requests],
             [request.weights for request in requests],
             requests,

@@ -44,6 +44,7 @@ from tinker_server.worker.losses import LOSS_FUNCTIONS, LOSS_METRICS
 from tinker_server.worker.models import LoadedModel, final_hidden_states, tokenizer_files
 from tinker_server.worker.passes import gradients_all_or_nothing, target_logprobs
 from tinker_server.worker.residency import Adapter, Residency, ResidencyLimits, weight_bytes
+from tinker_server.worker.sampling import SamplingModel
 from tinker_server.worker.snapshot_writes import SnapshotWrites
 from tinker_server.worker.targets import KINDS, wrap_lora_targets
 
@@ -91,15 +92,8 @@ class Engine:
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
         self._snapshot_writes = SnapshotWrites()
-        self.decoder = Decoder(
-            self.model,
-            self.routing,
-            loaded.tokenizer,
-            loaded.eos_token_ids,
-            device,
-            kv_cache_bytes,
-            release=self._unregister,
-        )
+        sampler = SamplingModel(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, device)
+        self.decoder = Decoder(sampler, kv_cache_bytes, release=self._unregister)
         self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:

@@ -225,6 +225,18 @@ class _Part:
         return results
 
 
+@dataclass(frozen=True)
+class SamplingModel:
+    """What generations run on: the base model with its LoRA routing, on its device, and what
+    ends a sequence (the tokenizer, for stop strings, and the end-of-sequence ids)."""
+
+    model: PreTrainedModel
+    routing: RowRouting
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: tuple[int, ...]
+    device: torch.device
+
+
 class Generation:
     """Sample requests being decoded: prefilled at once, then advanced a step at a time (so the
     worker can stop between steps for other work) until every row has finished. Another
@@ -237,18 +249,14 @@ class Generation:
     @torch.no_grad()
     def __init__(
         self,
-        model: PreTrainedModel,
-        routing: RowRouting,
-        tokenizer: PreTrainedTokenizerBase,
-        eos_token_ids: tuple[int, ...],
-        device: torch.device,
+        sampler: SamplingModel,
         requests: list[ops.Sample],
         weights: list[str | None],
         payload: object = None,
         prefixes: PrefixCache | None = None,
         reuse_keys: dict[str | None, str] | None = None,
     ) -> None:
-        self._model, self._routing, self._device = model, routing, device
+        self._model, self._routing, self._device = sampler.model, sampler.routing, sampler.device
         prompts = _distinct_prompts(requests, weights)
         if prefixes is not None:
             for prompt in prompts:
@@ -275,15 +283,15 @@ class Generation:
         )
         self._parts = [_Part(requests, prompts, scored, self._rows, payload)]
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
-        starts = starts.to(device)
+        starts = starts.to(self._device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
         self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
         self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
         self._choice = TokenChoice(
-            [row.request for row in self._rows], [row.sample_index for row in self._rows], device
+            [row.request for row in self._rows], [row.sample_index for row in self._rows], self._device
         )
-        self._stops = [_StopChecker(row.request.params, eos_token_ids, tokenizer) for row in self._rows]
+        self._stops = [_StopChecker(row.request.params, sampler.eos_token_ids, sampler.tokenizer) for row in self._rows]
 
     def _prefill_keeping(
         self, prompts: list[_Prompt], requests: list[ops.Sample], prefixes: PrefixCache | None
