@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tinker_server import ops
 from tinker_server.worker.engine import Engine
@@ -122,8 +123,8 @@ def test_tenants_with_different_flags_share_one_pass(architecture):
 
 
 def test_sampling_over_cycles_with_late_requests_joining_draws_what_each_draws_alone(architecture):
-    """Chunked decoding and rows joining a running batch (sliding-window caches keep their own):
-    a seeded sample is the same as generated alone in one cycle, on every architecture."""
+    """Chunked decoding and rows joining a running batch (sliding windows included, past their
+    length): a seeded sample is the same as generated alone in one cycle, on every architecture."""
     name, _, engine = architecture
     tenants = [Tenant(engine, f"{name}-sample-{kinds}", spec(kinds, seed=3)) for kinds in ("attn+mlp", "unembed")]
     for tenant in tenants:
@@ -142,8 +143,39 @@ def test_sampling_over_cycles_with_late_requests_joining_draws_what_each_draws_a
         for outcome in engine.run_cycle(ops.Cycle(next(Tenant.cycles), items), decode_seconds=0.0):
             assert outcome.error is None, outcome.error
             answered[outcome.future_id.rsplit("-", 1)[0]] = outcome.result
+        assert engine.decoder.batches <= 1  # the late rows joined the early ones' batch
     for tenant, lonely in zip(tenants, alone, strict=True):
         together = answered[tenant.model_id]
         assert [s.tokens.tolist() for s in together.sequences] == [s.tokens.tolist() for s in lonely.sequences]
         for joined, single in zip(together.sequences, lonely.sequences, strict=True):
+            np.testing.assert_allclose(joined.logprobs, single.logprobs, atol=1e-4)
+
+
+def test_prompts_of_one_batch_beginning_alike_draw_what_each_draws_computed_whole(architecture):
+    """Two prompts sharing a 24-token prefix in one batch: the second reuses the first's whole
+    block where every cache layer is a plain one (a sliding window keeps too little of a prompt to
+    reuse), and each draws what it draws with its prompt computed whole."""
+    name, _, engine = architecture
+    prefix = [256, *range(30, 53)]
+    params = ops.SamplingConfig(6, 1.0, 0, 1.0, 11, (), (), True)
+    requests = [
+        ops.Sample(None, None, np.asarray(prefix + tail, dtype=np.int64), 2, params, False, 0)
+        for tail in ([1, 2, 3], [4, 5])
+    ]
+
+    def results(*batch: ops.Sample) -> list[ops.SampleResult]:
+        items = [ops.WorkItem(f"{name}-prefix-{index}", "", request) for index, request in enumerate(batch)]
+        outcomes = engine.run_cycle(ops.Cycle(next(Tenant.cycles), items))
+        assert all(outcome.error is None for outcome in outcomes), [outcome.error for outcome in outcomes]
+        return [outcome.result for outcome in outcomes]
+
+    engine.decoder.budget.prefixes.shrink_to(0)
+    together = results(*requests)
+    reuses = all(type(layer) is DynamicLayer for layer in DynamicCache(config=engine.model.config).layers)
+    assert [result.prompt_cache_hit_tokens for result in together] == [0, 16 if reuses else 0]
+    for request, shared in zip(requests, together, strict=True):
+        engine.decoder.budget.prefixes.shrink_to(0)
+        (whole,) = results(request)
+        assert [s.tokens.tolist() for s in shared.sequences] == [s.tokens.tolist() for s in whole.sequences]
+        for joined, single in zip(shared.sequences, whole.sequences, strict=True):
             np.testing.assert_allclose(joined.logprobs, single.logprobs, atol=1e-4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import KvBudget, kv_bytes_per_token
+from tinker_server.worker.kv_cache import KvBudget, kv_bytes_per_token, reuses_prompts
 from tinker_server.worker.sampling import Generation, SamplingModel
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Decoder:
         """The longest a cycle decodes while nothing waits for the next one (it then answers
         anyway: the server's housekeeping runs between cycles)."""
         self.budget = KvBudget(kv_cache_bytes, kv_bytes_per_token(sampler.model, sampler.routing, sampler.device))
+        self._prefixes = self.budget.prefixes if reuses_prompts(sampler.model.config) else None
         self._generations: list[Generation] = []
         self._waiting: deque[_Request] = deque()
         self._readers: Counter[str] = Counter()
@@ -154,7 +155,7 @@ class Decoder:
             [request.sample for request in requests],
             [request.weights for request in requests],
             requests,
-            self.budget.prefixes,
+            self._prefixes,
             {request.weights: request.reuse_key for request in requests if request.reuse_key is not None},
         )
 

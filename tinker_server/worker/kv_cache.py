@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states
@@ -100,6 +100,12 @@ def is_plain(layer: object) -> bool:
     return type(layer) is DynamicLayer or isinstance(layer, ReservedLayer)
 
 
+def is_joinable(layer: object) -> bool:
+    """Layers whose rows can join another batch's: plain ones, and sliding windows (each keeps the
+    last positions of the shared columns)."""
+    return is_plain(layer) or type(layer) is DynamicSlidingWindowLayer
+
+
 class GenerationCache(DynamicCache):
     """A generation's cache: Hugging Face's, whose plain attention layers become `ReservedLayer`s
     once its rows are known (`keep_rows`). One spare pair of buffers, passed from layer to layer,
@@ -120,10 +126,16 @@ class GenerationCache(DynamicCache):
                 layer.reorder_cache(rows)
 
     def join(self, other: DynamicCache, capacity: int) -> None:
-        """Appends `other`'s rows to these (plain layers only): the shorter is left-padded with
+        """Appends `other`'s rows to these (joinable layers only): the shorter is left-padded with
         zeros (masked by the caller), so every row's latest position stays in the last column."""
         for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
-            self.layers[index] = ReservedLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], capacity)
+            if is_plain(mine):
+                self.layers[index] = ReservedLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], capacity)
+            else:  # a sliding window: its last positions, right-aligned like the columns they end
+                length = max(mine.keys.shape[2], theirs.keys.shape[2])
+                mine.keys = torch.cat([pad_left(mine.keys, length, 2), pad_left(theirs.keys, length, 2)])
+                mine.values = torch.cat([pad_left(mine.values, length, 2), pad_left(theirs.values, length, 2)])
+                mine.cumulative_length = max(mine.cumulative_length, theirs.cumulative_length)
         self._spare = None  # the rows' shape changed
 
     @property
@@ -134,6 +146,22 @@ class GenerationCache(DynamicCache):
             for layer in self.layers
             if layer.is_initialized
         )
+
+
+def pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros before `tensor` along `dim`, up to `length`."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def reuses_prompts(config: PretrainedConfig) -> bool:
+    """Whether the model's prompts can be kept and reused: every cache layer a plain one (a
+    sliding window keeps too little of a long prompt)."""
+    return all(type(layer) is DynamicLayer for layer in GenerationCache(config=config).layers)
 
 
 @torch.no_grad()

@@ -22,7 +22,15 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import GenerationCache, KeptPrompt, PrefixCache, is_plain, reusable_length
+from tinker_server.worker.kv_cache import (
+    GenerationCache,
+    KeptPrompt,
+    PrefixCache,
+    is_joinable,
+    is_plain,
+    pad_left,
+    reusable_length,
+)
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
 
@@ -374,8 +382,8 @@ class Generation:
         return not self._active
 
     def can_absorb(self, other: Generation) -> bool:
-        """Rows join only where every cache layer is a plain one (no sliding window to line up)."""
-        return all(is_plain(layer) for layer in (*self._cache.layers, *other._cache.layers))
+        """Rows join where every cache layer can take another batch's rows."""
+        return all(is_joinable(layer) for layer in (*self._cache.layers, *other._cache.layers))
 
     def absorb(self, other: Generation) -> None:
         """Takes `other`'s unfinished rows into this batch, after this one's: the shorter of the two
@@ -389,7 +397,7 @@ class Generation:
         self._parts = self._parts + other._parts
         length = max(self._attention_mask.shape[1], other._attention_mask.shape[1])
         self._attention_mask = torch.cat(
-            [_pad_left(self._attention_mask, length, 1), _pad_left(other._attention_mask, length, 1)]
+            [pad_left(self._attention_mask, length, 1), pad_left(other._attention_mask, length, 1)]
         )
         self._cache.join(other._cache, self._capacity())
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
@@ -477,7 +485,7 @@ def _joined_prefills(
     (attention_mask, position_ids, logits), (other_cache, other_mask, other_positions, other_logits, _) = first, second
     width = max(attention_mask.shape[1], other_mask.shape[1])
     cache.join(other_cache, width)
-    attention_mask = torch.cat([_pad_left(attention_mask, width, 1), _pad_left(other_mask, width, 1)])
+    attention_mask = torch.cat([pad_left(attention_mask, width, 1), pad_left(other_mask, width, 1)])
     return attention_mask, torch.cat([position_ids, other_positions]), torch.cat([logits, other_logits])
 
 
@@ -494,16 +502,6 @@ def _load_prefixes(cache: DynamicCache, prompts: list[_Prompt], width: int) -> N
             keys[index, :, width - length :] = prompt.reused.keys[layer_index][:, :length]
             values[index, :, width - length :] = prompt.reused.values[layer_index][:, :length]
         layer.update(keys, values)
-
-
-def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zeros before `tensor` along `dim`, up to `length`."""
-    missing = length - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _sequence_arrays(row: SampleRow) -> ops.SequenceArrays:
