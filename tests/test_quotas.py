@@ -24,6 +24,7 @@ def test_each_owner_has_its_own_quotas(tmp_path):
         *("--api-keys-file", str(keys), "--cycle", "fixed:0.5"),  # requests wait for the next tick
         *("--max-queued-requests-per-owner", "2", "--max-queued-bytes-per-owner", "100000"),
         *("--max-checkpoint-bytes-per-owner", "1", "--max-stored-results-per-owner", "8"),
+        *("--kv-cache-bytes", str(4 << 20)),  # about a thousand positions of the embedded model
     ]
     with running_server(tmp_path, options) as address:
         alice = ServiceClient(base_url=address, api_key="alice-key")
@@ -46,8 +47,13 @@ def test_each_owner_has_its_own_quotas(tmp_path):
             alices.save_state("second").result(timeout=30)
         with pytest.raises(RateLimitError, match="--max-checkpoint-bytes-per-owner"):
             alices.save_weights_and_get_sampling_client().result(timeout=30)
+        sampler = bob.create_sampling_client(base_model=BASE_MODEL).result(timeout=30)
+        prompt, params = types.ModelInput.from_ints([256, 1, 2, 3]), types.SamplingParams(max_tokens=200)
+        with pytest.raises(RateLimitError, match="num_samples=8 .* max_tokens=200 .*--kv-cache-bytes"):
+            sampler.sample(prompt, 8, params).result(timeout=30)  # 8 x 204 positions: more than the budget
+        assert len(sampler.sample(prompt, 1, params).result(timeout=30).sequences) == 1
         bobs.save_state("first").result(timeout=30)
-        for _ in range(5):  # bob's results: his run, a forward, a save, and these
+        for _ in range(3):  # bob's results: his run, a forward, his sampler, two samples, a save, and these
             bobs.forward(DATA, "cross_entropy").result(timeout=30)
         with pytest.raises(RateLimitError, match="8 results kept for resuming, the quota per owner"):
             bobs.forward(DATA, "cross_entropy").result(timeout=30)
