@@ -114,8 +114,10 @@ def main() -> int:
         base_model = service.get_server_capabilities().supported_models[0].model_name
         outcome = fine_tune(service, base_model, show_console=True)
         service.close()
-    report(outcome)
-    print(f"total {time.monotonic() - started:.0f}s")
+        report(outcome)
+        print(f"total {time.monotonic() - started:.0f}s")
+        if sys.stdin.isatty():  # someone is watching: leave the console up to look at the run
+            input("the server and its console stay up until you press Enter ")
     return 0 if outcome.learned else 1
 
 
