@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import PREFIX_BLOCK, KeptPrompt, PrefixCache
+from tinker_server.worker.kv_cache import CPU_KV_CACHE_BYTES, PREFIX_BLOCK, KeptPrompt, PrefixCache
 
 from .engine_helpers import engine_with_adapters
 from .test_sampling_engine import run, sample, tokens_of
@@ -95,6 +95,7 @@ def test_a_snapshot_saved_again_under_its_name_reuses_nothing_of_the_old_weights
 
 def test_requests_wait_for_room_in_the_kv_budget_and_one_too_large_fails_alone():
     reference = engine_with_adapters()
+    assert reference.decoder.budget.total_bytes == CPU_KV_CACHE_BYTES  # the default on a CPU
     per_token = reference.decoder.budget.bytes_per_token
     budget = per_token * 128  # 128 positions of one row
     engine = engine_with_adapters(kv_cache_bytes=budget)

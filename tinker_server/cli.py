@@ -139,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         type=int,
         default=WorkerOptions.kv_cache_bytes,
         help="device bytes for sampling's keys and values and for prompts kept for reuse; samples wait "
-        "while what runs leaves no room for theirs (default %(default)s)",
+        "while what runs leaves no room for theirs (default 0: half the GPU memory free once the model "
+        "is loaded, 4 GiB on a CPU)",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(
@@ -301,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if args.max_tokens_per_pass < 1:
         parser.error(f"--max-tokens-per-pass: {args.max_tokens_per_pass}; give at least 1")
+    if args.kv_cache_bytes < 0:
+        parser.error(f"--kv-cache-bytes: {args.kv_cache_bytes}; give 0 (sized to the device) or more")
     if args.max_metric_steps_per_run < 1:
         parser.error(f"--max-metric-steps-per-run: {args.max_metric_steps_per_run}; give at least 1")
     try:

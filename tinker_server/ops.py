@@ -360,9 +360,10 @@ class WorkerOptions:
     decode_chunk_seconds: float = 0.015
     """How long a cycle decodes before it answers: generations go on over the next cycles, so
     training requests never wait behind a whole generation, only behind one chunk of it."""
-    kv_cache_bytes: int = 4 << 30
+    kv_cache_bytes: int = 0
     """Device bytes for generations' keys and values, and for prompts kept for reuse: requests
-    wait while what runs leaves no room for theirs."""
+    wait while what runs leaves no room for theirs. 0: half the GPU memory still free once the
+    model is loaded, or 4 GiB on a CPU."""
 
 
 @dataclass(frozen=True)

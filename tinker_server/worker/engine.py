@@ -34,6 +34,7 @@ from tinker_server.worker.checkpoints import (
     write_optimizer_state,
 )
 from tinker_server.worker.decoding import Decoder
+from tinker_server.worker.kv_cache import default_kv_cache_bytes
 from tinker_server.worker.lora import (
     LoraPair,
     RowRouting,
@@ -79,6 +80,7 @@ class Engine:
         spill_dir: Path | None = None,
         kv_cache_bytes: int = ops.WorkerOptions.kv_cache_bytes,
     ) -> None:
+        """`kv_cache_bytes` 0: kv_cache.default_kv_cache_bytes, once the model is on the device."""
         self.loaded = loaded
         self.max_tokens_per_pass = max_tokens_per_pass
         self.device = device
@@ -93,6 +95,8 @@ class Engine:
         )
         self._snapshot_writes = SnapshotWrites()
         sampler = SamplingModel(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, device)
+        kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
+        log.info("keys and values of sampling: up to %.2f GiB (--kv-cache-bytes)", kv_cache_bytes / 2**30)
         self.decoder = Decoder(sampler, kv_cache_bytes, release=self._unregister)
         self._generation_ids = itertools.count()
 

@@ -22,6 +22,9 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states
 
+CPU_KV_CACHE_BYTES = 4 << 30
+"""The budget on a CPU, where the cache shares host memory with everything else."""
+
 PREFIX_BLOCK = 16
 """Prompts are reused in whole blocks of this many tokens (as vLLM does): a hit means a shared
 prefix, never a chance match of a first token or two."""
@@ -162,6 +165,15 @@ def reuses_prompts(config: PretrainedConfig) -> bool:
     """Whether the model's prompts can be kept and reused: every cache layer a plain one (a
     sliding window keeps too little of a long prompt)."""
     return all(type(layer) is DynamicLayer for layer in GenerationCache(config=config).layers)
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """Half the GPU memory still free with the model loaded (adapters, optimizer state and
+    training's activations need the rest), or CPU_KV_CACHE_BYTES on a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return CPU_KV_CACHE_BYTES
 
 
 @torch.no_grad()
