@@ -159,3 +159,25 @@ def test_the_prefix_cache_keeps_each_prompt_once_and_drops_the_least_recently_us
     assert cache.longest_prefix("w", np.asarray(base))[1] == 32
     cache.forget("w")
     assert cache.nbytes == 0 and cache.longest_prefix("w", np.asarray(base))[1] == 0
+
+
+def test_generations_reading_a_snapshot_share_one_copy_of_it_and_a_runs_get_their_own(tmp_path):
+    engine = engine_with_adapters()
+    path = "tinker://a/sampler_weights/shared"
+    (saved,) = engine.run_cycle(ops.Cycle(1, [ops.WorkItem("s", "a", ops.SaveForSampler(path, str(tmp_path)))]))
+    assert saved.error is None, saved.error
+    any_layer = next(iter(engine.layers.values()))
+
+    def copies() -> int:
+        return sum("#generation-" in name for name in any_layer.adapters)
+
+    answered, cycle = set(), 1
+    for adapter in (path, path, "a", "a"):  # a cycle each, the earlier ones still generating
+        cycle += 1
+        item = ops.WorkItem(f"gen-{cycle}", "", sample(PROMPT, adapter=adapter, max_tokens=40, seed=cycle))
+        answered |= {outcome.future_id for outcome in engine.run_cycle(ops.Cycle(cycle, [item]), 0.0)}
+    assert not answered and copies() == 1 + 2  # the snapshot's, shared; one per cycle of the live run's
+    while len(answered) < 4:
+        cycle += 1
+        answered |= {outcome.future_id for outcome in engine.run_cycle(ops.Cycle(cycle, []), 0.0)}
+    assert copies() == 0  # each released with its last reader

@@ -97,7 +97,9 @@ class Engine:
         sampler = SamplingModel(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, device)
         kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         log.info("keys and values of sampling: up to %.2f GiB (--kv-cache-bytes)", kv_cache_bytes / 2**30)
-        self.decoder = Decoder(sampler, kv_cache_bytes, release=self._unregister)
+        self.decoder = Decoder(sampler, kv_cache_bytes, release=self._release_copy)
+        self._snapshot_copies: dict[str, str] = {}
+        """Snapshot -> the copy of its weights the generations reading it share."""
         self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:
@@ -208,14 +210,20 @@ class Engine:
         return adapter
 
     def _register(self, name: str, pairs: dict[str, LoraPair]) -> None:
-        self.decoder.forget_prompts(name)
+        self._forget_weights(name)
         for path, pair in pairs.items():
             self.layers[path].adapters[name] = pair
 
     def _unregister(self, name: str) -> None:
-        self.decoder.forget_prompts(name)
+        self._forget_weights(name)
         for layer in self.layers.values():
             layer.adapters.pop(name, None)
+
+    def _forget_weights(self, name: str) -> None:
+        """`name`'s weights change or leave: what was derived from them (prompts kept for reuse,
+        the copy generations share) is not for later requests."""
+        self.decoder.forget_prompts(name)
+        self._snapshot_copies.pop(name, None)
 
     def _install(
         self, name: str, spec: ops.LoraSpec, pairs: dict[str, LoraPair], optimizer_state: Path | None = None
@@ -437,28 +445,41 @@ class Engine:
 
     def _start_generation(self, items: list[ops.WorkItem], private: bool) -> list[object]:
         """Queues the items' samples for the decoder. `private`: they decode across cycles, so
-        they sample copies of the weights they read (one per adapter of the cycle): what later
-        cycles do to those weights, or where residency moves them, cannot reach a generation."""
+        they sample copies of the weights they read: what later cycles do to those weights, or
+        where residency moves them, cannot reach a generation."""
         copies: dict[str, str] = {}
         for item in items:
             name = item.operation.adapter
             weights = name
             if private and name is not None:
-                if name not in copies:
-                    copies[name] = f"{name}#generation-{next(self._generation_ids)}"
-                    self._register(copies[name], self._weights_copy(name))
-                weights = copies[name]
+                weights = copies[name] = copies.get(name) or self._generation_copy(name)
             # Prompts are reused only with weights that never change: the base model's and snapshots'.
             reusable = name is None or self.residency.has_snapshot(name)
             self.decoder.submit(item, weights, copy=weights != name, reuse_key=(name or "") if reusable else None)
         return [_GENERATING] * len(items)
 
-    def _weights_copy(self, name: str) -> dict[str, LoraPair]:
-        return {
+    def _generation_copy(self, name: str) -> str:
+        """A copy of `name`'s weights for generations: a run's, fresh (its weights move on with
+        every step); a snapshot's, one shared by every generation that reads it until the last
+        one is answered or the snapshot changes."""
+        snapshot = self.residency.has_snapshot(name)
+        if snapshot and (shared := self._snapshot_copies.get(name)) is not None:
+            return shared
+        copy = f"{name}#generation-{next(self._generation_ids)}"
+        pairs = {
             path: LoraPair(pair.A.detach().clone(), pair.B.detach().clone(), pair.scaling)
             for path, layer in self.layers.items()
             if (pair := layer.adapters.get(name)) is not None
         }
+        self._register(copy, pairs)
+        if snapshot:
+            self._snapshot_copies[name] = copy
+        return copy
+
+    def _release_copy(self, copy: str) -> None:
+        """No request reads the weights copy any more."""
+        self._unregister(copy)
+        self._snapshot_copies = {name: kept for name, kept in self._snapshot_copies.items() if kept != copy}
 
 
 _GENERATING = object()
