@@ -10,7 +10,9 @@ Three workloads at each concurrency (default 32 and 128 requests):
 
 Throughput counts the tokens each request asked for, up to its first end-of-sequence. The static
 batch decodes every row to the longest output of the batch (what a static batch costs) on the bare
-base model (it does no LoRA work, so it is flattered on the mixed workload).
+base model (it does no LoRA work, so it is flattered on the mixed workload). The worker's engine
+alone (no server: every request in one cycle, on the base model like the static batch) shows what
+the service's own path costs on top.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch
 
 from bench.common import emit, running_server
 from tinker_client import ServiceClient, types
+from tinker_server import ops
+from tinker_server.worker.engine import Engine
 from tinker_server.worker.models import load_base_model
 
 EOS = 257
@@ -112,6 +116,37 @@ def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
     return sum(useful(tokens, max_tokens) for tokens, (_, max_tokens) in zip(generated, rows, strict=True)) / elapsed
 
 
+def in_process(engine: Engine, requests: list[Request]) -> float:
+    """Useful tokens per second of the engine alone: every request in one cycle, decoded to its end."""
+    items = [
+        ops.WorkItem(
+            f"bench-{index}",
+            "",
+            ops.Sample(
+                None,
+                None,
+                np.asarray(request.prompt, dtype=np.int64),
+                request.num_samples,
+                ops.SamplingConfig(request.max_tokens, 1.0, 0, 1.0, None, (), (), False),
+                False,
+                0,
+            ),
+        )
+        for index, request in enumerate(requests)
+    ]
+    start = time.perf_counter()
+    outcomes = engine.run_cycle(ops.Cycle(1, items))
+    elapsed = time.perf_counter() - start
+    return (
+        sum(
+            useful(sequence.tokens.tolist(), request.max_tokens)
+            for request, outcome in zip(requests, outcomes, strict=True)
+            for sequence in outcome.result.sequences
+        )
+        / elapsed
+    )
+
+
 def samplers_for(service: ServiceClient) -> list:
     """The base model's sampler and two adapters' (trained one step, so they differ from it)."""
     base_model = service.get_server_capabilities().supported_models[0].model_name
@@ -130,6 +165,8 @@ def samplers_for(service: ServiceClient) -> list:
 
 def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequential_up_to: int = 32) -> dict:
     model = load_base_model(base_model).model
+    engine = Engine(load_base_model(base_model), torch.device("cpu"))  # its own copy: it wraps the layers
+    in_process(engine, workload("mixed", 4, 8))  # warm-up
     results = []
     with tempfile.TemporaryDirectory() as data_dir:
         extra = ["--base-model", base_model] if base_model else []
@@ -142,6 +179,7 @@ def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequent
                     requests = workload(kind, count, max_tokens)
                     service_rate = served(samplers, requests, one_at_a_time=False)
                     static_rate = static_batch(model, requests)
+                    engine_rate = in_process(engine, requests)
                     row = {
                         "workload": kind,
                         "requests": count,
@@ -149,6 +187,7 @@ def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequent
                         "service_tokens_per_s": round(service_rate, 1),
                         "static_batch_tokens_per_s": round(static_rate, 1),
                         "vs_static_batch": round(service_rate / static_rate, 2),
+                        "engine_vs_static_batch": round(engine_rate / static_rate, 2),
                         "vs_one_at_a_time": None,
                     }
                     if count <= sequential_up_to:
