@@ -207,3 +207,21 @@ def test_a_cycle_decodes_on_while_nothing_waits_and_answers_after_one_step_when_
     assert [outcome.future_id for outcome in answered] == ["fwd"]
     (rest,) = engine.run_cycle(ops.Cycle(4, []))
     assert tokens_of(rest.result) == tokens_of(whole)
+
+
+def test_a_finished_row_riding_along_after_its_weights_copy_is_gone_changes_no_other_row(engine):
+    long = sample([256, 5, 6], num_samples=10, adapter="a", max_tokens=12, seed=3)
+    short = sample([256, 7], adapter="b", max_tokens=2, seed=4)
+    alone = [run(engine, request)[0] for request in (long, short)]
+    adapters = next(iter(engine.layers.values())).adapters
+    items = [ops.WorkItem("long", "", long), ops.WorkItem("short", "", short)]
+    answered, cycle = {}, 1
+    outcomes = engine.run_cycle(ops.Cycle(cycle, items), decode_seconds=0.0)  # decoding across cycles: copies
+    while len(answered) < 2:
+        answered |= {outcome.future_id: outcome.result for outcome in outcomes}
+        if "short" in answered and "long" not in answered:
+            # 1 finished row of 11 stays (less than an eighth), its weights copy released with its answer.
+            assert engine.decoder.rows == 11 and not any(name.startswith("b#generation") for name in adapters)
+        cycle += 1
+        outcomes = engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+    assert tokens_of(answered["long"]) == tokens_of(alone[0]) and tokens_of(answered["short"]) == tokens_of(alone[1])

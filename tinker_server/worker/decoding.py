@@ -78,6 +78,11 @@ class Decoder:
         return len(self._generations)
 
     @property
+    def rows(self) -> int:
+        """Rows in the generations' caches (finished ones yet to leave included)."""
+        return sum(generation.batch_rows for generation in self._generations)
+
+    @property
     def reserved_bytes(self) -> int:
         return sum(generation.reserved_bytes for generation in self._generations)
 
@@ -167,7 +172,7 @@ class Decoder:
         first, *others = self._generations
         self._generations = [first]
         for other in others:
-            joined = self.budget.rows_bytes(first.active_rows + other.active_rows, first.joined_positions(other))
+            joined = self.budget.rows_bytes(first.batch_rows + other.batch_rows, first.joined_positions(other))
             growth = joined - first.reserved_bytes - other.reserved_bytes
             if first.can_absorb(other) and self.budget.make_room(growth, reserved):
                 first.absorb(other)

@@ -8,8 +8,8 @@ sits in the last column, and its keys and values are copied to every row that st
 prefilled before (kv_cache.PrefixCache) computes only what follows the whole blocks they share.
 The rows' keys and values live in buffers reserved for every token they may generate
 (kv_cache.ReservedLayer). Each row keeps its own weights, sampling parameters, random stream and
-stop conditions; token choice is vectorised on the device with one host sync per step, and a
-finished row leaves the batch at once, its room with it.
+stop conditions; token choice is vectorised on the device with one host sync per step, and
+finished rows leave the batch, their room with them, once they are an eighth of it.
 """
 
 from __future__ import annotations
@@ -233,6 +233,11 @@ class _Part:
         return results
 
 
+LEAVE_FRACTION = 1 / 8
+"""Finished rows leave the batch once they are this much of it: leaving moves every other row's
+keys and values, which costs about what this fraction of the batch computes in a step."""
+
+
 @dataclass(frozen=True)
 class SamplingModel:
     """What generations run on: the base model with its LoRA routing, on its device, and what
@@ -293,7 +298,7 @@ class Generation:
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
         starts = starts.to(self._device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
-        self._active = list(range(len(self._rows)))  # the rows still decoding, in batch order
+        self._batch = list(range(len(self._rows)))  # the rows in the cache, in its order (some may have finished)
         self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
         self._choice = TokenChoice(
@@ -361,12 +366,13 @@ class Generation:
         return self._attention_mask.shape[1] + self._remaining()
 
     def _remaining(self) -> int:
-        rows = [self._rows[index] for index in self._active]
-        return max((row.request.params.max_tokens - len(row.tokens) for row in rows), default=0)
+        rows = [self._rows[index] for index in self._batch]
+        return max((row.request.params.max_tokens - len(row.tokens) for row in rows if not row.finished), default=0)
 
     @property
-    def active_rows(self) -> int:
-        return len(self._active)
+    def batch_rows(self) -> int:
+        """Rows in the cache (unfinished ones, and finished ones yet to leave)."""
+        return len(self._batch)
 
     def joined_positions(self, other: Generation) -> int:
         """The positions each row of this batch would reserve with `other`'s rows joined."""
@@ -379,7 +385,7 @@ class Generation:
 
     @property
     def done(self) -> bool:
-        return not self._active
+        return not self._batch
 
     def can_absorb(self, other: Generation) -> bool:
         """Rows join where every cache layer can take another batch's rows."""
@@ -391,7 +397,7 @@ class Generation:
         sits in the last column."""
         offset = len(self._rows)
         self._rows = self._rows + other._rows
-        self._active = self._active + [offset + index for index in other._active]
+        self._batch = self._batch + [offset + index for index in other._batch]
         self._stops = self._stops + other._stops
         self._choice.absorb(other._choice)
         self._parts = self._parts + other._parts
@@ -415,12 +421,17 @@ class Generation:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Chooses every active row's next token; finished rows leave the batch (from here they
-        cost nothing); the others go one token further."""
-        rows, active = self._rows, self._active
-        tokens, picks, top = self._choice.next(self._logits, active)
-        keep = []
-        for position, (index, (token, logprob, sampling_logprob)) in enumerate(zip(active, picks, strict=True)):
+        """Chooses every unfinished row's next token and takes them one position further.
+        Finished rows leave the batch once they are a LEAVE_FRACTION of it: until then they ride
+        along, their outputs unread (their weights copy may be gone: routing reads a missing
+        adapter as the base model)."""
+        rows, batch = self._rows, self._batch
+        live = [position for position, index in enumerate(batch) if not rows[index].finished]
+        live_positions = torch.tensor(live, device=self._device) if len(live) < len(batch) else None
+        logits = self._logits if live_positions is None else self._logits[live_positions]
+        tokens, picks, top = self._choice.next(logits, [batch[position] for position in live])
+        for position, (token, logprob, sampling_logprob) in enumerate(picks):
+            index = batch[live[position]]
             row = rows[index]
             row.tokens.append(token)
             row.logprobs.append(logprob)
@@ -432,23 +443,24 @@ class Generation:
                 row.stopped = row.finished = True
             elif len(row.tokens) >= row.request.params.max_tokens:
                 row.finished = True
-            else:
-                keep.append(position)
-        if len(keep) < len(active):
-            kept = torch.tensor(keep, device=self._device, dtype=torch.long)
+        if live_positions is not None:  # finished rows are fed any token: what they compute is never read
+            tokens = tokens.new_zeros(len(batch)).index_copy_(0, live_positions, tokens)
+        keep = [position for position, index in enumerate(batch) if not rows[index].finished]
+        if not keep:
+            self._batch, self._cache = [], GenerationCache()  # nothing left to decode: the memory goes back
+            return
+        if len(batch) - len(keep) >= LEAVE_FRACTION * len(batch):
+            kept = torch.tensor(keep, device=self._device)
             self._attention_mask, self._position_ids, tokens = (
                 self._attention_mask[kept],
                 self._position_ids[kept],
                 tokens[kept],
             )
-            self._active = active = [active[position] for position in keep]
-            if not active:
-                self._cache = GenerationCache()  # nothing left to decode: the memory goes back at once
-                return
+            self._batch = batch = [batch[position] for position in keep]
             self._cache.keep_rows(kept, self._capacity())
-        self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(active), 1))], 1)
+        self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(batch), 1))], 1)
         self._position_ids = self._position_ids + 1
-        segments = contiguous_segments([rows[index].weights for index in active])
+        segments = contiguous_segments([rows[index].weights for index in batch])
         with self._routing.route(segments):
             hidden = final_hidden_states(
                 self._model,
