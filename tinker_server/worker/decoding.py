@@ -57,7 +57,7 @@ class Decoder:
 
     def too_large(self, request: ops.Sample) -> str | None:
         """Why the request could never run within the budget, even alone; None if it can."""
-        needed = self.budget.rows_bytes(request.num_samples, len(request.prompt) + request.params.max_tokens)
+        needed = self._needed_bytes([request])
         if needed <= self.budget.total_bytes:
             return None
         return (
@@ -91,14 +91,19 @@ class Decoder:
         self.budget.prefixes.forget(reuse_key)
 
     def decode(
-        self, cycle_id: int, seconds: float | None, interrupt: Callable[[], bool] | None = None
+        self,
+        cycle_id: int,
+        seconds: float | None,
+        interrupt: Callable[[], bool] | None = None,
+        answering: bool = False,
     ) -> list[ops.Outcome]:
         """Steps the generations (admitting and joining waiting requests first), at least once,
         then on for up to `seconds` (None: until all are done); the outcomes of the requests whose
         rows all finished, or that failed. With `interrupt` (whether requests wait for the next
         cycle), it stops as soon as one does, and otherwise goes on past `seconds` until some
         outcome is ready to answer (at most `max_uninterrupted_seconds`): no cycle ends, and costs
-        a round trip, for nothing."""
+        a round trip, for nothing. `answering`: the cycle has outcomes of its own waiting for its
+        end, so it never goes past `seconds`."""
         start = time.monotonic()
         outcomes = self._admit(cycle_id)
         while self._generations:
@@ -116,7 +121,8 @@ class Decoder:
                 if generation.done and generation in self._generations:
                     self._generations.remove(generation)
             outcomes.extend(self._admit(cycle_id))
-            if seconds is not None and self._chunk_ends(time.monotonic() - start, seconds, interrupt, bool(outcomes)):
+            answers = answering or bool(outcomes)
+            if seconds is not None and self._chunk_ends(time.monotonic() - start, seconds, interrupt, answers):
                 break
         return outcomes
 
@@ -133,7 +139,7 @@ class Decoder:
         admitted: list[_Request] = []
         reserved = self.reserved_bytes
         while self._waiting:
-            needed = self._needed_bytes([*admitted, self._waiting[0]])
+            needed = self._needed_bytes([request.sample for request in (*admitted, self._waiting[0])])
             if (self._generations or admitted) and not self.budget.make_room(needed, reserved):
                 break
             admitted.append(self._waiting.popleft())
@@ -148,9 +154,8 @@ class Decoder:
             self.budget.prefixes.shrink_to(self.budget.total_bytes - self.reserved_bytes)
         return []
 
-    def _needed_bytes(self, requests: list[_Request]) -> int:
-        """What a generation of `requests` reserves: every row, room for the longest prompt and output."""
-        samples = [request.sample for request in requests]
+    def _needed_bytes(self, samples: list[ops.Sample]) -> int:
+        """What a generation of `samples` reserves: every row, room for the longest prompt and output."""
         positions = max(len(sample.prompt) for sample in samples) + max(sample.params.max_tokens for sample in samples)
         return self.budget.rows_bytes(sum(sample.num_samples for sample in samples), positions)
 

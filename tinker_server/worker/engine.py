@@ -169,9 +169,7 @@ class Engine:
                     else:
                         outcome.result = output
                     results[item.future_id] = outcome
-        if results:  # answers ready now wait for the decoding: a chunk at most, never longer
-            interrupt = None
-        for outcome in self.decoder.decode(cycle.cycle_id, decode_seconds, interrupt):
+        for outcome in self.decoder.decode(cycle.cycle_id, decode_seconds, interrupt, answering=bool(results)):
             results[outcome.future_id] = outcome
         self.residency.settle()  # between cycles, adapters keep within the limits
         ordered = [results.pop(item.future_id) for item in cycle.items if item.future_id in results]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
 from tinker_server.worker.kv_cache import (
@@ -501,7 +501,7 @@ def _joined_prefills(
     return attention_mask, torch.cat([position_ids, other_positions]), torch.cat([logits, other_logits])
 
 
-def _load_prefixes(cache: DynamicCache, prompts: list[_Prompt], width: int) -> None:
+def _load_prefixes(cache: GenerationCache, prompts: list[_Prompt], width: int) -> None:
     """Puts each prompt's reused keys and values in the last of `width` columns (zeros before)."""
     donors = [(index, prompt) for index, prompt in enumerate(prompts) if prompt.reused is not None]
     template = donors[0][1].reused
