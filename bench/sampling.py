@@ -8,11 +8,13 @@ Three workloads at each concurrency (default 32 and 128 requests):
 - shared_prefix: as mixed, every prompt a common 192-token prefix (a system prompt, few-shot
   examples) and 8-32 tokens of its own: the service computes the prefix once per weights.
 
-Throughput counts the tokens each request asked for, up to its first end-of-sequence. The static
-batch decodes every row to the longest output of the batch (what a static batch costs) on the bare
-base model (it does no LoRA work, so it is flattered on the mixed workload). The worker's engine
-alone (no server: every request in one cycle, on the base model like the static batch) shows what
-the service's own path costs on top.
+Throughput counts the tokens each request asked for. End-of-sequence ends no sequence anywhere
+(`stop=[]` through the service, `ignore_eos` in the engine, `min_new_tokens` in `generate`), so
+every method produces max_tokens per sample and does the same work. The static batch decodes every
+row to the longest output of the batch (what a static batch costs) on the bare base model (it does
+no LoRA work, so it is flattered on the mixed workload). The worker's engine alone (no server:
+every request in one cycle, on the base model like the static batch) shows what the service's own
+path costs on top.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from tinker_server import ops
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.models import load_base_model
 
-EOS = 257
 SHARED_PREFIX = 192
 
 
@@ -63,9 +64,8 @@ def workload(kind: str, count: int, max_tokens: int, seed: int = 0) -> list[Requ
 
 
 def useful(tokens: list[int], max_tokens: int) -> int:
-    """Tokens a request asked for: up to its first end-of-sequence, at most max_tokens."""
-    tokens = tokens[:max_tokens]
-    return tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
+    """Tokens of a sequence that its request asked for (a static batch decodes on past them)."""
+    return min(len(tokens), max_tokens)
 
 
 def served(samplers: list, requests: list[Request], one_at_a_time: bool) -> float:
@@ -107,6 +107,9 @@ def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
             input_ids,
             attention_mask=attention_mask,
             do_sample=True,
+            temperature=1.0,
+            top_k=0,  # the whole distribution, as the service samples it (generate's default is 50)
+            top_p=1.0,
             max_new_tokens=longest,
             min_new_tokens=longest,
             pad_token_id=model.config.pad_token_id,
@@ -127,7 +130,7 @@ def in_process(engine: Engine, requests: list[Request]) -> float:
                 None,
                 np.asarray(request.prompt, dtype=np.int64),
                 request.num_samples,
-                ops.SamplingConfig(request.max_tokens, 1.0, 0, 1.0, None, (), (), False),
+                ops.SamplingConfig(request.max_tokens, 1.0, 0, 1.0, None, (), (), True),
                 False,
                 0,
             ),
