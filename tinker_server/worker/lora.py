@@ -43,11 +43,14 @@ class RowRouting:
     segments: list[RowSegment] = field(default_factory=list)
     generation: int = 0
     """Bumped on every `route`, so layers know when per-routing caches are stale."""
+    shared: dict[object, torch.Tensor] = field(default_factory=dict)
+    """What layers derive from the routing alone, built by the first that needs it (`route` clears it)."""
 
     @contextmanager
     def route(self, segments: list[RowSegment]) -> Iterator[None]:
         self.segments = segments
         self.generation += 1
+        self.shared.clear()
         try:
             yield
         finally:
@@ -132,11 +135,19 @@ class MultiLoRALinear(nn.Module, LoraSite):
         x = x.float()
         if len(pairs) == 1:
             return pairs[0][1].delta(x)
+        every_row_adapted = all(pair is not None for _, pair in pairs)
         ranks = {pair.A.shape[0] for _, pair in pairs if pair is not None}
+        lengths = {segment.stop - segment.start for segment, _ in pairs}
+        if every_row_adapted and len(ranks) == 1 and len(lengths) == 1:
+            return self._grouped_delta(x, pairs)
+        distinct = {segment.adapter: pair for segment, pair in pairs if pair is not None}
+        concatenated_rank = sum(pair.A.shape[0] for pair in distinct.values())
+        if concatenated_rank * (self.in_features + self.out_features) <= self.in_features * self.out_features // 2:
+            return self._masked_delta(x, pairs, distinct)
         gathered = x.shape[0] * max(ranks) * (self.in_features + self.out_features)
-        if all(pair is not None for _, pair in pairs) and len(ranks) == 1 and gathered <= GATHER_BUDGET:
+        if every_row_adapted and len(ranks) == 1 and gathered <= GATHER_BUDGET:
             return self._gathered_delta(x, pairs)
-        # Mixed ranks, or rows without this layer: one delta per segment, joined once.
+        # Many adapters of mixed ranks, or rows without this layer: one delta per segment, joined once.
         deltas = [
             pair.delta(x[segment.start : segment.stop])
             if pair
@@ -145,17 +156,52 @@ class MultiLoRALinear(nn.Module, LoraSite):
         ]
         return torch.cat(deltas)
 
+    @staticmethod
+    def _grouped_delta(x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
+        """Equal segments, one rank: batched over the adapters directly, nothing gathered or wasted.
+        shapes: S adapters, R rows, T positions, r rank"""
+        a = torch.stack([pair.A for _, pair in pairs])  # [S, r, in]
+        b = torch.stack([pair.B for _, pair in pairs])  # [S, out, r]
+        groups = x.reshape(len(pairs), -1, x.shape[-1])  # [S, R/S * T, in]
+        scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype, device=x.device)
+        hidden = torch.bmm(groups, a.transpose(1, 2)) * scales.view(-1, 1, 1)  # [S, R/S * T, r]
+        return torch.bmm(hidden, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
+
+    def _masked_delta(
+        self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair | None]], distinct: dict[str, LoraPair]
+    ) -> torch.Tensor:
+        """Every row through the batch's adapters side by side (their A and B concatenated along the
+        rank), each row's rank-space activations masked to its own adapter's (times its scaling, zero
+        for rows without one): two matmuls however many segments and ranks, for K/r times a row's
+        own rank-r work.                                     shapes: R rows, K concatenated ranks"""
+        a = torch.cat([pair.A for pair in distinct.values()])  # [K, in]
+        b = torch.cat([pair.B for pair in distinct.values()], 1)  # [out, K]
+        key = ("rank mask", tuple((name, pair.A.shape[0], pair.scaling) for name, pair in distinct.items()))
+        mask = self.routing.shared.get(key)
+        if mask is None:
+            mask = self.routing.shared[key] = self._rank_mask(pairs, distinct, x.device)  # [R, K]
+        hidden = (x @ a.T) * mask.view(mask.shape[0], *(1,) * (x.dim() - 2), mask.shape[1])
+        return hidden @ b.T
+
+    @staticmethod
+    def _rank_mask(
+        pairs: list[tuple[RowSegment, LoraPair | None]], distinct: dict[str, LoraPair], device: torch.device
+    ) -> torch.Tensor:
+        offsets, offset = {}, 0
+        for name, pair in distinct.items():
+            offsets[name], offset = offset, offset + pair.A.shape[0]
+        mask = torch.zeros((pairs[-1][0].stop, offset))
+        for segment, pair in pairs:
+            if pair is not None:
+                start = offsets[segment.adapter]
+                mask[segment.start : segment.stop, start : start + pair.A.shape[0]] = pair.scaling
+        return mask.to(device)
+
     def _gathered_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
         """All rows through their own adapters in two batched matmuls, however many adapters:
         each row gathers its adapter's A and B.          shapes: S adapters, R rows, r rank"""
         a = torch.stack([pair.A for _, pair in pairs])  # [S, r, in]
         b = torch.stack([pair.B for _, pair in pairs])  # [S, out, r]
-        lengths = {segment.stop - segment.start for segment, _ in pairs}
-        if len(lengths) == 1:  # equal segments: batch over adapters directly, nothing gathered
-            groups = x.reshape(len(pairs), -1, x.shape[-1])  # [S, R/S * T, in]
-            scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype, device=x.device)
-            hidden = torch.bmm(groups, a.transpose(1, 2)) * scales.view(-1, 1, 1)  # [S, R/S * T, r]
-            return torch.bmm(hidden, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
         index, scaling = self._row_index(pairs, x.device)  # [R], [R, 1, 1]
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [R, T, in]
         hidden = torch.bmm(rows, a[index].transpose(1, 2)) * scaling  # [R, T, r]
