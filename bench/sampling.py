@@ -166,7 +166,11 @@ def samplers_for(service: ServiceClient) -> list:
     return samplers
 
 
-def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequential_up_to: int = 32) -> dict:
+def run(
+    concurrency: list[int], max_tokens: int, base_model: str | None, sequential_up_to: int = 32, repeats: int = 3
+) -> dict:
+    """Each rate is the median of `repeats` runs, the three methods taking turns (a noisy machine
+    moves every one of them alike)."""
     model = load_base_model(base_model).model
     engine = Engine(load_base_model(base_model), torch.device("cpu"))  # its own copy: it wraps the layers
     in_process(engine, workload("mixed", 4, 8))  # warm-up
@@ -180,9 +184,15 @@ def run(concurrency: list[int], max_tokens: int, base_model: str | None, sequent
             for kind in ("uniform", "mixed", "shared_prefix"):
                 for count in concurrency:
                     requests = workload(kind, count, max_tokens)
-                    service_rate = served(samplers, requests, one_at_a_time=False)
-                    static_rate = static_batch(model, requests)
-                    engine_rate = in_process(engine, requests)
+                    rates = [
+                        (
+                            served(samplers, requests, one_at_a_time=False),
+                            static_batch(model, requests),
+                            in_process(engine, requests),
+                        )
+                        for _ in range(repeats)
+                    ]
+                    service_rate, static_rate, engine_rate = np.median(rates, axis=0).tolist()
                     row = {
                         "workload": kind,
                         "requests": count,
@@ -205,8 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", default="32,128", help="comma-separated request counts")
     parser.add_argument("--max-tokens", type=int, default=64, help="the output length (uniform), the longest (mixed)")
     parser.add_argument("--base-model", default=None, help="local HF directory (default: embedded model)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method; the median is reported")
     args = parser.parse_args(argv)
-    report = run([int(n) for n in args.concurrency.split(",")], args.max_tokens, args.base_model)
+    report = run([int(n) for n in args.concurrency.split(",")], args.max_tokens, args.base_model, repeats=args.repeats)
     emit(report, [key for key in report["results"][0]])
     return report
 

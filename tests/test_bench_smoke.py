@@ -8,7 +8,7 @@ from bench import sampling
 
 
 def test_sampling_benchmark_compares_every_workload_with_a_static_batch():
-    report = sampling.run(concurrency=[2], max_tokens=8, base_model=None)
+    report = sampling.run(concurrency=[2], max_tokens=8, base_model=None, repeats=1)
     workloads = [(row["workload"], row["requests"]) for row in report["results"]]
     assert workloads == [("uniform", 2), ("mixed", 2), ("shared_prefix", 2)]
     for row in report["results"]:
