@@ -240,7 +240,7 @@ class PrefixCache:
             if _common_prefix(kept.tokens, prompt.tokens) == len(kept.tokens):
                 self._drop(kept)
         self._kept[id(prompt)] = prompt
-        self._families.setdefault(_family_key(prompt.key, prompt.tokens), {})[id(prompt)] = prompt
+        self._families.setdefault(family_key(prompt.key, prompt.tokens), {})[id(prompt)] = prompt
         self.nbytes += prompt.nbytes
 
     def forget(self, key: str) -> None:
@@ -253,19 +253,20 @@ class PrefixCache:
             self._drop(next(iter(self._kept.values())))
 
     def _family(self, key: str, tokens: np.ndarray) -> dict[int, KeptPrompt]:
-        return self._families.get(_family_key(key, tokens), {}) if len(tokens) > PREFIX_BLOCK else {}
+        return self._families.get(family_key(key, tokens), {}) if len(tokens) > PREFIX_BLOCK else {}
 
     def _drop(self, kept: KeptPrompt) -> None:
         del self._kept[id(kept)]
-        family_key = _family_key(kept.key, kept.tokens)
-        family = self._families[family_key]
+        key = family_key(kept.key, kept.tokens)
+        family = self._families[key]
         del family[id(kept)]
         if not family:
-            del self._families[family_key]
+            del self._families[key]
         self.nbytes -= kept.nbytes
 
 
-def _family_key(key: str, tokens: np.ndarray) -> tuple[str, bytes]:
+def family_key(key: str, tokens: np.ndarray) -> tuple[str, bytes]:
+    """What prompts that may share whole blocks (under one weights key) are grouped by: their first block."""
     return key, tokens[:PREFIX_BLOCK].tobytes()
 
 

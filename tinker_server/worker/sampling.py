@@ -23,13 +23,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
 from tinker_server.worker.kv_cache import (
+    PREFIX_BLOCK,
     GenerationCache,
     KeptPrompt,
     PrefixCache,
+    family_key,
     is_joinable,
     is_plain,
     pad_left,
-    reusable_length,
 )
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
@@ -478,12 +479,15 @@ def _split_on_shared_prefixes(prompts: list[_Prompt]) -> tuple[list[_Prompt], li
     weights key), to prefill after it from its keys and values."""
     first: list[_Prompt] = []
     then: list[_Prompt] = []
+    families: set[tuple[str, bytes]] = set()  # of `first`'s prompts: a shared whole block is a shared first block
     for prompt in prompts:
-        shares = prompt.reuse_key is not None and any(
-            earlier.reuse_key == prompt.reuse_key and reusable_length(earlier.tokens, prompt.tokens)
-            for earlier in first
-        )
-        (then if shares else first).append(prompt)
+        family = None if prompt.reuse_key is None else family_key(prompt.reuse_key, prompt.tokens)
+        if family is not None and len(prompt.tokens) > PREFIX_BLOCK and family in families:
+            then.append(prompt)
+        else:
+            first.append(prompt)
+            if family is not None:
+                families.add(family)
     return first, then
 
 
