@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tinker_server import ops
-from tinker_server.scheduler import CyclePolicy, Scheduler
+from tinker_server.scheduler import DEFAULT_COALESCE_SECONDS, SAMPLE_BURST_GAP_SECONDS, CyclePolicy, Scheduler
 
 ADAM = ops.AdamConfig(1e-3, 0.9, 0.95, 1e-12, 0.0, 0.0)
 
@@ -90,6 +90,37 @@ def test_continuous_runs_a_lone_request_without_waiting():
         return loop.time() - start
 
     assert asyncio.run(latency()) < 0.05
+
+
+def sample(sampler: str) -> ops.WorkItem:
+    params = ops.SamplingConfig(8, 1.0, 0, 1.0, None, (), (), False)
+    return ops.WorkItem("", "", ops.Sample(None, sampler, np.arange(4), 1, params, False, 0))
+
+
+def test_a_burst_of_samples_starts_one_generation_and_a_lone_sample_waits_only_its_gap():
+    """Samples sent 1 ms apart (an RL step's prompts) share the cycle that starts generating; a
+    lone one waits for no more than the gap that tells a burst has ended."""
+
+    async def burst_then_lone() -> tuple[list[int], float]:
+        worker = RecordingWorker()
+        scheduler = Scheduler(worker.run_cycle, CyclePolicy())
+        clock = asyncio.create_task(scheduler.run())
+        tickets = []
+        for _ in range(8):
+            tickets.append(scheduler.submit("sampler", sample("sampler")))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*(ticket.outcome for ticket in tickets))
+        await asyncio.sleep(DEFAULT_COALESCE_SECONDS)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await scheduler.submit("sampler", sample("sampler")).outcome
+        lone_latency = loop.time() - start
+        clock.cancel()
+        return [len(cycle) for cycle in worker.cycles], lone_latency
+
+    sizes, lone_latency = asyncio.run(burst_then_lone())
+    assert sizes == [8, 1]
+    assert SAMPLE_BURST_GAP_SECONDS <= lone_latency < SAMPLE_BURST_GAP_SECONDS + 0.05
 
 
 def test_fixed_cycles_batch_what_arrives_within_a_tick():

@@ -38,6 +38,10 @@ class Ticket:
 
 DEFAULT_COALESCE_SECONDS = 0.02
 DEFAULT_MAX_CYCLE_TOKENS = 32768
+SAMPLE_BURST_GAP_SECONDS = 0.002
+"""A generation about to start waits (within the coalescing window) until sample requests stop
+arriving for this long: a burst of them, an RL step's prompts, is prefilled as one batch instead of
+as its first request, then the others joining it step by step."""
 
 
 def operation_tokens(operation: ops.Operation) -> int:
@@ -54,7 +58,9 @@ class CyclePolicy:
     """`continuous[:COALESCE]`: a cycle starts as soon as the worker is free and work is
     queued. Right after a cycle it waits up to COALESCE seconds (default 20 ms) for the
     models that were just served to send their next request, so tenants that train in
-    lock-step share one batch instead of splitting into groups that alternate.
+    lock-step share one batch instead of splitting into groups that alternate; and a cycle
+    that starts a generation waits, as long at most, for a burst of samples to end (see
+    SAMPLE_BURST_GAP_SECONDS).
     `fixed:PERIOD`: cycles start on a fixed grid of PERIOD seconds (like the hosted service):
     everything that arrives between two ticks shares the next cycle."""
 
@@ -211,6 +217,8 @@ class Scheduler:
                 await asyncio.sleep(next_tick - loop.time())
             else:
                 await asyncio.sleep(0)  # let requests already received join, e.g. an optim_step sent with its backward
+                if not self._sent and self._sample_queued():
+                    await self._await_burst_end(loop.time() + self._policy.coalesce)
             self._work_waiting.clear()  # (before the take: what is queued after it sets it again)
             batch = self._take_cycle()
             just_served = {queued.queue_key for queued in batch}
@@ -232,6 +240,19 @@ class Scheduler:
             self._submitted.clear()
             try:
                 await asyncio.wait_for(self._submitted.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _sample_queued(self) -> bool:
+        return any(isinstance(queued.item.operation, ops.Sample) for queue in self._queues.values() for queued in queue)
+
+    async def _await_burst_end(self, deadline: float) -> None:
+        """Waits until no request has been submitted for SAMPLE_BURST_GAP_SECONDS, or the deadline."""
+        loop = asyncio.get_running_loop()
+        while (remaining := deadline - loop.time()) > 0:
+            self._submitted.clear()
+            try:
+                await asyncio.wait_for(self._submitted.wait(), min(SAMPLE_BURST_GAP_SECONDS, remaining))
             except TimeoutError:
                 return
 
