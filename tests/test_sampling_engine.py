@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tinker_server import ops
 from tinker_server.worker.models import byte_tokenizer
-from tinker_server.worker.sampling import _StopChecker
+from tinker_server.worker.sampling import TokenChoice, _StopChecker
 
 from .engine_helpers import engine_with_adapters
 
@@ -58,6 +59,25 @@ def test_a_seeded_sample_is_the_same_whatever_shares_its_batch(engine):
     for lonely, shared in zip(by_itself.sequences, crowded.sequences, strict=True):
         np.testing.assert_allclose(shared.logprobs, lonely.logprobs, atol=1e-5)
         np.testing.assert_allclose(shared.sampling_logprobs, lonely.sampling_logprobs, atol=1e-5)
+
+
+def test_token_choice_reads_the_device_once_per_step(monkeypatch):
+    """Which rows draw and which truncate is known on the host: a step of greedy, top-k, top-p and
+    plain rows reads the device once, for the tokens chosen (each read stalls a GPU's queue)."""
+    requests = [sample([1], temperature=0.0), sample([1], top_k=5), sample([1], top_p=0.5), sample([1], seed=None)]
+    choice = TokenChoice(requests, [0] * len(requests), torch.device("cpu"))
+    reads: list[str] = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda tensor, *args, _original=original, _name=name: reads.append(_name) or _original(tensor, *args),
+        )
+    tokens, picks, _ = choice.next(torch.randn(len(requests), 259), list(range(len(requests))))
+    monkeypatch.undo()
+    assert reads == ["tolist"]
+    assert [token for token, _, _ in picks] == tokens.tolist()
 
 
 def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,17 +81,30 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+class _RowParams(NamedTuple):
+    """Each row's temperature, top-k and top-p."""
+
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+
 class TokenChoice:
     """Picks every active row's next token on the device: the argmax at temperature 0, else a draw
     from its temperature-scaled, top-k- then top-p-truncated distribution. A row's draws come from
     a counter-based stream of its own (its seed and sample index, and the step), so a seeded sample
-    is the same whatever shares its batch, on any device."""
+    is the same whatever shares its batch, on any device. What the rows ask for is also kept on the
+    host, so that which work a step needs (draws, truncation) is decided without reading the device:
+    a step reads it once, for the tokens chosen."""
 
     def __init__(self, requests: list[ops.Sample], sample_indices: list[int], device: torch.device) -> None:
         params = [request.params for request in requests]
-        self.temperature = torch.tensor([p.temperature for p in params], device=device)
-        self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
-        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        self.host = _RowParams(
+            np.array([p.temperature for p in params], dtype=np.float32),
+            np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
+            np.array([p.top_p for p in params], dtype=np.float32),
+        )
+        self.temperature, self.top_k, self.top_p = (torch.from_numpy(values).to(device) for values in self.host)
         self.topk_logprobs = [request.topk_sample_logprobs for request in requests]
         seeds = torch.tensor(
             [stream_seed(p.seed, (i,)) for p, i in zip(params, sample_indices, strict=True)], device=device
@@ -109,8 +123,8 @@ class TokenChoice:
         greedy = temperature == 0
         tokens = logits.argmax(dim=-1)
         sampling_logprob = torch.zeros_like(temperature)
-        if not bool(greedy.all()):
-            distribution = self._distribution(logits, temperature.masked_fill(greedy, 1.0), rows)
+        if (self.host.temperature[active] != 0).any():
+            distribution = self._distribution(logits, temperature.masked_fill(greedy, 1.0), rows, active)
             drawn = (distribution + self._gumbel(rows, logits.shape[-1])).argmax(dim=-1)  # Gumbel-max: a draw
             tokens = torch.where(greedy, tokens, drawn)
             picked = distribution.gather(-1, tokens[:, None]).squeeze(-1)
@@ -130,14 +144,17 @@ class TokenChoice:
         """Takes `other`'s rows, after this one's."""
         for name in ("temperature", "top_k", "top_p", "row_keys", "steps"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.host = _RowParams(*(np.concatenate(pair) for pair in zip(self.host, other.host, strict=True)))
         self.topk_logprobs = self.topk_logprobs + other.topk_logprobs
 
-    def _distribution(self, logits: torch.Tensor, temperature: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _distribution(
+        self, logits: torch.Tensor, temperature: torch.Tensor, rows: torch.Tensor, active: list[int]
+    ) -> torch.Tensor:
         """Log-probabilities [A, V] of what each row samples from: top-k first, then top-p over what
         top-k kept (as Hugging Face and vLLM do)."""
         scaled = logits / temperature[:, None]
         top_k, top_p = self.top_k[rows], self.top_p[rows]
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        if (self.host.top_k[active] > 0).any() or (self.host.top_p[active] < 1).any():
             vocab = scaled.shape[-1]
             ordered, order = torch.sort(scaled, dim=-1, descending=True)
             ranks = torch.arange(vocab, device=scaled.device)
