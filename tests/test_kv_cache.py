@@ -138,6 +138,21 @@ def test_a_generation_reserves_its_positions_once_and_gives_back_those_of_rows_t
     assert engine.decoder.reserved_bytes == (4 + 3 + 36) * per_token
 
 
+def test_rows_leaving_never_take_a_generation_past_what_it_was_admitted_with():
+    """Rows that leave move the others into a spare pair of buffers: it is counted from the start."""
+    engine = engine_with_adapters()
+    requests = [sample([256, index], max_tokens=4 * (index + 1), seed=index) for index in range(8)]
+    items = [ops.WorkItem(f"r{index}", "", request) for index, request in enumerate(requests)]
+    engine.run_cycle(ops.Cycle(1, items), decode_seconds=0.0)
+    admitted = engine.decoder.reserved_bytes
+    assert admitted == engine.decoder.budget.rows_bytes(8, 2 + 32)
+    cycle = 1
+    while engine.decoder.rows:
+        cycle += 1
+        engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+        assert engine.decoder.reserved_bytes <= admitted
+
+
 def test_the_prefix_cache_keeps_each_prompt_once_and_drops_the_least_recently_used_first():
     cache = PrefixCache()
 

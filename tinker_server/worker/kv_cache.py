@@ -143,12 +143,15 @@ class GenerationCache(DynamicCache):
 
     @property
     def reserved_bytes(self) -> int:
-        spare = sum(tensor.nbytes for tensor in self._spare) if self._spare is not None else 0
-        return spare + sum(
-            layer.reserved_bytes if isinstance(layer, ReservedLayer) else layer.keys.nbytes + layer.values.nbytes
-            for layer in self.layers
-            if layer.is_initialized
+        """What the layers hold, and the spare pair: counted from the start (rows leaving allocate it
+        later, and it must not take the budget past its total then)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        reserved = [layer.reserved_bytes for layer in layers if isinstance(layer, ReservedLayer)]
+        spare = sum(tensor.nbytes for tensor in self._spare) if self._spare is not None else max(reserved, default=0)
+        others = sum(
+            layer.keys.nbytes + layer.values.nbytes for layer in layers if not isinstance(layer, ReservedLayer)
         )
+        return sum(reserved) + others + spare
 
 
 def pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -178,10 +181,12 @@ def default_kv_cache_bytes(device: torch.device) -> int:
 
 @torch.no_grad()
 def kv_bytes_per_token(model: PreTrainedModel, routing: RowRouting, device: torch.device) -> int:
-    """What one row's cache holds per position, measured on one token (any architecture's layout)."""
+    """What one row's cache reserves per position, measured on one token held as a generation holds
+    it (any architecture's layout)."""
     cache = GenerationCache(config=model.config)
     with routing.route(contiguous_segments([None])):
         final_hidden_states(model, input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
+    cache.keep_rows(torch.zeros(1, dtype=torch.long, device=device), capacity=1)
     return cache.reserved_bytes
 
 
