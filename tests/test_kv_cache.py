@@ -153,6 +153,19 @@ def test_rows_leaving_never_take_a_generation_past_what_it_was_admitted_with():
         assert engine.decoder.reserved_bytes <= admitted
 
 
+def test_the_weights_copy_a_generation_reads_counts_against_the_budget_until_it_is_answered():
+    engine = engine_with_adapters()
+    adapter_bytes = sum(pair.A.nbytes + pair.B.nbytes for pair in engine.residency.run("a").pairs.values())
+    items = [ops.WorkItem(name, "", sample([256, 1, 2, 3], adapter="a", max_tokens=6)) for name in ("x", "y")]
+    engine.run_cycle(ops.Cycle(1, items), decode_seconds=0.0)  # a run's weights: one copy for the cycle's samples
+    assert engine.decoder.reserved_bytes == engine.decoder.budget.rows_bytes(2, 4 + 6) + adapter_bytes
+    cycle = 1
+    while engine.decoder.rows:
+        cycle += 1
+        engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+    assert engine.decoder.reserved_bytes == 0
+
+
 def test_the_prefix_cache_keeps_each_prompt_once_and_drops_the_least_recently_used_first():
     cache = PrefixCache()
 

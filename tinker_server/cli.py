@@ -138,9 +138,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--kv-cache-bytes",
         type=int,
         default=WorkerOptions.kv_cache_bytes,
-        help="device bytes for sampling's keys and values and for prompts kept for reuse; samples wait "
-        "while what runs leaves no room for theirs (default 0: half the GPU memory free once the model "
-        "is loaded, 4 GiB on a CPU)",
+        help="device bytes for sampling's keys and values, prompts kept for reuse and the weights copies "
+        "generations read; samples wait while what runs leaves no room for theirs (default 0: half the GPU "
+        "memory free once the model is loaded, 4 GiB on a CPU)",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("tinker-data"), help="where weights are saved")
     parser.add_argument(

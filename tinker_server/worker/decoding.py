@@ -54,6 +54,8 @@ class Decoder:
         self._waiting: deque[_Request] = deque()
         self._readers: Counter[str] = Counter()
         """Requests (waiting or generating) per weights copy."""
+        self._copy_bytes: dict[str, int] = {}
+        """What each weights copy holds: it counts against the budget until its last reader is answered."""
 
     def too_large(self, request: ops.Sample) -> str | None:
         """Why the request could never run within the budget, even alone; None if it can."""
@@ -66,11 +68,13 @@ class Decoder:
             f"(--kv-cache-bytes) is {self.budget.total_bytes / 2**20:.1f} MiB: ask for fewer samples or tokens"
         )
 
-    def submit(self, item: ops.WorkItem, weights: str | None, copy: bool, reuse_key: str | None) -> None:
-        """Queues a sample; it starts at the first step there is room for it (see `_Request`)."""
-        if copy:
+    def submit(self, item: ops.WorkItem, weights: str | None, copy_bytes: int, reuse_key: str | None) -> None:
+        """Queues a sample; it starts at the first step there is room for it (see `_Request`).
+        `copy_bytes`: what the weights copy made for it holds (0: it reads weights that stay)."""
+        if copy_bytes:
             self._readers[weights] += 1
-        self._waiting.append(_Request(item, weights, copy, reuse_key))
+            self._copy_bytes[weights] = copy_bytes
+        self._waiting.append(_Request(item, weights, bool(copy_bytes), reuse_key))
 
     @property
     def batches(self) -> int:
@@ -84,7 +88,8 @@ class Decoder:
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(generation.reserved_bytes for generation in self._generations)
+        """What the generations reserve, and the weights copies requests read."""
+        return sum(generation.reserved_bytes for generation in self._generations) + sum(self._copy_bytes.values())
 
     def forget_prompts(self, reuse_key: str) -> None:
         """The weights kept under `reuse_key` changed or left: their prompts are no longer theirs."""
@@ -190,7 +195,7 @@ class Decoder:
         if request.copy:
             self._readers[request.weights] -= 1
             if not self._readers[request.weights]:
-                del self._readers[request.weights]
+                del self._readers[request.weights], self._copy_bytes[request.weights]
                 self._release(request.weights)
         outcome = ops.Outcome(request.item.future_id, cycle_id)
         if isinstance(output, ops.OpError):

@@ -98,8 +98,8 @@ class Engine:
         kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         log.info("keys and values of sampling: up to %.2f GiB (--kv-cache-bytes)", kv_cache_bytes / 2**30)
         self.decoder = Decoder(sampler, kv_cache_bytes, release=self._release_copy)
-        self._snapshot_copies: dict[str, str] = {}
-        """Snapshot -> the copy of its weights the generations reading it share."""
+        self._snapshot_copies: dict[str, tuple[str, int]] = {}
+        """Snapshot -> the copy of its weights the generations reading it share, and its bytes."""
         self._generation_ids = itertools.count()
 
     def info(self) -> ops.ModelInfo:
@@ -445,21 +445,21 @@ class Engine:
         """Queues the items' samples for the decoder. `private`: they decode across cycles, so
         they sample copies of the weights they read: what later cycles do to those weights, or
         where residency moves them, cannot reach a generation."""
-        copies: dict[str, str] = {}
+        copies: dict[str, tuple[str, int]] = {}
         for item in items:
             name = item.operation.adapter
-            weights = name
+            weights, copy_bytes = name, 0
             if private and name is not None:
-                weights = copies[name] = copies.get(name) or self._generation_copy(name)
+                weights, copy_bytes = copies[name] = copies.get(name) or self._generation_copy(name)
             # Prompts are reused only with weights that never change: the base model's and snapshots'.
             reusable = name is None or self.residency.has_snapshot(name)
-            self.decoder.submit(item, weights, copy=weights != name, reuse_key=(name or "") if reusable else None)
+            self.decoder.submit(item, weights, copy_bytes, reuse_key=(name or "") if reusable else None)
         return [_GENERATING] * len(items)
 
-    def _generation_copy(self, name: str) -> str:
-        """A copy of `name`'s weights for generations: a run's, fresh (its weights move on with
-        every step); a snapshot's, one shared by every generation that reads it until the last
-        one is answered or the snapshot changes."""
+    def _generation_copy(self, name: str) -> tuple[str, int]:
+        """A copy of `name`'s weights for generations, and its bytes: a run's, fresh (its weights
+        move on with every step); a snapshot's, one shared by every generation that reads it until
+        the last one is answered or the snapshot changes."""
         snapshot = self.residency.has_snapshot(name)
         if snapshot and (shared := self._snapshot_copies.get(name)) is not None:
             return shared
@@ -470,14 +470,15 @@ class Engine:
             if (pair := layer.adapters.get(name)) is not None
         }
         self._register(copy, pairs)
+        made = copy, sum(pair.A.nbytes + pair.B.nbytes for pair in pairs.values())
         if snapshot:
-            self._snapshot_copies[name] = copy
-        return copy
+            self._snapshot_copies[name] = made
+        return made
 
     def _release_copy(self, copy: str) -> None:
         """No request reads the weights copy any more."""
         self._unregister(copy)
-        self._snapshot_copies = {name: kept for name, kept in self._snapshot_copies.items() if kept != copy}
+        self._snapshot_copies = {name: kept for name, kept in self._snapshot_copies.items() if kept[0] != copy}
 
 
 _GENERATING = object()
