@@ -212,3 +212,16 @@ def test_a_run_keeps_only_its_newest_steps_and_a_load_forgets_the_steps_it_undid
     assert [point.step for point in store.step_metrics("run-a")] == [2]
     _record(dispatcher, *_forward_backward([2], [1.0], loss_sum=7.0))
     assert [(point.step, point.loss_per_token) for point in store.step_metrics("run-a")] == [(2, 2.0 / 2), (3, 7.0 / 2)]
+
+
+def test_an_idempotency_lookup_searches_the_index_instead_of_scanning_every_kept_request(tmp_path):
+    """Every request is looked up by its idempotency key before it is acked; a scan costs 1.2 ms with
+    20000 requests kept (a long RL loop keeps hundreds of thousands within the retention)."""
+    store = Store(tmp_path / "db")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    assert store.accepted("alice", "k") is None
+    store._db.set_trace_callback(None)
+    (statement,) = statements
+    plan = " ".join(row[-1] for row in store._db.execute(f"EXPLAIN QUERY PLAN {statement}"))
+    assert "USING INDEX accepted_requests_key" in plan, plan

@@ -599,7 +599,9 @@ class Store:
     def accepted(self, owner: str, idempotency_key: str) -> tuple[str, int] | None:
         """(future_id, seq) of the request `owner` sent with this idempotency key, while it is kept."""
         row = self._db.execute(
-            "SELECT future_id, seq FROM accepted_requests WHERE owner = ? AND idempotency_key = ?",
+            # "!= ''" as the partial unique index has it: without it SQLite scans the whole table.
+            "SELECT future_id, seq FROM accepted_requests"
+            " WHERE owner = ? AND idempotency_key = ? AND idempotency_key != ''",
             (owner, idempotency_key),
         ).fetchone()
         return None if row is None else (row[0], row[1])
