@@ -191,8 +191,8 @@ def test_two_adapters_sampled_in_one_batch_match_each_sampled_alone(service, ser
     _, first = trained_sampler(service, seed=1, steps=3)
     _, second = trained_sampler(service, seed=2, steps=6)
     prompts = {first.model_path: [256, 65, 66], second.model_path: PROMPT}
-    params = {
-        first.model_path: types.SamplingParams(max_tokens=10, temperature=0.0, stop=[]),
+    params = {  # one length: rows of one batch finish at one step, so they are answered in one cycle
+        first.model_path: types.SamplingParams(max_tokens=14, temperature=0.0, stop=[]),
         second.model_path: types.SamplingParams(max_tokens=14, temperature=0.9, top_k=40, seed=5, stop=[]),
     }
     alone = {

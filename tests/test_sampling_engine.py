@@ -80,6 +80,19 @@ def test_token_choice_reads_the_device_once_per_step(monkeypatch):
     assert [token for token, _, _ in picks] == tokens.tolist()
 
 
+def test_a_request_is_answered_when_its_own_rows_finish_not_when_its_batch_mates_do(engine):
+    short, long = sample([256, 1], num_samples=2, max_tokens=3), sample([256, 2], max_tokens=30)
+    items = [ops.WorkItem("short", "", short), ops.WorkItem("long", "", long)]
+    answered: dict[str, tuple[int, ops.Outcome]] = {}
+    cycle, outcomes = 1, engine.run_cycle(ops.Cycle(1, items), decode_seconds=0.0)  # a step per cycle
+    while len(answered) < 2:
+        answered.update((outcome.future_id, (cycle, outcome)) for outcome in outcomes)
+        cycle += 1
+        outcomes = engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
+    assert answered["short"][0] == 3 and answered["long"][0] == 30
+    assert tokens_of(answered["short"][1].result) == tokens_of(run(engine, short)[0])
+
+
 def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine):
     prompt = [256, 40, 41, 42]
     short, long = sample(prompt, 3, adapter="a", max_tokens=3), sample(prompt[:2], 2, adapter="b", max_tokens=16)

@@ -119,10 +119,9 @@ class Decoder:
                     finished = generation.take_finished()
                 except Exception as error:  # a bug must fail its requests, not the worker
                     log.exception("cycle %d: a generation failed", cycle_id)
-                    finished = [(part, [_internal_error(error)] * len(part)) for part in generation.payloads()]
+                    finished = [(request, _internal_error(error)) for request in generation.unanswered()]
                     self._generations.remove(generation)
-                for part, outputs in finished:
-                    outcomes.extend(map(self._answer, part, outputs, [cycle_id] * len(part)))
+                outcomes.extend(self._answer(request, output, cycle_id) for request, output in finished)
                 if generation.done and generation in self._generations:
                     self._generations.remove(generation)
             outcomes.extend(self._admit(cycle_id))

@@ -15,6 +15,7 @@ finished rows leave the batch, their room with them, once they are an eighth of 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -229,26 +230,41 @@ def _distinct_prompts(requests: list[ops.Sample], weights: list[str | None]) -> 
     return [prompts[key] for key in sorted(prompts)]
 
 
-@dataclass(eq=False)  # told apart by identity: its requests hold arrays
 class _Part:
-    """The requests one Generation started with, and what to answer them with once their rows finish."""
+    """The requests one Generation started with: each is answered (its payload with its result) as
+    soon as its own rows have finished, whatever the others still draw."""
 
-    requests: list[ops.Sample]
-    prompts: list[_Prompt]
-    scored: dict[int, ops.SampleResult]
-    rows: list[SampleRow]
-    payload: object
-
-    def results(self) -> list[ops.SampleResult]:
-        results = [self.scored.get(index, ops.SampleResult([])) for index in range(len(self.requests))]
-        for prompt in self.prompts:
+    def __init__(
+        self,
+        prompts: list[_Prompt],
+        scored: dict[int, ops.SampleResult],
+        rows: list[SampleRow],
+        payloads: Sequence[object],
+    ) -> None:
+        self.payloads, self._scored = payloads, scored
+        self._rows: dict[int, list[SampleRow]] = {index: [] for index in range(len(payloads))}
+        for row in sorted(rows, key=lambda row: (row.request_index, row.sample_index)):
+            self._rows[row.request_index].append(row)
+        self._cache_hits: dict[int, int] = {}
+        for prompt in prompts:
             first, *others = prompt.request_indices
-            results[first].prompt_cache_hit_tokens = prompt.reused_length
+            self._cache_hits[first] = prompt.reused_length
             for index in others:  # the first request prefilled the prompt; these reused all of it
-                results[index].prompt_cache_hit_tokens = len(prompt.tokens)
-        for row in sorted(self.rows, key=lambda row: (row.request_index, row.sample_index)):
-            results[row.request_index].sequences.append(_sequence_arrays(row))
-        return results
+                self._cache_hits[index] = len(prompt.tokens)
+
+    @property
+    def unanswered(self) -> list[object]:
+        return [self.payloads[index] for index in self._rows]
+
+    def take_finished(self) -> list[tuple[object, ops.SampleResult]]:
+        finished = [index for index, rows in self._rows.items() if all(row.finished for row in rows)]
+        return [(self.payloads[index], self._result(index)) for index in finished]
+
+    def _result(self, index: int) -> ops.SampleResult:
+        result = self._scored.get(index, ops.SampleResult([]))
+        result.prompt_cache_hit_tokens = self._cache_hits[index]
+        result.sequences.extend(_sequence_arrays(row) for row in self._rows.pop(index))
+        return result
 
 
 LEAVE_FRACTION = 1 / 8
@@ -273,8 +289,8 @@ class Generation:
     worker can stop between steps for other work) until every row has finished. Another
     generation's rows can join between steps (`absorb`): one batch, one forward per step.
     `weights` names what each request's weights are routed by (for a run's live weights, a private
-    copy, so what later cycles do to them cannot change a generation under way); `payload` comes
-    back with the requests' results (`take_finished`). With `prefixes`, prompts of the weights in
+    copy, so what later cycles do to them cannot change a generation under way); `payloads`, one per
+    request, come back with their results (`take_finished`). With `prefixes`, prompts of the weights in
     `reuse_keys` start from the longest prefix kept under their key, and are kept there."""
 
     @torch.no_grad()
@@ -283,7 +299,7 @@ class Generation:
         sampler: SamplingModel,
         requests: list[ops.Sample],
         weights: list[str | None],
-        payload: object = None,
+        payloads: Sequence[object],
         prefixes: PrefixCache | None = None,
         reuse_keys: dict[str | None, str] | None = None,
     ) -> None:
@@ -312,7 +328,7 @@ class Generation:
             ),
             key=lambda row: (row.weights or "", prompt_index[_prompt_key(row.weights, row.request.prompt)]),
         )
-        self._parts = [_Part(requests, prompts, scored, self._rows, payload)]
+        self._parts = [_Part(prompts, scored, self._rows, payloads)]
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
         starts = starts.to(self._device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
@@ -427,15 +443,15 @@ class Generation:
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
         self._logits = torch.cat([self._logits, other._logits])
 
-    def payloads(self) -> list[object]:
-        """Of the parts not answered yet."""
-        return [part.payload for part in self._parts]
+    def unanswered(self) -> list[object]:
+        """The payloads of the requests not answered yet."""
+        return [payload for part in self._parts for payload in part.unanswered]
 
     def take_finished(self) -> list[tuple[object, list[ops.SampleResult]]]:
-        """The payload and results of every part whose rows have all finished, once each."""
-        finished = [part for part in self._parts if all(row.finished for row in part.rows)]
-        self._parts = [part for part in self._parts if part not in finished]
-        return [(part.payload, part.results()) for part in finished]
+        """The payload and result of every request whose rows have all finished, once each."""
+        finished = [answer for part in self._parts for answer in part.take_finished()]
+        self._parts = [part for part in self._parts if part.unanswered]
+        return finished
 
     @torch.no_grad()
     def step(self) -> None:
