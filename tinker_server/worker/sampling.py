@@ -447,7 +447,7 @@ class Generation:
         """The payloads of the requests not answered yet."""
         return [payload for part in self._parts for payload in part.unanswered]
 
-    def take_finished(self) -> list[tuple[object, list[ops.SampleResult]]]:
+    def take_finished(self) -> list[tuple[object, ops.SampleResult]]:
         """The payload and result of every request whose rows have all finished, once each."""
         finished = [answer for part in self._parts for answer in part.take_finished()]
         self._parts = [part for part in self._parts if part.unanswered]
