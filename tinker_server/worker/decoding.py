@@ -1,9 +1,10 @@
 """The generations under way on one base model: sample requests admitted within the KV cache
 budget, joined into as few batches as the budget allows, and stepped until they finish.
 
-Requests wait, in order, while what running generations reserve leaves no room for theirs; rows
-that finish give their room back at once. A batch takes another generation's rows only where the
-joined batch still fits (its rows share one column layout, so all reserve the longest remaining).
+Requests wait, in order, while what running generations reserve (and the weights copies requests
+read) leaves no room for theirs; rows that finish give their room back at once. A batch takes
+another generation's rows only where the joined batch still fits (its rows share one column
+layout, so all reserve the longest remaining).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ kept for the prompts of later requests.
 A generation's plain attention layers hold their keys and values in buffers with room for every
 token its rows may still generate (`ReservedLayer`): a decode step writes its column in place
 instead of copying the whole cache to grow it. Layers of other kinds (sliding windows, recurrent
-state) keep Hugging Face's own classes. What generations reserve, and the prompts kept for reuse
-(`PrefixCache`), stay within one budget (`KvBudget`): kept prompts give way first, then requests
-wait for rows to finish.
+state) keep Hugging Face's own classes. What generations reserve (with the weights copies they
+read, counted by the decoder), and the prompts kept for reuse (`PrefixCache`), stay within one
+budget (`KvBudget`): kept prompts give way first, then requests wait for rows to finish.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class PrefixCache:
         token to compute), and how many tokens they share."""
         best, best_length = None, 0
         for kept in self._family(key, tokens).values():
-            length = reusable_length(kept.tokens, tokens)
+            length = _reusable_length(kept.tokens, tokens)
             if length > best_length:
                 best, best_length = kept, length
         if best is not None:
@@ -275,7 +275,7 @@ def family_key(key: str, tokens: np.ndarray) -> tuple[str, bytes]:
     return key, tokens[:PREFIX_BLOCK].tobytes()
 
 
-def reusable_length(kept: np.ndarray, tokens: np.ndarray) -> int:
+def _reusable_length(kept: np.ndarray, tokens: np.ndarray) -> int:
     """How many of `tokens` can start from `kept`'s keys and values: the whole blocks they share,
     leaving at least the last token to compute (its logits are what a prefill is for)."""
     return min(_common_prefix(kept, tokens), len(tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
@@ -288,8 +288,8 @@ def _common_prefix(first: np.ndarray, second: np.ndarray) -> int:
 
 
 class KvBudget:
-    """Bytes for keys and values: what generations reserve, plus prompts kept for reuse, which
-    give way to generations."""
+    """Bytes for sampling: what generations reserve (keys and values, weights copies), plus prompts
+    kept for reuse, which give way to generations."""
 
     def __init__(self, total_bytes: int, bytes_per_token: int) -> None:
         self.total_bytes, self.bytes_per_token = total_bytes, bytes_per_token
