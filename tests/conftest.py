@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Before anything imports gRPC: Ray forks its node processes from this process while the session's
+# clients run (tests/test_ray_platform.py), and gRPC's fork handlers could crash such a child
+# (see tinker_server/__init__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
