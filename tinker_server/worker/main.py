@@ -15,6 +15,7 @@ import torch
 
 from tinker_server.logs import configure_logging
 from tinker_server.ops import Cycle, CycleReport, WorkerOptions
+from tinker_server.worker.host_memory import keep_freed_memory
 
 if TYPE_CHECKING:
     from tinker_server.worker.engine import Engine
@@ -63,6 +64,7 @@ def worker_main(
     # Ctrl-C reaches the whole process group; the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format)
+    keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine = build_engine(base_model, options, device)
