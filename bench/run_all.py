@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from bench import cluster, latency, load, memory, rl_loop, sampling, train_while_sampling, training, wire
+from bench import (
+    cluster,
+    latency,
+    load,
+    memory,
+    rl_loop,
+    sampling,
+    token_choice,
+    train_while_sampling,
+    training,
+    wire,
+)
 
 
 def main() -> None:
@@ -19,6 +30,7 @@ def main() -> None:
     rl_loop.main(extra)
     load.main(extra)
     cluster.main([])
+    token_choice.main([])  # last: it sets this process's allocator as the worker's
 
 
 if __name__ == "__main__":

@@ -80,6 +80,26 @@ def test_token_choice_reads_the_device_once_per_step(monkeypatch):
     assert [token for token, _, _ in picks] == tokens.tolist()
 
 
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 0.8)])
+def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
+    """4000 rows (seeds of one request's samples), 5 steps each: every token's frequency is within
+    4 standard errors of its probability under temperature, top-k then top-p; none outside them."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0]]).expand(4000, -1)
+    request = sample([1], temperature=temperature, top_k=top_k, top_p=top_p)
+    choice = TokenChoice([request] * len(logits), list(range(len(logits))), torch.device("cpu"))
+    drawn = torch.cat([choice.next(logits, list(range(len(logits))))[0] for _ in range(5)])
+
+    scaled = logits[0] / temperature
+    support = torch.argsort(scaled, descending=True)[: top_k or None]
+    probs = torch.softmax(scaled[support], -1)
+    support = support[(torch.cumsum(probs, 0) - probs) < top_p]
+    expected = torch.zeros_like(scaled).index_copy_(0, support, torch.softmax(scaled[support], -1))
+    frequency = torch.bincount(drawn, minlength=len(scaled)) / len(drawn)
+    error = (expected * (1 - expected) / len(drawn)).sqrt()
+    assert (frequency[expected == 0] == 0).all()
+    assert ((frequency - expected).abs() <= 4 * error).all(), (frequency, expected)
+
+
 def test_a_request_is_answered_when_its_own_rows_finish_not_when_its_batch_mates_do(engine):
     short, long = sample([256, 1], num_samples=2, max_tokens=3), sample([256, 2], max_tokens=30)
     items = [ops.WorkItem("short", "", short), ops.WorkItem("long", "", long)]

@@ -92,11 +92,13 @@ class _RowParams(NamedTuple):
 
 class TokenChoice:
     """Picks every active row's next token on the device: the argmax at temperature 0, else a draw
-    from its temperature-scaled, top-k- then top-p-truncated distribution. A row's draws come from
-    a counter-based stream of its own (its seed and sample index, and the step), so a seeded sample
-    is the same whatever shares its batch, on any device. What the rows ask for is also kept on the
-    host, so that which work a step needs (draws, truncation) is decided without reading the device:
-    a step reads it once, for the tokens chosen."""
+    from its temperature-scaled, top-k- then top-p-truncated distribution, where its cumulative
+    distribution reaches a uniform of the row's own counter-based stream (its seed and sample index,
+    and the step): a seeded sample is the same whatever shares its batch, on any device. One random
+    number per row and step, not one per vocabulary entry: with a real vocabulary (150k tokens),
+    noise per entry costs more than the draw itself. What the rows ask for is also kept on the host,
+    so that which work a step needs (draws, truncation) is decided without reading the device: a
+    step reads it once, for the tokens chosen."""
 
     def __init__(self, requests: list[ops.Sample], sample_indices: list[int], device: torch.device) -> None:
         params = [request.params for request in requests]
@@ -126,7 +128,7 @@ class TokenChoice:
         sampling_logprob = torch.zeros_like(temperature)
         if (self.host.temperature[active] != 0).any():
             distribution = self._distribution(logits, temperature.masked_fill(greedy, 1.0), rows, active)
-            drawn = (distribution + self._gumbel(rows, logits.shape[-1])).argmax(dim=-1)  # Gumbel-max: a draw
+            drawn = self._draw(distribution, rows)
             tokens = torch.where(greedy, tokens, drawn)
             picked = distribution.gather(-1, tokens[:, None]).squeeze(-1)
             sampling_logprob = torch.where(greedy, sampling_logprob, picked)
@@ -165,13 +167,18 @@ class TokenChoice:
             scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
         return torch.log_softmax(scaled, dim=-1)
 
-    def _gumbel(self, rows: torch.Tensor, vocab: int) -> torch.Tensor:
-        """Gumbel noise [A, V] from each row's (key, step, token) counter: 24-bit uniforms in (0, 1)."""
-        step_keys = _mix32(self.row_keys[rows] ^ ((self.steps[rows] * 0x9E3779B1) & _M32))
-        token_keys = (torch.arange(vocab, device=rows.device) * 0x85EBCA77) & _M32
-        bits = _mix32(_mix32(step_keys[:, None] ^ token_keys[None, :]))
-        uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)
-        return -torch.log(-torch.log(uniform))
+    def _draw(self, distribution: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A token [A] per row of log-probabilities [A, V]: the first whose cumulative probability
+        reaches the row's uniform (scaled to the row's total, which rounding leaves near 1). That
+        token always has probability of its own: one truncated away adds nothing to the sum."""
+        cumulative = distribution.exp().cumsum(dim=-1)
+        targets = self._uniform(rows) * cumulative[:, -1]
+        return torch.searchsorted(cumulative, targets[:, None]).squeeze(-1)
+
+    def _uniform(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's number for its current step, from its (key, step) counter: 24 bits, in (0, 1]."""
+        bits = _mix32(_mix32(self.row_keys[rows] ^ ((self.steps[rows] * 0x9E3779B1) & _M32)))
+        return ((bits >> 8).float() + 0.5) / float(1 << 24)
 
 
 class _StopChecker:

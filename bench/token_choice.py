@@ -1,0 +1,76 @@
+"""Choosing the next token at real vocabulary sizes: the sampler's TokenChoice (temperature,
+top-k / top-p, a seeded stream per row, one host read) against what Hugging Face `generate` does
+(its top-p warper where asked, softmax, `torch.multinomial`), side by side on the same logits.
+
+The sampling benchmark's embedded model has 259 tokens, where choosing costs nothing; Llama 3 has
+128k and Qwen 2.5 152k, where it is a large part of a decode step on a CPU. Both run with the
+worker's allocator setting (host_memory.keep_freed_memory), as the worker runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from bench.common import emit
+from tinker_server import ops
+from tinker_server.worker.host_memory import keep_freed_memory
+from tinker_server.worker.sampling import TokenChoice
+
+
+def per_call_ms(call: Callable[[], object], repeats: int) -> float:
+    """The median of `repeats` timed calls, after one warm-up."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
+def measure(rows: int, vocab: int, top_p: float, repeats: int) -> dict:
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    config = ops.SamplingConfig(16, 1.0, 0, top_p, 1, (), (), True)
+    request = ops.Sample(None, None, np.zeros(1, dtype=np.int64), 1, config, False, 0)
+    choice = TokenChoice([request] * rows, list(range(rows)), torch.device("cpu"))
+    active = list(range(rows))
+
+    def generate_step() -> list:
+        scores = TopPLogitsWarper(top_p)(None, logits) if top_p < 1 else logits
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, tokens).tolist()  # the logprobs a sampler reports
+
+    ours = per_call_ms(lambda: choice.next(logits, active), repeats)
+    theirs = per_call_ms(generate_step, repeats)
+    return {
+        "rows": rows,
+        "vocab": vocab,
+        "top_p": top_p,
+        "token_choice_ms": round(ours, 2),
+        "generate_ms": round(theirs, 2),
+        "vs_generate": round(theirs / ours, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each; the median is reported")
+    args, _ = parser.parse_known_args(argv)  # run_all passes every benchmark the same extra arguments
+    keep_freed_memory()
+    cases = [(32, 32_000, 1.0), (32, 151_936, 1.0), (128, 32_000, 1.0), (32, 151_936, 0.9)]
+    report = {
+        "benchmark": "token_choice",
+        "results": [measure(rows, vocab, top_p, args.repeats) for rows, vocab, top_p in cases],
+    }
+    emit(report, list(report["results"][0]))
+    return report
+
+
+if __name__ == "__main__":
+    main()
