@@ -23,10 +23,10 @@ PROGRAM = textwrap.dedent(
         inputs = torch.ones(10 << 20)
         return float((inputs * 2)[0])
 
-    for _ in range(5):  # the heap settles
+    for _ in range(10):  # the heap settles
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(10):
         step()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
@@ -40,6 +40,6 @@ def page_faults(mode: str) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
 def test_a_freed_tensor_is_reused_without_page_faults():
-    pages = 5 * 2 * (40 << 20) // 4096
+    pages = 10 * 2 * (40 << 20) // 4096  # of the 20 tensors allocated
     assert page_faults("default") > pages // 2  # each allocation maps, and faults in, fresh pages
-    assert page_faults("kept") < pages // 100
+    assert page_faults("kept") < pages // 10  # at most one tensor's in a while, as the heap's layout shifts
