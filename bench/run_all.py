@@ -6,6 +6,7 @@ import sys
 
 from bench import (
     cluster,
+    decode_steps,
     latency,
     load,
     memory,
@@ -25,6 +26,7 @@ def main() -> None:
     latency.main(extra)
     wire.main([])
     sampling.main(extra)
+    decode_steps.main(extra)
     train_while_sampling.main(extra)
     memory.main(extra)
     rl_loop.main(extra)

@@ -1,0 +1,91 @@
+"""Milliseconds per decode step, run after run: the worker's engine and one static Hugging Face
+`generate` batch on the same requests, each run in turn several times, on the worker's device.
+
+The first run of a set of shapes (rows, key/value lengths) pays for them on a GPU (on an H200,
+40-90 ms a step more); later runs show what a step costs warm. Cases pull the workloads apart:
+ragged outputs (rows leave the engine's batch, new shapes), ragged prompts (padding, masks),
+several samples per prompt, and the sampling benchmark's mixed workload. With `--rows-stay`, a
+last pass keeps finished rows in the engine's batch (one batch shape all along).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.common import emit
+from bench.sampling import Request, in_process, static_batch, workload
+from tinker_server.worker import sampling
+from tinker_server.worker.engine import Engine
+from tinker_server.worker.models import load_base_model, resolve_dtype
+
+
+def cases(rng: np.random.Generator) -> dict[str, list[Request]]:
+    def requests(count: int, prompt: Callable[[], int], samples: int, output: Callable[[], int]) -> list[Request]:
+        return [Request(rng.integers(0, 256, prompt()).tolist(), samples, output(), 0) for _ in range(count)]
+
+    return {
+        "uniform": requests(32, lambda: 16, 1, lambda: 64),
+        "ragged_outputs": requests(32, lambda: 16, 1, lambda: int(rng.integers(8, 65))),
+        "ragged_prompts": requests(32, lambda: int(rng.integers(4, 65)), 1, lambda: 64),
+        "samples_4": requests(8, lambda: 16, 4, lambda: 64),
+        "mixed": workload("mixed", 32, 64),
+    }
+
+
+def step_ms(run: Callable[[list[Request]], object], requests: list[Request], device: torch.device) -> float:
+    """One run's milliseconds per step of its longest output."""
+    start = time.perf_counter()
+    run(requests)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round((time.perf_counter() - start) * 1000 / max(request.max_tokens for request in requests), 2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base-model", default=None, help="local HF directory (default: embedded model)")
+    parser.add_argument("--runs", type=int, default=4, help="runs of each method per case, in turn")
+    parser.add_argument("--rows-stay", action="store_true", help="then again with finished rows kept in the batch")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the worker chooses
+    dtype = resolve_dtype("auto", device)
+    engine = Engine(load_base_model(args.base_model, dtype), device)
+    model = load_base_model(args.base_model, dtype).model.to(device)
+
+    def engine_run(requests: list[Request]) -> object:
+        return in_process(engine, requests)
+
+    def static_run(requests: list[Request]) -> object:
+        return static_batch(model, requests)
+
+    results = []
+    leave_fraction = sampling.LEAVE_FRACTION
+    passes = [("leave", leave_fraction)] + ([("stay", float("inf"))] if args.rows_stay else [])
+    for rows_finished, fraction in passes:
+        sampling.LEAVE_FRACTION = fraction
+        for name, requests in cases(np.random.default_rng(0)).items():
+            runs = [
+                (step_ms(engine_run, requests, device), step_ms(static_run, requests, device)) for _ in range(args.runs)
+            ]
+            results.append(
+                {
+                    "case": name,
+                    "finished_rows": rows_finished,
+                    "rows": sum(request.num_samples for request in requests),
+                    "engine_ms_per_step": [engine_ms for engine_ms, _ in runs],
+                    "static_ms_per_step": [static_ms for _, static_ms in runs],
+                }
+            )
+    sampling.LEAVE_FRACTION = leave_fraction
+    report = {"benchmark": "decode_steps", "device": str(device), "results": results}
+    emit(report, list(results[0]))
+    return report
+
+
+if __name__ == "__main__":
+    main()
