@@ -38,7 +38,7 @@ def measure(rows: int, vocab: int, top_p: float, repeats: int, device: torch.dev
     logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(device)
     config = ops.SamplingConfig(16, 1.0, 0, top_p, 1, (), (), True)
     request = ops.Sample(None, None, np.zeros(1, dtype=np.int64), 1, config, False, 0)
-    choice = TokenChoice([request] * rows, list(range(rows)), device)
+    choice = TokenChoice([request] * rows, list(range(rows)))
     active = list(range(rows))
 
     def generate_step() -> list:

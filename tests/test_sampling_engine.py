@@ -65,7 +65,7 @@ def test_token_choice_reads_the_device_once_per_step(monkeypatch):
     """Which rows draw and which truncate is known on the host: a step of greedy, top-k, top-p and
     plain rows reads the device once, for the tokens chosen (each read stalls a GPU's queue)."""
     requests = [sample([1], temperature=0.0), sample([1], top_k=5), sample([1], top_p=0.5), sample([1], seed=None)]
-    choice = TokenChoice(requests, [0] * len(requests), torch.device("cpu"))
+    choice = TokenChoice(requests, [0] * len(requests))
     reads: list[str] = []
     for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
@@ -86,7 +86,7 @@ def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
     4 standard errors of its probability under temperature, top-k then top-p; none outside them."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.5, -1.0]]).expand(4000, -1)
     request = sample([1], temperature=temperature, top_k=top_k, top_p=top_p)
-    choice = TokenChoice([request] * len(logits), list(range(len(logits))), torch.device("cpu"))
+    choice = TokenChoice([request] * len(logits), list(range(len(logits))))
     drawn = torch.cat([choice.next(logits, list(range(len(logits))))[0] for _ in range(5)])
 
     scaled = logits[0] / temperature

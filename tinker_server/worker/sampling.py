@@ -70,16 +70,16 @@ def seeded_generator(seed: int | None, stream: tuple[int, ...], device: torch.de
     return torch.Generator(device=device).manual_seed(stream_seed(seed, stream))
 
 
-_M32 = 0xFFFFFFFF
+_M32 = np.uint64(0xFFFFFFFF)
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; the mask keeps the low bits)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
+def _mix32(h: np.ndarray) -> np.ndarray:
+    """murmur3's finaliser on uint64 arrays holding 32-bit values (products wrap; the mask keeps the low bits)."""
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & _M32
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & _M32
+    return h ^ (h >> np.uint64(16))
 
 
 class _RowParams(NamedTuple):
@@ -96,43 +96,52 @@ class TokenChoice:
     distribution reaches a uniform of the row's own counter-based stream (its seed and sample index,
     and the step): a seeded sample is the same whatever shares its batch, on any device. One random
     number per row and step, not one per vocabulary entry: with a real vocabulary (150k tokens),
-    noise per entry costs more than the draw itself. What the rows ask for is also kept on the host,
-    so that which work a step needs (draws, truncation) is decided without reading the device: a
-    step reads it once, for the tokens chosen."""
+    noise per entry costs more than the draw itself. What the rows ask for and their streams live
+    on the host, so that a step decides which work it needs (draws, truncation) without reading the
+    device, sends the rows' numbers in one copy, and reads the device once, for the tokens chosen:
+    on a GPU each small operation is a kernel launch, each read a stall."""
 
-    def __init__(self, requests: list[ops.Sample], sample_indices: list[int], device: torch.device) -> None:
+    def __init__(self, requests: list[ops.Sample], sample_indices: list[int]) -> None:
         params = [request.params for request in requests]
         self.host = _RowParams(
             np.array([p.temperature for p in params], dtype=np.float32),
             np.array([max(p.top_k, 0) for p in params], dtype=np.int64),
             np.array([p.top_p for p in params], dtype=np.float32),
         )
-        self.temperature, self.top_k, self.top_p = (torch.from_numpy(values).to(device) for values in self.host)
         self.topk_logprobs = [request.topk_sample_logprobs for request in requests]
-        seeds = torch.tensor(
-            [stream_seed(p.seed, (i,)) for p, i in zip(params, sample_indices, strict=True)], device=device
+        seeds = np.array(
+            [stream_seed(p.seed, (i,)) for p, i in zip(params, sample_indices, strict=True)], dtype=np.uint64
         )
-        self.row_keys = _mix32(_mix32(seeds & _M32) ^ (seeds >> 32))
-        self.steps = torch.zeros(len(requests), dtype=torch.long, device=device)
+        self._keys = _mix32(_mix32(seeds & _M32) ^ (seeds >> np.uint64(32)))
+        self._steps = np.zeros(len(requests), dtype=np.uint64)
 
     def next(
         self, logits: torch.Tensor, active: list[int]
     ) -> tuple[torch.Tensor, list[tuple[int, float, float]], list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """For rows `active` (their logits [A, V]): the tokens [A] on the device; on the host each
         one's (token, logprob, sampling logprob); and its top-k tokens and logprobs where asked."""
-        rows = torch.tensor(active, device=logits.device)
-        model_logprobs = torch.log_softmax(logits, dim=-1)
-        temperature = self.temperature[rows]
+        temperature, top_k, top_p = (values[active] for values in self.host)
         greedy = temperature == 0
-        tokens = logits.argmax(dim=-1)
-        sampling_logprob = torch.zeros_like(temperature)
-        if (self.host.temperature[active] != 0).any():
-            distribution = self._distribution(logits, temperature.masked_fill(greedy, 1.0), rows, active)
-            drawn = self._draw(distribution, rows)
-            tokens = torch.where(greedy, tokens, drawn)
-            picked = distribution.gather(-1, tokens[:, None]).squeeze(-1)
-            sampling_logprob = torch.where(greedy, sampling_logprob, picked)
-        self.steps[rows] += 1
+        truncating = bool(((top_k > 0) | (top_p < 1))[~greedy].any())
+        uniform = self._uniform(active)
+        model_logprobs = torch.log_softmax(logits, dim=-1)
+        if greedy.all():
+            tokens = logits.argmax(dim=-1)
+            sampling_logprob = torch.zeros_like(tokens, dtype=logits.dtype)
+        else:
+            # One copy for the step: temperature (1 where greedy), top-k, top-p, uniform, greedy.
+            numbers = np.stack([np.where(greedy, 1, temperature), top_k, top_p, uniform, greedy])
+            numbers = torch.from_numpy(numbers.astype(np.float32)).to(logits.device)
+            if truncating or (temperature[~greedy] != 1).any():
+                distribution = self._distribution(logits, numbers[0], numbers[1].long(), numbers[2], truncating)
+            else:
+                distribution = model_logprobs  # temperature 1, nothing truncated: the model's own
+            tokens = self._draw(distribution, numbers[3])
+            sampling_logprob = distribution.gather(-1, tokens[:, None]).squeeze(-1)
+            if greedy.any():
+                is_greedy = numbers[4].bool()
+                tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
+                sampling_logprob = sampling_logprob.masked_fill(is_greedy, 0.0)
         chosen = model_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         picks = torch.stack([tokens.double(), chosen.double(), sampling_logprob.double()], dim=-1).tolist()  # one sync
         top = [None] * len(active)
@@ -145,19 +154,19 @@ class TokenChoice:
 
     def absorb(self, other: TokenChoice) -> None:
         """Takes `other`'s rows, after this one's."""
-        for name in ("temperature", "top_k", "top_p", "row_keys", "steps"):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.host = _RowParams(*(np.concatenate(pair) for pair in zip(self.host, other.host, strict=True)))
+        self._keys = np.concatenate([self._keys, other._keys])
+        self._steps = np.concatenate([self._steps, other._steps])
         self.topk_logprobs = self.topk_logprobs + other.topk_logprobs
 
+    @staticmethod
     def _distribution(
-        self, logits: torch.Tensor, temperature: torch.Tensor, rows: torch.Tensor, active: list[int]
+        logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, truncating: bool
     ) -> torch.Tensor:
         """Log-probabilities [A, V] of what each row samples from: top-k first, then top-p over what
         top-k kept (as Hugging Face and vLLM do)."""
         scaled = logits / temperature[:, None]
-        top_k, top_p = self.top_k[rows], self.top_p[rows]
-        if (self.host.top_k[active] > 0).any() or (self.host.top_p[active] < 1).any():
+        if truncating:
             vocab = scaled.shape[-1]
             ordered, order = torch.sort(scaled, dim=-1, descending=True)
             ranks = torch.arange(vocab, device=scaled.device)
@@ -167,18 +176,22 @@ class TokenChoice:
             scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
         return torch.log_softmax(scaled, dim=-1)
 
-    def _draw(self, distribution: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _draw(distribution: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """A token [A] per row of log-probabilities [A, V]: the first whose cumulative probability
         reaches the row's uniform (scaled to the row's total, which rounding leaves near 1). That
         token always has probability of its own: one truncated away adds nothing to the sum."""
         cumulative = distribution.exp().cumsum(dim=-1)
-        targets = self._uniform(rows) * cumulative[:, -1]
+        targets = uniform * cumulative[:, -1]
         return torch.searchsorted(cumulative, targets[:, None]).squeeze(-1)
 
-    def _uniform(self, rows: torch.Tensor) -> torch.Tensor:
-        """Each row's number for its current step, from its (key, step) counter: 24 bits, in (0, 1]."""
-        bits = _mix32(_mix32(self.row_keys[rows] ^ ((self.steps[rows] * 0x9E3779B1) & _M32)))
-        return ((bits >> 8).float() + 0.5) / float(1 << 24)
+    def _uniform(self, active: list[int]) -> np.ndarray:
+        """Each active row's number for its current step, from its (key, step) counter: 24 bits,
+        in (0, 1]; the rows' counters move on."""
+        steps = self._steps[active]
+        self._steps[active] = steps + np.uint64(1)
+        bits = _mix32(_mix32(self._keys[active] ^ ((steps * np.uint64(0x9E3779B1)) & _M32)))
+        return ((bits >> np.uint64(8)).astype(np.float64) + 0.5) / float(1 << 24)
 
 
 class _StopChecker:
@@ -342,9 +355,7 @@ class Generation:
         self._batch = list(range(len(self._rows)))  # the rows in the cache, in its order (some may have finished)
         self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
-        self._choice = TokenChoice(
-            [row.request for row in self._rows], [row.sample_index for row in self._rows], self._device
-        )
+        self._choice = TokenChoice([row.request for row in self._rows], [row.sample_index for row in self._rows])
         self._stops = [_StopChecker(row.request.params, sampler.eos_token_ids, sampler.tokenizer) for row in self._rows]
 
     def _prefill_keeping(
