@@ -113,6 +113,26 @@ def test_a_request_is_answered_when_its_own_rows_finish_not_when_its_batch_mates
     assert tokens_of(answered["short"][1].result) == tokens_of(run(engine, short)[0])
 
 
+def test_a_cycle_answering_training_steps_no_generation_right_after_one_that_did(engine):
+    """A forward_backward that arrives while a generation decodes waits for the step under way,
+    not for one more in its own cycle; the generation steps again in the next cycle, and in every
+    other one while each brings training."""
+    generation = sample([256, 3], max_tokens=4)
+    tokens = np.asarray([256, 5, 6, 7, 8], dtype=np.int64)
+    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(4, dtype=np.float32)})
+    training = [ops.WorkItem("fb", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False))]
+    cycles = [[ops.WorkItem("sample", "", generation)], training, training, [], [], []]
+    answered: dict[str, list[int]] = {}
+    for cycle, items in enumerate(cycles, start=1):
+        for outcome in engine.run_cycle(ops.Cycle(cycle, items), decode_seconds=0.0):  # a step per cycle
+            answered.setdefault(outcome.future_id, []).append(cycle)
+            if outcome.future_id == "sample":
+                sampled = outcome.result
+    # Steps 1-4 in cycles 1, 3 (after cycle 2 answered training without one), 4 and 5.
+    assert answered == {"fb": [2, 3], "sample": [5]}
+    assert tokens_of(sampled) == tokens_of(run(engine, generation)[0])
+
+
 def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine):
     prompt = [256, 40, 41, 42]
     short, long = sample(prompt, 3, adapter="a", max_tokens=3), sample(prompt[:2], 2, adapter="b", max_tokens=16)

@@ -57,6 +57,8 @@ class Decoder:
         """Requests (waiting or generating) per weights copy."""
         self._copy_bytes: dict[str, int] = {}
         """What each weights copy holds: it counts against the budget until its last reader is answered."""
+        self._stepped = False
+        """Whether the last decode stepped the generations (see `decode`'s `answering`)."""
 
     def too_large(self, request: ops.Sample) -> str | None:
         """Why the request could never run within the budget, even alone; None if it can."""
@@ -109,9 +111,16 @@ class Decoder:
         cycle), it stops as soon as one does, and otherwise goes on past `seconds` until some
         outcome is ready to answer (at most `max_uninterrupted_seconds`): no cycle ends, and costs
         a round trip, for nothing. `answering`: the cycle has outcomes of its own waiting for its
-        end, so it never goes past `seconds`."""
+        end (training results), so it never goes past `seconds`; and if the generations stepped in
+        the last decode, it does not step them at all: those outcomes wait for the step under way
+        when they arrived, not for one more. The generations step again in the next cycle (every
+        other cycle while each brings outcomes of its own)."""
+        if answering and self._stepped:
+            self._stepped = False
+            return []
         start = time.monotonic()
         outcomes = self._admit(cycle_id)
+        self._stepped = bool(self._generations)
         while self._generations:
             self._join()
             for generation in list(self._generations):
