@@ -115,7 +115,7 @@ class Decoder:
         the last decode, it does not step them at all: those outcomes wait for the step under way
         when they arrived, not for one more. The generations step again in the next cycle (every
         other cycle while each brings outcomes of its own)."""
-        if answering and self._stepped:
+        if answering and self._stepped and self._generations:
             self._stepped = False
             return []
         start = time.monotonic()
