@@ -100,6 +100,17 @@ def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
     assert ((frequency - expected).abs() <= 4 * error).all(), (frequency, expected)
 
 
+def test_a_row_of_nan_logits_draws_a_token_of_the_vocabulary():
+    """A model that overflows gives NaN logits: its row still gets a token within the vocabulary
+    (an index past it would end a GPU worker's device context), and its batch mates their own."""
+    requests = [sample([1], seed=1), sample([1], seed=2, top_p=0.5)]
+    logits = torch.randn(2, 259)
+    logits[0] = float("nan")
+    tokens, picks, _ = TokenChoice(requests, [0, 0]).next(logits, [0, 1])
+    assert tokens.tolist()[0] < 259
+    assert picks[1][0] == tokens.tolist()[1] and np.isfinite(picks[1][1])
+
+
 def test_a_request_is_answered_when_its_own_rows_finish_not_when_its_batch_mates_do(engine):
     short, long = sample([256, 1], num_samples=2, max_tokens=3), sample([256, 2], max_tokens=30)
     items = [ops.WorkItem("short", "", short), ops.WorkItem("long", "", long)]

@@ -180,10 +180,12 @@ class TokenChoice:
     def _draw(distribution: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         """A token [A] per row of log-probabilities [A, V]: the first whose cumulative probability
         reaches the row's uniform (scaled to the row's total, which rounding leaves near 1). That
-        token always has probability of its own: one truncated away adds nothing to the sum."""
+        token always has probability of its own: one truncated away adds nothing to the sum. A row
+        of NaN logits (a model overflowing) finds none, and gets the last token rather than an index
+        past the vocabulary (on a GPU, an assert that ends the worker's device context)."""
         cumulative = distribution.exp().cumsum(dim=-1)
         targets = uniform * cumulative[:, -1]
-        return torch.searchsorted(cumulative, targets[:, None]).squeeze(-1)
+        return torch.searchsorted(cumulative, targets[:, None]).squeeze(-1).clamp_(max=distribution.shape[-1] - 1)
 
     def _uniform(self, active: list[int]) -> np.ndarray:
         """Each active row's number for its current step, from its (key, step) counter: 24 bits,
