@@ -1,21 +1,24 @@
 """A multi-LoRA layer's batch against each row computed on its own: every way it batches the
 adapters (grouped, rank-masked, gathered, segment by segment) gives each row its own adapter's
-update and each adapter only its own rows' gradients."""
+update and each adapter only its own rows' gradients, over an nn.Linear and over GPT-2's Conv1D
+(weight [in, out])."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tinker_server.worker.lora import LoraPair, MultiLoRALinear, RowRouting, contiguous_segments
 
 ROWS, POSITIONS = 9, 3
 
 
-def layer_with(features: int, ranks: dict[str, int]) -> MultiLoRALinear:
+def layer_with(features: int, ranks: dict[str, int], conv1d: bool) -> MultiLoRALinear:
     generator = torch.Generator().manual_seed(0)
-    layer = MultiLoRALinear(nn.Linear(features, features + 5), RowRouting(), "mlp", "up_proj")
+    base = Conv1D(features + 5, features) if conv1d else nn.Linear(features, features + 5)
+    layer = MultiLoRALinear(base, RowRouting(), "mlp", "up_proj")
     for index, (name, rank) in enumerate(ranks.items()):
         a = torch.randn(rank, layer.in_features, generator=generator).requires_grad_()
         b = torch.randn(layer.out_features, rank, generator=generator).requires_grad_()
@@ -53,8 +56,11 @@ def gradients(layer: MultiLoRALinear, output: torch.Tensor) -> list[torch.Tensor
         (4, {"a": 2, "b": 3}, ["a", None, "b", "a", "a", None, "b", "b", "b"], None),
     ],
 )
-def test_every_batching_of_adapters_equals_each_row_through_its_own(features, ranks, adapters, path, monkeypatch):
-    layer = layer_with(features, ranks)
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_every_batching_of_adapters_equals_each_row_through_its_own(
+    features, ranks, adapters, path, conv1d, monkeypatch
+):
+    layer = layer_with(features, ranks, conv1d)
     taken: list[str] = []
     for name in ("_grouped_delta", "_masked_delta", "_gathered_delta"):
         method = getattr(layer, name)
