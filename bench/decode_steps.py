@@ -24,16 +24,20 @@ from tinker_server.worker.engine import Engine
 from tinker_server.worker.models import load_base_model, resolve_dtype
 
 
-def cases(rng: np.random.Generator) -> dict[str, list[Request]]:
+def cases(tokens_seed: int) -> dict[str, list[Request]]:
+    """The same lengths and samples for every `tokens_seed`, other prompts: a run finds nothing of
+    an earlier one's in the engine's prefix cache."""
+    shapes, tokens = np.random.default_rng(0), np.random.default_rng([0, tokens_seed])
+
     def requests(count: int, prompt: Callable[[], int], samples: int, output: Callable[[], int]) -> list[Request]:
-        return [Request(rng.integers(0, 256, prompt()).tolist(), samples, output(), 0) for _ in range(count)]
+        return [Request(tokens.integers(0, 256, prompt()).tolist(), samples, output(), 0) for _ in range(count)]
 
     return {
         "uniform": requests(32, lambda: 16, 1, lambda: 64),
-        "ragged_outputs": requests(32, lambda: 16, 1, lambda: int(rng.integers(8, 65))),
-        "ragged_prompts": requests(32, lambda: int(rng.integers(4, 65)), 1, lambda: 64),
+        "ragged_outputs": requests(32, lambda: 16, 1, lambda: int(shapes.integers(8, 65))),
+        "ragged_prompts": requests(32, lambda: int(shapes.integers(4, 65)), 1, lambda: 64),
         "samples_4": requests(8, lambda: 16, 4, lambda: 64),
-        "mixed": workload("mixed", 32, 64),
+        "mixed": workload("mixed", 32, 64, tokens_seed=tokens_seed),
     }
 
 
@@ -66,19 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     leave_fraction = sampling.LEAVE_FRACTION
     passes = [("leave", leave_fraction)] + ([("stay", float("inf"))] if args.rows_stay else [])
-    for rows_finished, fraction in passes:
+    for index, (rows_finished, fraction) in enumerate(passes):
         sampling.LEAVE_FRACTION = fraction
-        for name, requests in cases(np.random.default_rng(0)).items():
-            runs = [
-                (step_ms(engine_run, requests, device), step_ms(static_run, requests, device)) for _ in range(args.runs)
-            ]
+        runs = [cases(index * args.runs + run) for run in range(args.runs)]
+        for name in runs[0]:
+            times = [(step_ms(engine_run, run[name], device), step_ms(static_run, run[name], device)) for run in runs]
             results.append(
                 {
                     "case": name,
                     "finished_rows": rows_finished,
-                    "rows": sum(request.num_samples for request in requests),
-                    "engine_ms_per_step": [engine_ms for engine_ms, _ in runs],
-                    "static_ms_per_step": [static_ms for _, static_ms in runs],
+                    "rows": sum(request.num_samples for request in runs[0][name]),
+                    "engine_ms_per_step": [engine_ms for engine_ms, _ in times],
+                    "static_ms_per_step": [static_ms for _, static_ms in times],
                 }
             )
     sampling.LEAVE_FRACTION = leave_fraction

@@ -47,18 +47,21 @@ class Request:
     """0: the base model; 1, 2: an adapter."""
 
 
-def workload(kind: str, count: int, max_tokens: int, seed: int = 0) -> list[Request]:
-    rng = np.random.default_rng(seed)
+def workload(kind: str, count: int, max_tokens: int, seed: int = 0, tokens_seed: int = 0) -> list[Request]:
+    """`tokens_seed` draws the prompts' tokens alone: the same lengths, samples and weights with
+    other prompts, so that a run finds nothing of an earlier run's in the server's prefix cache
+    (the static batch has none to find)."""
+    shapes, tokens = np.random.default_rng(seed), np.random.default_rng([seed, tokens_seed])
     if kind == "uniform":
-        return [Request(rng.integers(0, 256, 16).tolist(), 1, max_tokens, 0) for _ in range(count)]
-    prefix = rng.integers(0, 256, SHARED_PREFIX).tolist() if kind == "shared_prefix" else []
+        return [Request(tokens.integers(0, 256, 16).tolist(), 1, max_tokens, 0) for _ in range(count)]
+    prefix = tokens.integers(0, 256, SHARED_PREFIX).tolist() if kind == "shared_prefix" else []
     own = (8, 33) if prefix else (4, 65)
     return [
         Request(
-            prefix + rng.integers(0, 256, int(rng.integers(*own))).tolist(),
-            int(rng.choice([1, 4, 8])),
-            int(rng.integers(8, max_tokens + 1)),
-            int(rng.integers(0, 3)),
+            prefix + tokens.integers(0, 256, int(shapes.integers(*own))).tolist(),
+            int(shapes.choice([1, 4, 8])),
+            int(shapes.integers(8, max_tokens + 1)),
+            int(shapes.integers(0, 3)),
         )
         for _ in range(count)
     ]
@@ -187,15 +190,16 @@ def run(
             served(samplers, workload("mixed", 4, 8), one_at_a_time=False)  # warm-up
             for kind in ("uniform", "mixed", "shared_prefix"):
                 for count in concurrency:
-                    requests = workload(kind, count, max_tokens)
-                    rates = [
-                        (
-                            served(samplers, requests, one_at_a_time=False),
-                            static_batch(model, requests),
-                            in_process(engine, requests),
+                    rates = []
+                    for repeat in range(repeats):  # fresh prompts each time: no run reuses another's
+                        requests = workload(kind, count, max_tokens, tokens_seed=repeat)
+                        rates.append(
+                            (
+                                served(samplers, requests, one_at_a_time=False),
+                                static_batch(model, requests),
+                                in_process(engine, requests),
+                            )
                         )
-                        for _ in range(repeats)
-                    ]
                     service_rate, static_rate, engine_rate = np.median(rates, axis=0).tolist()
                     row = {
                         "workload": kind,
@@ -207,7 +211,8 @@ def run(
                         "engine_vs_static_batch": round(engine_rate / static_rate, 2),
                     }
                     if one_at_a_time:
-                        row["vs_one_at_a_time"] = round(service_rate / served(samplers, requests, True), 2)
+                        fresh = workload(kind, count, max_tokens, tokens_seed=repeats)
+                        row["vs_one_at_a_time"] = round(service_rate / served(samplers, fresh, True), 2)
                     results.append(row)
             service.close()
     return {"benchmark": "sampling", "device": str(device), "max_tokens": max_tokens, "results": results}
