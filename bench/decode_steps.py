@@ -1,11 +1,13 @@
 """Milliseconds per decode step, run after run: the worker's engine and one static Hugging Face
 `generate` batch on the same requests, each run in turn several times, on the worker's device.
 
-The first run of a set of shapes (rows, key/value lengths) pays for them on a GPU (on an H200,
-40-90 ms a step more); later runs show what a step costs warm. Cases pull the workloads apart:
-ragged outputs (rows leave the engine's batch, new shapes), ragged prompts (padding, masks),
-several samples per prompt, and the sampling benchmark's mixed workload. With `--rows-stay`, a
-last pass keeps finished rows in the engine's batch (one batch shape all along).
+The first run of a set of shapes (rows, key/value lengths) paid for them on an H200 (40-90 ms a
+step more, for both methods), before the worker left cuDNN's attention out (its settings are this
+process's: see tinker_server/worker/attention_kernels.py); later runs show what a step costs warm.
+Cases pull the workloads apart: ragged outputs (rows leave the engine's batch, new shapes),
+ragged prompts (padding, masks), several samples per prompt, and the sampling benchmark's mixed
+workload. With `--rows-stay`, a last pass keeps finished rows in the engine's batch (one batch
+shape all along).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bench.common import emit
 from bench.sampling import Request, in_process, static_batch, workload
 from tinker_server.worker import sampling
 from tinker_server.worker.engine import Engine
+from tinker_server.worker.main import prepare_process
 from tinker_server.worker.models import load_base_model, resolve_dtype
 
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=4, help="runs of each method per case, in turn")
     parser.add_argument("--rows-stay", action="store_true", help="then again with finished rows kept in the batch")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the worker chooses
+    device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     engine = Engine(load_base_model(args.base_model, dtype), device)
     model = load_base_model(args.base_model, dtype).model.to(device)

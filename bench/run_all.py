@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from bench import (
+    attention_shapes,
     cluster,
     decode_steps,
     latency,
@@ -25,14 +26,16 @@ def main() -> None:
     training.main(extra)
     latency.main(extra)
     wire.main([])
-    sampling.main(extra)
-    decode_steps.main(extra)
     train_while_sampling.main(extra)
     memory.main(extra)
     rl_loop.main(extra)
     load.main(extra)
     cluster.main([])
-    token_choice.main([])  # last: it sets this process's allocator as the worker's
+    attention_shapes.main([])
+    # Last: these set this process up as the worker's (its allocator, its attention kernels).
+    sampling.main(extra)
+    decode_steps.main(extra)
+    token_choice.main([])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ row to the longest output of the batch (what a static batch costs) on the bare b
 no LoRA work, so it is flattered on the mixed workload). The worker's engine alone (no server:
 every request in one cycle, on the base model like the static batch) shows what the service's own
 path costs on top. The static batch and the engine run where the server's worker does (a GPU if
-there is one), in its dtype.
+there is one), in its dtype, with its process settings (its attention kernels among them).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from bench.common import emit, running_server
 from tinker_client import ServiceClient, types
 from tinker_server import ops
 from tinker_server.worker.engine import Engine
+from tinker_server.worker.main import prepare_process
 from tinker_server.worker.models import load_base_model, resolve_dtype
 
 SHARED_PREFIX = 192
@@ -176,7 +177,7 @@ def run(
 ) -> dict:
     """Each rate is the median of `repeats` runs, the three methods taking turns (a noisy machine
     moves every one of them alike)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the worker chooses
+    device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     model = load_base_model(base_model, dtype).model.to(device)
     engine = Engine(load_base_model(base_model, dtype), device)  # its own copy: it wraps the layers

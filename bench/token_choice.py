@@ -4,7 +4,7 @@ top-k / top-p, a seeded stream per row, one host read) against what Hugging Face
 
 The sampling benchmark's embedded model has 259 tokens, where choosing costs nothing; Llama 3 has
 128k and Qwen 2.5 152k, where it is a large part of a decode step on a CPU. Both run with the
-worker's allocator setting (host_memory.keep_freed_memory), as the worker runs them.
+worker's process settings (worker.main.prepare_process: its allocator setting), as the worker runs them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from bench.common import emit
 from tinker_server import ops
-from tinker_server.worker.host_memory import keep_freed_memory
+from tinker_server.worker.main import prepare_process
 from tinker_server.worker.sampling import TokenChoice
 
 
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each; the median is reported")
     args, _ = parser.parse_known_args(argv)  # run_all passes every benchmark the same extra arguments
-    keep_freed_memory()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the worker chooses
+    device = prepare_process()  # the worker's device, and its process settings
     cases = [(32, 32_000, 1.0), (32, 151_936, 1.0), (128, 32_000, 1.0), (32, 151_936, 0.9)]
     report = {
         "benchmark": "token_choice",

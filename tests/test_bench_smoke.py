@@ -65,3 +65,18 @@ def test_rl_loop_benchmark_reports_growth_and_the_save_ratio():
     (row,) = rl_loop.run(steps=3, warmup=1, rank=4, base_model=None)["results"]
     assert row["rss_mb"] > 0 and row["resident_adapter_mb"] > 0
     assert row["save_over_step"] == pytest.approx(row["save_ms"] / row["step_ms"], rel=0.05, abs=0.002)
+
+
+def test_attention_benchmark_times_both_kernel_choices_at_new_and_seen_shapes():
+    from bench import attention_shapes
+
+    args = ["--rows", "4", "--heads", "2", "--head-dim", "8", "--start-length", "8", "--steps", "3"]
+    results = attention_shapes.main(args)["results"]
+    assert [(row["case"], row["kernels"]) for row in results] == [
+        ("decode", "worker"),
+        ("decode", "default"),
+        ("training", "worker"),
+        ("training", "default"),
+    ]
+    for row in results:
+        assert row["new_shape_ms"] > 0 and row["seen_shape_ms"] > 0

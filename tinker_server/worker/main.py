@@ -15,6 +15,7 @@ import torch
 
 from tinker_server.logs import configure_logging
 from tinker_server.ops import Cycle, CycleReport, WorkerOptions
+from tinker_server.worker.attention_kernels import avoid_per_shape_plans
 from tinker_server.worker.host_memory import keep_freed_memory
 
 if TYPE_CHECKING:
@@ -26,6 +27,15 @@ class WorkerStartupError:
     """Sent instead of ModelInfo when the base model cannot be loaded."""
 
     message: str
+
+
+def prepare_process() -> torch.device:
+    """The worker's device, with the process set up to run the model there: freed host memory kept
+    for reuse, attention kernels that build nothing per shape."""
+    keep_freed_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    avoid_per_shape_plans(device)
+    return device
 
 
 def build_engine(base_model: str | None, options: WorkerOptions, device: torch.device) -> Engine:
@@ -64,8 +74,7 @@ def worker_main(
     # Ctrl-C reaches the whole process group; the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level, log_format)
-    keep_freed_memory()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = prepare_process()
     try:
         engine = build_engine(base_model, options, device)
     except Exception as error:  # reported to the server, which exits with the reason

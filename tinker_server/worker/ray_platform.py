@@ -33,13 +33,11 @@ class ReplicaActor:
         import torch
 
         from tinker_server.logs import configure_logging
-        from tinker_server.worker.host_memory import keep_freed_memory
-        from tinker_server.worker.main import build_engine
+        from tinker_server.worker.main import build_engine, prepare_process
 
         configure_logging(log_level, log_format)
-        keep_freed_memory()
         torch.set_num_threads(threads)  # the CPUs the actor reserved, not every core of the node
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = prepare_process()
         self._engine = build_engine(base_model, options, device)
         self._decode_seconds = options.decode_chunk_seconds
 
