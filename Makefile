@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := tinker_rpc/.generated
 INSTALL_STAMP := $(VENV)/.project-installed
 
-.PHONY: install proto proto-lint proto-release test test-node browser demo demo-cluster bench lint clean
+.PHONY: install proto proto-lint proto-release test test-node browser demo demo-cluster bench bench-gpu lint clean
 
 install: $(INSTALL_STAMP)
 
@@ -80,6 +80,16 @@ demo-cluster: install
 bench: install
 	$(PY) -m pip install -q "tinker==0.38.0"
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+# On a GPU machine: the sampling engine's benchmarks on a seeded 0.9B Llama written locally
+# (no download; `python -m bench.make_model --help` for other sizes), the quickest first.
+BENCH_MODEL ?= /tmp/tinker-bench-llama-0.9b
+bench-gpu: install
+	test -d $(BENCH_MODEL) || $(PY) -m bench.make_model $(BENCH_MODEL)
+	$(PY) -m bench.attention_shapes
+	$(PY) -m bench.decode_steps --base-model $(BENCH_MODEL) --runs 2
+	$(PY) -m bench.sampling --base-model $(BENCH_MODEL) --skip-one-at-a-time
+	$(PY) -m bench.train_while_sampling --base-model $(BENCH_MODEL)
 
 # buf (from the npm registry) checks the protos: style, and no breaking change against
 # the last released contract (buf/released.binpb; refresh it with `make proto-release`).

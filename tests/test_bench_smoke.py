@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import sampling
 
@@ -80,3 +81,13 @@ def test_attention_benchmark_times_both_kernel_choices_at_new_and_seen_shapes():
     ]
     for row in results:
         assert row["new_shape_ms"] > 0 and row["seen_shape_ms"] > 0
+
+
+def test_the_benchmark_model_loads_as_a_base_model(tmp_path):
+    from bench.make_model import write_model
+    from tinker_server.worker.models import load_base_model
+
+    parameters = write_model(str(tmp_path), hidden=256, layers=2, intermediate=512, vocab=300, dtype=torch.float32)
+    loaded = load_base_model(str(tmp_path))
+    assert sum(parameter.numel() for parameter in loaded.model.parameters()) == parameters
+    assert loaded.model.config.num_key_value_heads == 1 and loaded.model.config.vocab_size == 300
