@@ -38,10 +38,12 @@ def row_by_row(layer: MultiLoRALinear, x: torch.Tensor, adapters: list[str | Non
     return torch.stack(outputs)
 
 
-def gradients(layer: MultiLoRALinear, output: torch.Tensor) -> list[torch.Tensor]:
+def gradients(layer: MultiLoRALinear, output: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """Of every adapter's A and B, and of the layer's input (the update is added to the base
+    layer's output in place: the input's gradient must still see both)."""
     pairs = list(layer.adapters.values())
     weights = torch.linspace(-1, 1, output.numel()).reshape(output.shape)
-    return torch.autograd.grad((output * weights).sum(), [t for pair in pairs for t in (pair.A, pair.B)])
+    return torch.autograd.grad((output * weights).sum(), [t for pair in pairs for t in (pair.A, pair.B)] + [x])
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,8 @@ def gradients(layer: MultiLoRALinear, output: torch.Tensor) -> list[torch.Tensor
         # Ranks too wide beside the layer to run side by side: gathered per row, or segment by segment.
         (4, {"a": 3, "b": 3}, ["a", "b", "b", "a", "a", "a", "b", "b", "b"], "_gathered_delta"),
         (4, {"a": 2, "b": 3}, ["a", None, "b", "a", "a", None, "b", "b", "b"], None),
+        # One adapter on every row.
+        (32, {"a": 4}, ["a"] * ROWS, None),
     ],
 )
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
@@ -67,11 +71,30 @@ def test_every_batching_of_adapters_equals_each_row_through_its_own(
         monkeypatch.setattr(
             layer, name, lambda *args, _method=method, _name=name: taken.append(_name) or _method(*args)
         )
-    x = torch.randn(ROWS, POSITIONS, features, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(ROWS, POSITIONS, features, generator=torch.Generator().manual_seed(1)).requires_grad_()
     with layer.routing.route(contiguous_segments(adapters)):
         batched = layer(x)
     expected = row_by_row(layer, x, adapters)
     assert taken == ([path] if path else [])
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
-    for got, want in zip(gradients(layer, batched), gradients(layer, expected), strict=True):
+    for got, want in zip(gradients(layer, batched, x), gradients(layer, expected, x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapters", [["a"] * ROWS, ["a", "a", None, "b", "b", "b", "a", None, "b"]])
+def test_a_bfloat16_layer_gets_the_float32_update_rounded_once(adapters):
+    """The update is computed in float32 and added to the base layer's bfloat16 output rounding
+    once (as peft adds it): every output is within half a bfloat16 step of the float32 sum."""
+    layer = layer_with(32, {"a": 2, "b": 4}, conv1d=False)
+    layer.base.to(torch.bfloat16)
+    x = torch.randn(ROWS, POSITIONS, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad(), layer.routing.route(contiguous_segments(adapters)):
+        batched = layer(x)
+        exact = torch.stack(
+            [
+                layer.base(row).float() + (layer.adapters[name].delta(row.float()) if name else 0)
+                for row, name in zip(x, adapters, strict=True)
+            ]
+        )
+    assert batched.dtype == torch.bfloat16
+    torch.testing.assert_close(batched.float(), exact, rtol=2**-8 * 1.01, atol=1e-6)

@@ -78,6 +78,10 @@ class LoraPair:
         a, b = (self.A, self.B) if expert is None else (self.A[expert], self.B[expert])
         return ((x @ a.T) * self.scaling) @ b.T  # scale the rank-r intermediate: cheaper
 
+    def add_update(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out += scaling * B (A x), in place: the scaling and the cast to out's dtype ride on the add."""
+        out.add_((x @ self.A.T) @ self.B.T, alpha=self.scaling)
+
 
 class LoraSite:
     """A weight that adapters can adapt: its path (in peft's naming), the flag that covers
@@ -121,20 +125,32 @@ class MultiLoRALinear(nn.Module, LoraSite):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, ..., in_features]; each segment's rows go through their own adapter."""
         out = self.base(x)
-        delta = self._delta(x, out)
-        return out if delta is None else out + delta.to(out.dtype)
-
-    def _delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-        """The adapters' update of `out`, in float32; None when no row has an adapter here."""
         pairs = [
             (segment, self.adapters.get(segment.adapter) if segment.adapter is not None else None)
             for segment in self.routing.segments
         ]
-        if all(pair is None for _, pair in pairs):
-            return None
-        x = x.float()
+        if any(pair is not None for _, pair in pairs):
+            self._add_updates(out, x.float(), pairs)
+        return out
+
+    def _add_updates(self, out: torch.Tensor, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair | None]]) -> None:
+        """Adds the adapters' updates, computed in float32, to `out` in place: cast to its dtype as
+        they are added (one kernel, where adding a copy cast first took two). The base layer's
+        output is its own, and nothing its backward needs."""
         if len(pairs) == 1:
-            return pairs[0][1].delta(x)
+            pairs[0][1].add_update(out, x)
+            return
+        delta = self._batched_delta(x, pairs)
+        if delta is not None:
+            out.add_(delta)
+            return
+        # Many adapters of mixed ranks, or rows without this layer: segment by segment.
+        for segment, pair in pairs:
+            if pair is not None:
+                pair.add_update(out[segment.start : segment.stop], x[segment.start : segment.stop])
+
+    def _batched_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair | None]]) -> torch.Tensor | None:
+        """Every segment's update in one batched computation, where one suits the batch; else None."""
         every_row_adapted = all(pair is not None for _, pair in pairs)
         ranks = {pair.A.shape[0] for _, pair in pairs if pair is not None}
         lengths = {segment.stop - segment.start for segment, _ in pairs}
@@ -147,14 +163,7 @@ class MultiLoRALinear(nn.Module, LoraSite):
         gathered = x.shape[0] * max(ranks) * (self.in_features + self.out_features)
         if every_row_adapted and len(ranks) == 1 and gathered <= GATHER_BUDGET:
             return self._gathered_delta(x, pairs)
-        # Many adapters of mixed ranks, or rows without this layer: one delta per segment, joined once.
-        deltas = [
-            pair.delta(x[segment.start : segment.stop])
-            if pair
-            else x.new_zeros(out[segment.start : segment.stop].shape)
-            for segment, pair in pairs
-        ]
-        return torch.cat(deltas)
+        return None
 
     @staticmethod
     def _grouped_delta(x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
