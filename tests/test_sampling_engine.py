@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tinker_server import ops
 from tinker_server.worker.models import byte_tokenizer
@@ -309,3 +311,71 @@ def test_a_finished_row_riding_along_after_its_weights_copy_is_gone_changes_no_o
         cycle += 1
         outcomes = engine.run_cycle(ops.Cycle(cycle, []), decode_seconds=0.0)
     assert tokens_of(answered["long"]) == tokens_of(alone[0]) and tokens_of(answered["short"]) == tokens_of(alone[1])
+
+
+SHARED_PREFIX = [256, *range(40, 60)]
+"""Longer than a prefix block: prompts that start with it reuse its keys and values (base model)."""
+
+
+@st.composite
+def arrivals(draw) -> list[list[ops.Sample]]:
+    """Cycles of sample requests arriving (some cycles bring none): prompts with and without a
+    shared prefix, one to three samples, the base model or either adapter, short and long outputs,
+    greedy and truncated draws, stop strings that end rows at random steps."""
+
+    def request() -> ops.Sample:
+        own = draw(st.lists(st.integers(0, 255), min_size=1, max_size=6))
+        return sample(
+            (SHARED_PREFIX if draw(st.booleans()) else [256]) + own,
+            num_samples=draw(st.integers(1, 3)),
+            adapter=draw(st.sampled_from([None, "a", "b"])),
+            max_tokens=draw(st.integers(1, 14)),
+            temperature=draw(st.sampled_from([0.0, 0.8, 1.0])),
+            seed=draw(st.integers(0, 2**31 - 1)),
+            stop_strings=draw(st.sampled_from([(), ("e",), ("ab", "\n")])),
+            top_k=draw(st.sampled_from([0, 20])),
+            top_p=draw(st.sampled_from([1.0, 0.9])),
+        )
+
+    return [[request() for _ in range(draw(st.integers(0, 3)))] for _ in range(draw(st.integers(1, 5)))]
+
+
+@pytest.fixture(scope="module")
+def tight_engine():
+    """A KV cache budget of a few rows' worth: requests wait for room, then join running batches."""
+    per_token = engine_with_adapters(()).decoder.budget.bytes_per_token
+    return engine_with_adapters(kv_cache_bytes=per_token * 8 * (len(SHARED_PREFIX) + 7 + 14))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schedule=arrivals())
+def test_requests_arriving_over_cycles_draw_what_each_draws_alone(tight_engine, schedule):
+    """Whatever arrives when, waits for room, joins, shares a prefix, stops or leaves: every
+    seeded request gets the tokens (and logprobs) it gets run alone. Training answered between
+    steps (a forward pass) changes nothing either."""
+    engine = tight_engine
+    requests = {
+        f"r{cycle}.{index}": request for cycle, batch in enumerate(schedule) for index, request in enumerate(batch)
+    }
+    tokens = np.asarray([256, 5, 6, 7, 8], dtype=np.int64)
+    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(4, dtype=np.float32)})
+    answered: dict[str, ops.SampleResult] = {}
+    for cycle in range(1000):  # (a bound: a request never answered fails below, not hangs)
+        items = [
+            ops.WorkItem(f"r{cycle}.{index}", "", request)
+            for index, request in enumerate(schedule[cycle] if cycle < len(schedule) else [])
+        ]
+        if cycle % 3 == 2:
+            items.append(ops.WorkItem(f"fb{cycle}", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False)))
+        for outcome in engine.run_cycle(ops.Cycle(cycle + 1, items), decode_seconds=0.0):  # a step per cycle
+            assert outcome.error is None, outcome.error
+            if outcome.future_id in requests:
+                answered[outcome.future_id] = outcome.result
+        if cycle >= len(schedule) and len(answered) == len(requests):
+            break
+    assert engine.decoder.rows == 0 and engine.decoder.reserved_bytes == 0
+    for future_id, request in requests.items():
+        (alone,) = run(engine, request)
+        assert tokens_of(answered[future_id]) == tokens_of(alone), future_id
+        for shared, lonely in zip(answered[future_id].sequences, alone.sequences, strict=True):
+            np.testing.assert_allclose(shared.logprobs, lonely.logprobs, atol=1e-4)
