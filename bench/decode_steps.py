@@ -6,13 +6,15 @@ step more, for both methods), before the worker left cuDNN's attention out (its 
 process's: see tinker_server/worker/attention_kernels.py); later runs show what a step costs warm.
 Cases pull the workloads apart: ragged outputs (rows leave the engine's batch, new shapes),
 ragged prompts (padding, masks), several samples per prompt, and the sampling benchmark's mixed
-workload. With `--rows-stay`, a last pass keeps finished rows in the engine's batch (one batch
-shape all along).
+workload, on the base model and (mixed_adapters, for the engine) with two thirds of its rows on two
+LoRA adapters, as the service runs it (`generate` runs the base model: what LoRA costs a step).
+With `--rows-stay`, a last pass keeps finished rows in the engine's batch (one batch shape all along).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.common import emit
-from bench.sampling import Request, in_process, static_batch, workload
+from bench.sampling import Request, add_adapters, in_process, static_batch, workload
 from tinker_server.worker import sampling
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.main import prepare_process
@@ -41,7 +43,13 @@ def cases(tokens_seed: int) -> dict[str, list[Request]]:
         "ragged_prompts": requests(32, lambda: int(shapes.integers(4, 65)), 1, lambda: 64),
         "samples_4": requests(8, lambda: 16, 4, lambda: 64),
         "mixed": workload("mixed", 32, 64, tokens_seed=tokens_seed),
+        "mixed_adapters": workload("mixed", 32, 64, tokens_seed=tokens_seed),
     }
+
+
+BASE_MODEL = (None, None, None)
+ADAPTED = {"mixed_adapters": (None, "adapter-1", "adapter-2")}
+"""What each request's weights index reads (in_process) where it is not the base model."""
 
 
 def step_ms(run: Callable[[list[Request]], object], requests: list[Request], device: torch.device) -> float:
@@ -62,13 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     engine = Engine(load_base_model(args.base_model, dtype), device)
+    add_adapters(engine, ("adapter-1", "adapter-2"))
     model = load_base_model(args.base_model, dtype).model.to(device)
 
-    def engine_run(requests: list[Request]) -> object:
-        return in_process(engine, requests)
-
-    def static_run(requests: list[Request]) -> object:
-        return static_batch(model, requests)
+    static_run = functools.partial(static_batch, model)
 
     results = []
     leave_fraction = sampling.LEAVE_FRACTION
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampling.LEAVE_FRACTION = fraction
         runs = [cases(index * args.runs + run) for run in range(args.runs)]
         for name in runs[0]:
+            engine_run = functools.partial(in_process, engine, weights=ADAPTED.get(name, BASE_MODEL))
             times = [(step_ms(engine_run, run[name], device), step_ms(static_run, run[name], device)) for run in runs]
             results.append(
                 {

@@ -125,14 +125,16 @@ def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
     return sum(useful(tokens, max_tokens) for tokens, (_, max_tokens) in zip(generated, rows, strict=True)) / elapsed
 
 
-def in_process(engine: Engine, requests: list[Request]) -> float:
-    """Useful tokens per second of the engine alone: every request in one cycle, decoded to its end."""
+def in_process(engine: Engine, requests: list[Request], weights: tuple[str | None, ...] = (None, None, None)) -> float:
+    """Useful tokens per second of the engine alone: every request in one cycle, decoded to its end.
+    `weights` names what each request's `weights` index reads: the base model (None) or an adapter
+    of the engine (see `add_adapters`)."""
     items = [
         ops.WorkItem(
             f"bench-{index}",
             "",
             ops.Sample(
-                None,
+                weights[request.weights],
                 None,
                 np.asarray(request.prompt, dtype=np.int64),
                 request.num_samples,
@@ -154,6 +156,14 @@ def in_process(engine: Engine, requests: list[Request]) -> float:
         )
         / elapsed
     )
+
+
+def add_adapters(engine: Engine, names: tuple[str, ...], rank: int = 8) -> None:
+    """Seeded adapters on every weight of the engine's model, under `names`."""
+    spec = ops.LoraSpec(rank=rank, seed=0, train_mlp=True, train_attn=True, train_unembed=True, alpha=32.0)
+    items = [ops.WorkItem(f"create-{name}", name, ops.CreateAdapter(spec)) for name in names]
+    for outcome in engine.run_cycle(ops.Cycle(0, items)):
+        assert outcome.error is None, outcome.error
 
 
 def samplers_for(service: ServiceClient) -> list:
