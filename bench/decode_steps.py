@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.common import emit
-from bench.sampling import Request, add_adapters, in_process, static_batch, workload
+from bench.sampling import BASE_MODEL, Request, add_adapters, in_process, static_batch, workload
 from tinker_server.worker import sampling
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.main import prepare_process
@@ -47,9 +49,8 @@ def cases(tokens_seed: int) -> dict[str, list[Request]]:
     }
 
 
-BASE_MODEL = (None, None, None)
-ADAPTED = {"mixed_adapters": (None, "adapter-1", "adapter-2")}
-"""What each request's weights index reads (in_process) where it is not the base model."""
+ADAPTED = {"mixed_adapters"}
+"""The cases whose requests read the weights they name (the others: the base model)."""
 
 
 def step_ms(run: Callable[[list[Request]], object], requests: list[Request], device: torch.device) -> float:
@@ -61,6 +62,35 @@ def step_ms(run: Callable[[list[Request]], object], requests: list[Request], dev
     return round((time.perf_counter() - start) * 1000 / max(request.max_tokens for request in requests), 2)
 
 
+def step_times(engine: Engine, model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """Every case, each method `args.runs` times in turn; with `args.rows_stay`, a second pass."""
+    with tempfile.TemporaryDirectory() as directory:
+        adapted = add_adapters(engine, Path(directory))
+        static_run = functools.partial(static_batch, model)
+        results = []
+        leave_fraction = sampling.LEAVE_FRACTION
+        passes = [("leave", leave_fraction)] + ([("stay", float("inf"))] if args.rows_stay else [])
+        for index, (rows_finished, fraction) in enumerate(passes):
+            sampling.LEAVE_FRACTION = fraction
+            runs = [cases(index * args.runs + run) for run in range(args.runs)]
+            for name in runs[0]:
+                engine_run = functools.partial(in_process, engine, weights=adapted if name in ADAPTED else BASE_MODEL)
+                times = [
+                    (step_ms(engine_run, run[name], device), step_ms(static_run, run[name], device)) for run in runs
+                ]
+                results.append(
+                    {
+                        "case": name,
+                        "finished_rows": rows_finished,
+                        "rows": sum(request.num_samples for request in runs[0][name]),
+                        "engine_ms_per_step": [engine_ms for engine_ms, _ in times],
+                        "static_ms_per_step": [static_ms for _, static_ms in times],
+                    }
+                )
+        sampling.LEAVE_FRACTION = leave_fraction
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-model", default=None, help="local HF directory (default: embedded model)")
@@ -70,30 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     engine = Engine(load_base_model(args.base_model, dtype), device)
-    add_adapters(engine, ("adapter-1", "adapter-2"))
     model = load_base_model(args.base_model, dtype).model.to(device)
-
-    static_run = functools.partial(static_batch, model)
-
-    results = []
-    leave_fraction = sampling.LEAVE_FRACTION
-    passes = [("leave", leave_fraction)] + ([("stay", float("inf"))] if args.rows_stay else [])
-    for index, (rows_finished, fraction) in enumerate(passes):
-        sampling.LEAVE_FRACTION = fraction
-        runs = [cases(index * args.runs + run) for run in range(args.runs)]
-        for name in runs[0]:
-            engine_run = functools.partial(in_process, engine, weights=ADAPTED.get(name, BASE_MODEL))
-            times = [(step_ms(engine_run, run[name], device), step_ms(static_run, run[name], device)) for run in runs]
-            results.append(
-                {
-                    "case": name,
-                    "finished_rows": rows_finished,
-                    "rows": sum(request.num_samples for request in runs[0][name]),
-                    "engine_ms_per_step": [engine_ms for engine_ms, _ in times],
-                    "static_ms_per_step": [static_ms for _, static_ms in times],
-                }
-            )
-    sampling.LEAVE_FRACTION = leave_fraction
+    results = step_times(engine, model, device, args)
     report = {"benchmark": "decode_steps", "device": str(device), "results": results}
     emit(report, list(results[0]))
     return report

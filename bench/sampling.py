@@ -11,11 +11,13 @@ Three workloads at each concurrency (default 32 and 128 requests):
 Throughput counts the tokens each request asked for. End-of-sequence ends no sequence anywhere
 (`stop=[]` through the service, `ignore_eos` in the engine, `min_new_tokens` in `generate`), so
 every method produces max_tokens per sample and does the same work. The static batch decodes every
-row to the longest output of the batch (what a static batch costs) on the bare base model (it does
-no LoRA work, so it is flattered on the mixed workload). The worker's engine alone (no server:
-every request in one cycle, on the base model like the static batch) shows what the service's own
-path costs on top. The static batch and the engine run where the server's worker does (a GPU if
-there is one), in its dtype, with its process settings (its attention kernels among them).
+row to the longest output of the batch (what a static batch costs), each row on its own weights: the
+base model, or one of two LoRA adapters of the same rank in one batch (peft's mixed-adapter batch,
+`adapter_names`); `vs_static_base_model` compares with the same batch on the bare base model, which
+does no LoRA work at all. The worker's engine alone (no server: every request in one cycle, on the
+same weights) shows what the service's own path costs on top. The static batch and the engine run
+where the server's worker does (a GPU if there is one), in its dtype, with its process settings
+(its attention kernels among them).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
-from bench.common import emit, running_server
+from bench.common import TARGETS, emit, running_server
 from tinker_client import ServiceClient, types
 from tinker_server import ops
 from tinker_server.worker.engine import Engine
@@ -37,6 +40,10 @@ from tinker_server.worker.main import prepare_process
 from tinker_server.worker.models import load_base_model, resolve_dtype
 
 SHARED_PREFIX = 192
+ADAPTER_RANK = 8
+ADAPTERS = ("adapter-1", "adapter-2")
+"""What a request's `weights` 1 and 2 read (0: the base model)."""
+BASE_MODEL = (None, None, None)
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,13 @@ def served(samplers: list, requests: list[Request], one_at_a_time: bool) -> floa
 
 
 def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
-    """Useful tokens per second of one left-padded `generate` batch of every row."""
+    """Useful tokens per second of one left-padded `generate` batch of every row: on its weights
+    where `model` is a PeftModel with ADAPTERS, on the base model otherwise."""
     rows = [(request.prompt, request.max_tokens) for request in requests for _ in range(request.num_samples)]
+    options = {}
+    if isinstance(model, PeftModel):
+        names = ("__base__", *ADAPTERS)
+        options["adapter_names"] = [names[request.weights] for request in requests for _ in range(request.num_samples)]
     width = max(len(prompt) for prompt, _ in rows)
     input_ids = torch.full((len(rows), width), model.config.pad_token_id)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -119,16 +131,17 @@ def static_batch(model: torch.nn.Module, requests: list[Request]) -> float:
             max_new_tokens=longest,
             min_new_tokens=longest,
             pad_token_id=model.config.pad_token_id,
+            **options,
         )
     generated = output[:, width:].tolist()  # waits for the device
     elapsed = time.perf_counter() - start
     return sum(useful(tokens, max_tokens) for tokens, (_, max_tokens) in zip(generated, rows, strict=True)) / elapsed
 
 
-def in_process(engine: Engine, requests: list[Request], weights: tuple[str | None, ...] = (None, None, None)) -> float:
+def in_process(engine: Engine, requests: list[Request], weights: tuple[str | None, ...] = BASE_MODEL) -> float:
     """Useful tokens per second of the engine alone: every request in one cycle, decoded to its end.
-    `weights` names what each request's `weights` index reads: the base model (None) or an adapter
-    of the engine (see `add_adapters`)."""
+    `weights` names what each request's `weights` index reads: the base model (None) or a sampler
+    snapshot of the engine (see `add_adapters`)."""
     items = [
         ops.WorkItem(
             f"bench-{index}",
@@ -158,12 +171,28 @@ def in_process(engine: Engine, requests: list[Request], weights: tuple[str | Non
     )
 
 
-def add_adapters(engine: Engine, names: tuple[str, ...], rank: int = 8) -> None:
-    """Seeded adapters on every weight of the engine's model, under `names`."""
-    spec = ops.LoraSpec(rank=rank, seed=0, train_mlp=True, train_attn=True, train_unembed=True, alpha=32.0)
-    items = [ops.WorkItem(f"create-{name}", name, ops.CreateAdapter(spec)) for name in names]
+def add_adapters(engine: Engine, directory: Path) -> tuple[str | None, ...]:
+    """ADAPTERS, seeded on every weight of the engine's model and saved as sampler snapshots in
+    `directory` (weights that never change, whose prompts are kept for reuse, as the service's
+    samplers are); what each request's `weights` index reads in `in_process`."""
+    spec = ops.LoraSpec(rank=ADAPTER_RANK, seed=0, train_mlp=True, train_attn=True, train_unembed=True, alpha=32.0)
+    snapshots = [f"tinker://{name}/sampler_weights/bench" for name in ADAPTERS]
+    items = [ops.WorkItem(f"create-{name}", name, ops.CreateAdapter(spec)) for name in ADAPTERS] + [
+        ops.WorkItem(f"save-{name}", name, ops.SaveForSampler(snapshot, str(directory / name)))
+        for name, snapshot in zip(ADAPTERS, snapshots, strict=True)
+    ]
     for outcome in engine.run_cycle(ops.Cycle(0, items)):
         assert outcome.error is None, outcome.error
+    return (None, *snapshots)
+
+
+def with_peft_adapters(model: torch.nn.Module) -> PeftModel:
+    """`model` with ADAPTERS on the weights the service's adapters cover, for `generate`."""
+    config = LoraConfig(r=ADAPTER_RANK, lora_alpha=32, target_modules=TARGETS)
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        peft_model.add_adapter(name, config)
+    return peft_model.eval()
 
 
 def samplers_for(service: ServiceClient) -> list:
@@ -171,7 +200,7 @@ def samplers_for(service: ServiceClient) -> list:
     base_model = service.get_server_capabilities().supported_models[0].model_name
     samplers = [service.create_sampling_client(base_model=base_model).result()]
     for seed in (1, 2):
-        training = service.create_lora_training_client(base_model, rank=8, seed=seed).result()
+        training = service.create_lora_training_client(base_model, rank=ADAPTER_RANK, seed=seed).result()
         datum = types.Datum(
             model_input=types.ModelInput.from_ints(list(range(10, 40))),
             loss_fn_inputs={"target_tokens": list(range(11, 41)), "weights": [1.0] * 30},
@@ -185,15 +214,17 @@ def samplers_for(service: ServiceClient) -> list:
 def run(
     concurrency: list[int], max_tokens: int, base_model: str | None, repeats: int = 3, one_at_a_time: bool = True
 ) -> dict:
-    """Each rate is the median of `repeats` runs, the three methods taking turns (a noisy machine
-    moves every one of them alike)."""
+    """Each rate is the median of `repeats` runs, the methods taking turns (a noisy machine moves
+    every one of them alike)."""
     device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     model = load_base_model(base_model, dtype).model.to(device)
+    adapted_model = with_peft_adapters(load_base_model(base_model, dtype).model.to(device))
     engine = Engine(load_base_model(base_model, dtype), device)  # its own copy: it wraps the layers
-    in_process(engine, workload("mixed", 4, 8))  # warm-up
     results = []
     with tempfile.TemporaryDirectory() as data_dir:
+        weights = add_adapters(engine, Path(data_dir))
+        in_process(engine, workload("mixed", 4, 8), weights)  # warm-up
         extra = ["--base-model", base_model] if base_model else []
         with running_server(Path(data_dir), extra) as address:
             service = ServiceClient(base_url=address)
@@ -204,14 +235,17 @@ def run(
                     rates = []
                     for repeat in range(repeats):  # fresh prompts each time: no run reuses another's
                         requests = workload(kind, count, max_tokens, tokens_seed=repeat)
+                        base_rate = static_batch(model, requests)
+                        adapted = any(request.weights for request in requests)
                         rates.append(
                             (
                                 served(samplers, requests, one_at_a_time=False),
-                                static_batch(model, requests),
-                                in_process(engine, requests),
+                                static_batch(adapted_model, requests) if adapted else base_rate,
+                                base_rate,
+                                in_process(engine, requests, weights),
                             )
                         )
-                    service_rate, static_rate, engine_rate = np.median(rates, axis=0).tolist()
+                    service_rate, static_rate, base_rate, engine_rate = np.median(rates, axis=0).tolist()
                     row = {
                         "workload": kind,
                         "requests": count,
@@ -219,6 +253,7 @@ def run(
                         "service_tokens_per_s": round(service_rate, 1),
                         "static_batch_tokens_per_s": round(static_rate, 1),
                         "vs_static_batch": round(service_rate / static_rate, 2),
+                        "vs_static_base_model": round(service_rate / base_rate, 2),
                         "engine_vs_static_batch": round(engine_rate / static_rate, 2),
                     }
                     if one_at_a_time:
