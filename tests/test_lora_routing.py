@@ -53,6 +53,7 @@ def gradients(layer: MultiLoRALinear, output: torch.Tensor, x: torch.Tensor) -> 
         (32, {"a": 4, "b": 4, "c": 4}, ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "_grouped_delta"),
         # Rows without an adapter, mixed ranks, one adapter in several segments: masked ranks.
         (32, {"a": 2, "b": 4}, ["a", "a", None, "b", "b", "b", "a", None, "b"], "_masked_delta"),
+        (32, {"a": 4}, [None, "a", "a", None, None, "a", "a", "a", None], "_masked_delta"),  # one adapter
         # Ranks too wide beside the layer to run side by side: gathered per row, or segment by segment.
         (4, {"a": 3, "b": 3}, ["a", "b", "b", "a", "a", "a", "b", "b", "b"], "_gathered_delta"),
         (4, {"a": 2, "b": 3}, ["a", None, "b", "a", "a", None, "b", "b", "b"], None),

@@ -183,8 +183,12 @@ class MultiLoRALinear(nn.Module, LoraSite):
         rank), each row's rank-space activations masked to its own adapter's (times its scaling, zero
         for rows without one): two matmuls however many segments and ranks, for K/r times a row's
         own rank-r work.                                     shapes: R rows, K concatenated ranks"""
-        a = torch.cat([pair.A for pair in distinct.values()])  # [K, in]
-        b = torch.cat([pair.B for pair in distinct.values()], 1)  # [out, K]
+        adapters = list(distinct.values())
+        if len(adapters) == 1:  # one adapter beside rows without one: its own A and B, not copies
+            a, b = adapters[0].A, adapters[0].B
+        else:
+            a = torch.cat([pair.A for pair in adapters])  # [K, in]
+            b = torch.cat([pair.B for pair in adapters], 1)  # [out, K]
         key = ("rank mask", tuple((name, pair.A.shape[0], pair.scaling) for name, pair in distinct.items()))
         mask = self.routing.shared.get(key)
         if mask is None:
