@@ -223,7 +223,7 @@ def run(
     engine = Engine(load_base_model(base_model, dtype), device)  # its own copy: it wraps the layers
     results = []
     with tempfile.TemporaryDirectory() as data_dir:
-        weights = add_adapters(engine, Path(data_dir))
+        weights = add_adapters(engine, Path(data_dir) / "engine-adapters")
         in_process(engine, workload("mixed", 4, 8), weights)  # warm-up
         extra = ["--base-model", base_model] if base_model else []
         with running_server(Path(data_dir), extra) as address:
