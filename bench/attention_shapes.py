@@ -9,7 +9,8 @@ Two cases, as the worker meets them:
 
 Each case runs its steps twice: milliseconds per call the first time each shape is met ("new")
 and the second time ("seen"). A kernel that builds a plan per shape (cuDNN on Hopper and
-Blackwell GPUs) pays on "new" only. On a CPU both choices are the same kernels.
+Blackwell GPUs) pays on "new" only; `kernel` names the one PyTorch picked. On a CPU both choices
+are the same kernels.
 """
 
 from __future__ import annotations
@@ -90,14 +91,26 @@ def training_calls(args: argparse.Namespace, device: torch.device, dtype: torch.
     return [step(args.start_length + 7 * index) for index in range(args.steps)]
 
 
+def kernel_of(call: Callable[[], object]) -> str:
+    """The attention kernel PyTorch picked for the call: the aten operator its dispatch ran (its
+    name says the backend: cudnn, flash, efficient, or math)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    names = {event.name for event in profile.events() if event.name.startswith("aten::_scaled_dot_product")}
+    backward = {name for name in names if "backward" in name}
+    return ", ".join(sorted(names - backward)) or "math (no fused kernel)"
+
+
 def measure(case: str, choice: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     calls = (decode_calls if case == "decode" else training_calls)(args, device, dtype)
     with kernels(choice, device):
         new = [timed_ms(call, device) for call in calls]
         seen = [timed_ms(call, device) for call in calls]
+        kernel = kernel_of(calls[-1])
     return {
         "case": case,
         "kernels": choice,
+        "kernel": kernel,
         "new_shape_ms": round(statistics.median(new), 3),
         "seen_shape_ms": round(statistics.median(seen), 3),
         "new_vs_seen": round(statistics.median(new) / statistics.median(seen), 2),

@@ -81,6 +81,8 @@ def test_attention_benchmark_times_both_kernel_choices_at_new_and_seen_shapes():
     ]
     for row in results:
         assert row["new_shape_ms"] > 0 and row["seen_shape_ms"] > 0
+        assert row["kernel"].startswith("aten::_scaled_dot_product")  # a fused kernel, named
+        assert row["kernels"] == "default" or "cudnn" not in row["kernel"]
 
 
 def test_the_benchmark_model_loads_as_a_base_model(tmp_path):
