@@ -47,6 +47,14 @@ def tokens_of(result: ops.SampleResult) -> list[list[int]]:
     return [sequence.tokens.tolist() for sequence in result.sequences]
 
 
+def next_token_pass(future_id: str, adapter: str, tokens, backward: bool = False) -> ops.WorkItem:
+    """A cross-entropy pass of `adapter` over `tokens`, each predicted from those before it."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    weights = np.ones(len(tokens) - 1, dtype=np.float32)
+    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": weights})
+    return ops.WorkItem(future_id, adapter, ops.ForwardBackward([datum], "cross_entropy", {}, backward))
+
+
 def test_a_seeded_sample_is_the_same_whatever_shares_its_batch(engine):
     alone = sample([256, 72, 105, 33], num_samples=3, adapter="a", top_k=40, top_p=0.9)
     (by_itself,) = run(engine, alone)
@@ -131,9 +139,7 @@ def test_a_cycle_answering_training_steps_no_generation_right_after_one_that_did
     not for one more in its own cycle; the generation steps again in the next cycle, and in every
     other one while each brings training."""
     generation = sample([256, 3], max_tokens=4)
-    tokens = np.asarray([256, 5, 6, 7, 8], dtype=np.int64)
-    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(4, dtype=np.float32)})
-    training = [ops.WorkItem("fb", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False))]
+    training = [next_token_pass("fb", "a", [256, 5, 6, 7, 8])]
     cycles = [[ops.WorkItem("sample", "", generation)], training, training, [], [], []]
     answered: dict[str, list[int]] = {}
     for cycle, items in enumerate(cycles, start=1):
@@ -151,12 +157,8 @@ def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engin
     short, long = sample(prompt, 3, adapter="a", max_tokens=3), sample(prompt[:2], 2, adapter="b", max_tokens=16)
     _, result = run(engine, short, long)
     for sequence in result.sequences:
-        tokens = np.asarray(prompt[:2] + sequence.tokens.tolist(), dtype=np.int64)
-        datum = ops.DatumArrays(
-            tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, dtype=np.float32)}
-        )
         (outcome,) = engine.run_cycle(
-            ops.Cycle(2, [ops.WorkItem("fwd", "b", ops.ForwardBackward([datum], "cross_entropy", {}, False))])
+            ops.Cycle(2, [next_token_pass("fwd", "b", prompt[:2] + sequence.tokens.tolist())])
         )
         forward = outcome.result.loss_fn_outputs[0]["logprobs"][len(prompt[:2]) - 1 :]
         np.testing.assert_allclose(sequence.logprobs, forward, atol=1e-4)
@@ -215,12 +217,9 @@ def test_a_generation_goes_on_over_cycles_and_training_runs_in_between(engine):
 
     started = engine.run_cycle(ops.Cycle(1, [ops.WorkItem("gen", "", request)]), decode_seconds=0.0)
     assert started == []  # one step done, the rest to come
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, 9).astype(np.int64)
-    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(8, dtype=np.float32)})
     adam = ops.AdamConfig(0.05, 0.9, 0.95, 1e-8, 0.0, 0.0)
     training = [
-        ops.WorkItem("fb", "b", ops.ForwardBackward([datum], "cross_entropy", {}, True)),
+        next_token_pass("fb", "b", np.random.default_rng(0).integers(0, 256, 9), backward=True),
         ops.WorkItem("step", "b", ops.OptimStep(adam)),
     ]
     answered = engine.run_cycle(ops.Cycle(2, training), decode_seconds=0.0)
@@ -286,9 +285,7 @@ def test_a_cycle_decodes_on_while_nothing_waits_and_answers_after_one_step_when_
     assert len(asked) == 1
 
     # A cycle with answers of its own ready decodes its chunk only, even with nothing waiting.
-    tokens = np.arange(9, dtype=np.int64)
-    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(8, dtype=np.float32)})
-    forward = ops.WorkItem("fwd", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False))
+    forward = next_token_pass("fwd", "a", range(9))
     answered = engine.run_cycle(ops.Cycle(3, [forward]), 0.0, interrupt=lambda: False)
     assert [outcome.future_id for outcome in answered] == ["fwd"]
     (rest,) = engine.run_cycle(ops.Cycle(4, []))
@@ -357,8 +354,6 @@ def test_requests_arriving_over_cycles_draw_what_each_draws_alone(tight_engine, 
     requests = {
         f"r{cycle}.{index}": request for cycle, batch in enumerate(schedule) for index, request in enumerate(batch)
     }
-    tokens = np.asarray([256, 5, 6, 7, 8], dtype=np.int64)
-    datum = ops.DatumArrays(tokens[:-1], {"target_tokens": tokens[1:], "weights": np.ones(4, dtype=np.float32)})
     answered: dict[str, ops.SampleResult] = {}
     for cycle in range(1000):  # (a bound: a request never answered fails below, not hangs)
         items = [
@@ -366,7 +361,7 @@ def test_requests_arriving_over_cycles_draw_what_each_draws_alone(tight_engine, 
             for index, request in enumerate(schedule[cycle] if cycle < len(schedule) else [])
         ]
         if cycle % 3 == 2:
-            items.append(ops.WorkItem(f"fb{cycle}", "a", ops.ForwardBackward([datum], "cross_entropy", {}, False)))
+            items.append(next_token_pass(f"fb{cycle}", "a", [256, 5, 6, 7, 8]))
         for outcome in engine.run_cycle(ops.Cycle(cycle + 1, items), decode_seconds=0.0):  # a step per cycle
             assert outcome.error is None, outcome.error
             if outcome.future_id in requests:
