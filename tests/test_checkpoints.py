@@ -224,6 +224,9 @@ def test_checkpoints_with_a_ttl_expire(tmp_path):
         assert not checkpoint_dir(tmp_path, short).exists() and checkpoint_dir(tmp_path, kept).exists()
         with pytest.raises(BadRequestError, match="ttl_seconds: 0"):
             training.save_state("never", ttl_seconds=0).result(timeout=30)
+        with pytest.raises(BadRequestError, match=f"ttl_seconds: {2**40}; must be from 1 to"):  # past year 9999
+            rest.set_checkpoint_ttl_from_tinker_path(kept, 2**40).result(timeout=30)
+        assert [c.expires_at for c in rest.list_checkpoints(training.model_id).result().checkpoints] == [None]
         service.close()
 
 

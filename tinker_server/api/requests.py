@@ -61,6 +61,18 @@ def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
+"""A century: any longer and an expiry date is past what clients can represent (year 9999)."""
+
+
+def check_ttl(field: str, ttl: int | None) -> None:
+    """A checkpoint's time to live: unset (kept until deleted), or 1 second to MAX_TTL_SECONDS."""
+    if ttl is not None and not 1 <= ttl <= MAX_TTL_SECONDS:
+        raise invalid(
+            f"{field}: {ttl}; must be from 1 to {MAX_TTL_SECONDS} (a century), or unset to keep the checkpoint"
+        )
+
+
 @dataclass(frozen=True)
 class Limits:
     max_lora_rank: int = 128
@@ -551,8 +563,7 @@ class RequestParser:
     ) -> ParsedRequest:
         if not is_safe_name(name):
             raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
-        if ttl is not None and ttl < 1:
-            raise invalid(f"{kind}.ttl_seconds: {ttl}; must be >= 1 (leave it unset to keep the checkpoint)")
+        check_ttl(f"{kind}.ttl_seconds", ttl)
         self._check_checkpoint_quota(kind)
         path = CheckpointPath(model_id, checkpoint_type, name)
         if not overwrite and self._runs.checkpoint_exists(path):
@@ -588,8 +599,7 @@ class RequestParser:
         """An unnamed snapshot: usable as soon as the device copy is made (its files are written in
         the background); it expires, and goes sooner once its run has a newer one and no sampling
         client holds it."""
-        if ttl is not None and ttl < 1:
-            raise invalid(f"save_weights_for_sampler.ttl_seconds: {ttl}; must be >= 1")
+        check_ttl("save_weights_for_sampler.ttl_seconds", ttl)
         self._check_checkpoint_quota("save_weights_for_sampler")
         path = CheckpointPath(model_id, "sampler", f"ephemeral-{secrets.token_hex(6)}")
         operation = ops.SaveForSampler(str(path), str(self._runs.directory(path)), ephemeral=True)

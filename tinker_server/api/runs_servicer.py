@@ -15,7 +15,14 @@ import grpc
 
 from tinker_rpc.v1 import runs_pb2, runs_pb2_grpc
 from tinker_server.api.dispatch import Dispatcher, status_code
-from tinker_server.api.requests import CONFIG_FILE, IMPORT_FILES, RequestError, RequestParser, new_model_id
+from tinker_server.api.requests import (
+    CONFIG_FILE,
+    IMPORT_FILES,
+    RequestError,
+    RequestParser,
+    check_ttl,
+    new_model_id,
+)
 from tinker_server.auth import current_owner
 from tinker_server.files import UPLOADS_DIR, write_tar, write_whole
 from tinker_server.runs import Runs
@@ -189,14 +196,9 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         self, request: runs_pb2.SetCheckpointTtlRequest, context: grpc.aio.ServicerContext
     ) -> runs_pb2.SetCheckpointTtlResponse:
         path, _, _ = self._checkpoint(request.tinker_path, writable=True)
-        expires_at = None
-        if request.HasField("ttl_seconds"):
-            if request.ttl_seconds < 1:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"ttl_seconds: {request.ttl_seconds}; must be >= 1 (leave it unset to keep the checkpoint)",
-                )
-            expires_at = time.time() + request.ttl_seconds
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        check_ttl("ttl_seconds", ttl)
+        expires_at = None if ttl is None else time.time() + ttl
         self._runs.store.set_checkpoint_expiry(path, expires_at)
         return runs_pb2.SetCheckpointTtlResponse()
 
@@ -206,8 +208,8 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         """The copy lives in a new run of the caller's that holds only it (continue training
         from it with create_training_client_from_state)."""
         path, original, source = self._checkpoint(request.tinker_path)
-        if request.HasField("ttl_seconds") and request.ttl_seconds < 1:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds: {request.ttl_seconds}; must be >= 1")
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        check_ttl("ttl_seconds", ttl)
         now = time.time()
         copy = CheckpointPath(new_model_id(), path.checkpoint_type, path.name)
         run = TrainingRun(
@@ -225,7 +227,7 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         # Training it (by its id) starts from the copy.
         restore = RestorePoint(str(copy), copy.checkpoint_type == "training", original.step)
         self._runs.store.set_restore_point(copy.model_id, restore)
-        expires_at = now + request.ttl_seconds if request.HasField("ttl_seconds") else None
+        expires_at = None if ttl is None else now + ttl
         size = await asyncio.to_thread(_directory_bytes, self._runs.directory(copy))
         self._runs.store.put_checkpoint(Checkpoint(copy, now, size, expires_at, step=original.step))
         return runs_pb2.CopyCheckpointResponse(tinker_path=str(copy))
