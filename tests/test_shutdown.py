@@ -16,12 +16,19 @@ from .conftest import BASE_MODEL
 from .helpers import ragged_batch
 
 DATA = ragged_batch(seed=80, lengths=[9, 13])
+PROMPT = types.ModelInput.from_ints([5, 6, 7, 8])
+SEEDED = types.SamplingParams(max_tokens=6, temperature=1.0, seed=3)
 
 
 def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
     process, address = start_server(tmp_path, ["--shutdown-grace", "20"])
     service = ServiceClient(base_url=address, reconnect_timeout=1.0)
     training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=1).result()
+    training.forward_backward(DATA, "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    # An unnamed snapshot's files are written seconds after it is made: the stop writes them.
+    sampler = training.save_weights_and_get_sampling_client().result()
+    sampled = sampler.sample(PROMPT, 1, SEEDED).result().sequences[0]
 
     async def queue_steps():
         futures = []
@@ -44,10 +51,15 @@ def test_sigterm_finishes_queued_work_saves_runs_and_exits(tmp_path):
     try:
         service = ServiceClient(base_url=address)
         checkpoints = service.create_rest_client().list_checkpoints(training.model_id).result().checkpoints
-        assert [c.checkpoint_id for c in checkpoints] == ["weights/autosave-shutdown"]
-        resumed = service.create_training_client_from_state_with_optimizer(checkpoints[0].tinker_path).result()
+        autosave = f"tinker://{training.model_id}/weights/autosave-shutdown"
+        assert sorted(c.tinker_path for c in checkpoints) == sorted([autosave, sampler.model_path])
+        resumed = service.create_training_client_from_state_with_optimizer(autosave).result()
         logprobs = resumed.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         np.testing.assert_array_equal(logprobs, final_logprobs)  # nothing lost
+        again = (
+            service.create_sampling_client(model_path=sampler.model_path).result().sample(PROMPT, 1, SEEDED).result()
+        )
+        assert (again.sequences[0].tokens, again.sequences[0].logprobs) == (sampled.tokens, sampled.logprobs)
         same_run = TrainingClient(service._connection, training.get_info())  # and it goes on by its id
         logprobs = same_run.forward(DATA, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
         np.testing.assert_array_equal(logprobs, final_logprobs)

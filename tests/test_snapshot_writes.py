@@ -70,3 +70,21 @@ def test_a_failed_write_reports_its_files_missing():
         raise OSError("disk full")
 
     assert not writes.submit(failing_write).finish()
+
+
+def test_finish_all_waits_for_the_running_write_then_writes_the_rest_at_once():
+    writes = SnapshotWrites(delay=0.05)
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow_write() -> None:
+        started.set()
+        release.wait()
+        done.append("running")
+
+    writes.submit(slow_write)
+    started.wait(5)  # the thread is writing it
+    writes.delay = 60
+    writes.submit(lambda: done.append(("pending", threading.current_thread().name)))
+    threading.Timer(0.2, release.set).start()
+    writes.finish_all()
+    assert done == ["running", ("pending", threading.current_thread().name)]

@@ -102,6 +102,10 @@ class Engine:
         """Snapshot -> the copy of its weights the generations reading it share, and its bytes."""
         self._generation_ids = itertools.count()
 
+    def finish_writes(self) -> None:
+        """Writes the files of every snapshot whose write is still pending (before the worker stops)."""
+        self._snapshot_writes.finish_all()
+
     def info(self) -> ops.ModelInfo:
         config = self.model.config
         return ops.ModelInfo(

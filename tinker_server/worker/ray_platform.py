@@ -8,6 +8,7 @@ Ray is imported when this platform is chosen, never by the default local platfor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import ipaddress
 import logging
@@ -22,6 +23,9 @@ from tinker_server.worker.platform import NO_SIGNAL, RaySettings, Replica, Worke
 log = logging.getLogger(__name__)
 PING_SECONDS = 10.0
 """How long an idle replica may take to answer before it counts as gone."""
+STOP_SECONDS = 10.0
+"""The longest a stopping replica's actor is given to write its pending snapshots (a cycle under
+way finishes first), as a stopping worker process is."""
 
 
 class ReplicaActor:
@@ -46,6 +50,9 @@ class ReplicaActor:
 
     def run_cycle(self, cycle: Cycle) -> CycleReport:
         return CycleReport(self._engine.run_cycle(cycle, self._decode_seconds), self._engine.residency.stats())
+
+    def finish_writes(self) -> None:
+        self._engine.finish_writes()
 
     def ping(self) -> bool:
         return True
@@ -92,6 +99,9 @@ class RayReplica:
         return self._location
 
     async def stop(self) -> None:
+        """Lets the actor write its pending snapshots' files (as a stopping worker process does), then ends it."""
+        with contextlib.suppress(*self._gone, TimeoutError):  # a lost or stuck actor has nothing more to give
+            await asyncio.wait_for(self._handle.finish_writes.remote(), STOP_SECONDS)
         self._ray.kill(self._handle, no_restart=True)
 
 

@@ -85,6 +85,8 @@ class SnapshotWrites:
         self.delay = delay
         self._lock = threading.Condition()
         self._queue: deque[PendingWrite] = deque()
+        self._taken: PendingWrite | None = None
+        """The write the thread took last (it may be running)."""
         self._thread = threading.Thread(target=self._loop, name="snapshot-writer", daemon=True)
         self._thread.start()
 
@@ -95,6 +97,16 @@ class SnapshotWrites:
             self._lock.notify_all()
         return pending
 
+    def finish_all(self) -> None:
+        """Writes every pending snapshot now, on the calling thread, after the one the thread may
+        be writing (the worker is stopping: samplers may hold these snapshots after a restart)."""
+        with self._lock:
+            writes = [self._taken] if self._taken is not None else []
+            writes += self._queue
+            self._queue.clear()
+        for write in writes:
+            write.finish()
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -103,6 +115,6 @@ class SnapshotWrites:
                 if wait > 0:
                     self._lock.wait(timeout=wait)
                     continue  # due now, or woken by another submit: look again
-                pending = self._queue.popleft()
+                pending = self._taken = self._queue.popleft()
             if pending.claim():
                 pending.run()
