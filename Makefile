@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 GEN_STAMP := tinker_rpc/.generated
 INSTALL_STAMP := $(VENV)/.project-installed
 
-.PHONY: install proto proto-lint proto-release test test-node browser demo demo-cluster bench bench-gpu lint clean
+.PHONY: install proto proto-lint proto-release test test-node browser demo demo-cluster bench bench-smoke bench-gpu lint clean
 
 install: $(INSTALL_STAMP)
 
@@ -77,9 +77,13 @@ demo-cluster: install
 	$(PY) examples/demo_cluster.py
 
 # Not part of `make test`. The public Tinker SDK is installed only to compare wire formats.
-bench: install
+bench: bench-smoke
 	$(PY) -m pip install -q "tinker==0.38.0"
 	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+# Every benchmark at tiny sizes (about a minute): what `make test` leaves out to stay quick.
+bench-smoke: install
+	$(PY) -m pytest -q -m bench tests/test_bench_smoke.py
 
 # On a GPU machine: the sampling engine's benchmarks on a seeded 0.9B Llama written locally
 # (no download; `python -m bench.make_model --help` for other sizes), the quickest first.

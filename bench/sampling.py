@@ -215,7 +215,8 @@ def run(
     concurrency: list[int], max_tokens: int, base_model: str | None, repeats: int = 3, one_at_a_time: bool = True
 ) -> dict:
     """Each rate is the median of `repeats` runs, the methods taking turns (a noisy machine moves
-    every one of them alike)."""
+    every one of them alike); `vs_static_batch_range` spans the ratios of single runs (how far one
+    run's ratio can stray on this machine)."""
     device = prepare_process()  # the worker's device, and its process settings
     dtype = resolve_dtype("auto", device)
     model = load_base_model(base_model, dtype).model.to(device)
@@ -246,6 +247,7 @@ def run(
                             )
                         )
                     service_rate, static_rate, base_rate, engine_rate = np.median(rates, axis=0).tolist()
+                    ratios = [service / static for service, static, _, _ in rates]
                     row = {
                         "workload": kind,
                         "requests": count,
@@ -253,6 +255,7 @@ def run(
                         "service_tokens_per_s": round(service_rate, 1),
                         "static_batch_tokens_per_s": round(static_rate, 1),
                         "vs_static_batch": round(service_rate / static_rate, 2),
+                        "vs_static_batch_range": f"{min(ratios):.2f}-{max(ratios):.2f}",
                         "vs_static_base_model": round(service_rate / base_rate, 2),
                         "engine_vs_static_batch": round(engine_rate / static_rate, 2),
                     }

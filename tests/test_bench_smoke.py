@@ -1,13 +1,27 @@
-"""The benchmark code runs (tiny sizes); the real numbers come from `make bench`."""
+"""The benchmark code runs (tiny sizes); the real numbers come from `make bench`.
+
+Benchmarks stay out of the timed suite: those that start a server or processes of their own are
+marked `bench` and run by `make bench-smoke` (the first thing `make bench` does); `make test` runs
+the quick ones, and imports every benchmark so that none falls behind the code it measures."""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import pytest
 import torch
 
+import bench
 from bench import sampling
 
 
+@pytest.mark.parametrize("name", [module.name for module in pkgutil.iter_modules(bench.__path__)])
+def test_every_benchmark_imports(name):
+    importlib.import_module(f"bench.{name}")
+
+
+@pytest.mark.bench
 def test_sampling_benchmark_compares_every_workload_with_a_static_batch():
     report = sampling.run(concurrency=[2], max_tokens=8, base_model=None, repeats=1)
     workloads = [(row["workload"], row["requests"]) for row in report["results"]]
@@ -16,10 +30,13 @@ def test_sampling_benchmark_compares_every_workload_with_a_static_batch():
         assert row["service_tokens_per_s"] > 0 and row["static_batch_tokens_per_s"] > 0
         ratio = row["service_tokens_per_s"] / row["static_batch_tokens_per_s"]
         assert row["vs_static_batch"] == pytest.approx(ratio, rel=0.05, abs=0.02)
+        low, high = (float(end) for end in row["vs_static_batch_range"].split("-"))
+        assert low == high == pytest.approx(ratio, abs=0.01)  # one run: its own ratio at both ends
         assert row["vs_static_base_model"] > 0 and row["engine_vs_static_batch"] > 0
         assert row["vs_one_at_a_time"] > 0
 
 
+@pytest.mark.bench
 def test_training_benchmark_reports_overhead_and_multi_tenant_gain():
     from bench import training
 
@@ -29,6 +46,7 @@ def test_training_benchmark_reports_overhead_and_multi_tenant_gain():
     assert gain["gain"] > 0 and gain["torch_ceiling"] > 0 and gain["fraction_of_ceiling"] > 0
 
 
+@pytest.mark.bench
 def test_latency_benchmark_reports_percentiles_and_throughput():
     from bench import latency
 
@@ -44,6 +62,7 @@ def test_wire_benchmark_counts_our_bytes_against_the_raw_tensors():
         assert 0.5 < row["ours_vs_raw"] < 1.0
 
 
+@pytest.mark.bench
 def test_load_benchmark_counts_every_result_once():
     from bench import load
 
@@ -51,6 +70,7 @@ def test_load_benchmark_counts_every_result_once():
     assert result["errors"] == 0 and result["steps_completed"] > 0 and result["every_ack_got_one_result"]
 
 
+@pytest.mark.bench
 def test_memory_benchmark_measures_both_systems_in_their_own_processes():
     from bench import memory
 
@@ -60,6 +80,7 @@ def test_memory_benchmark_measures_both_systems_in_their_own_processes():
     assert row["speed_ratio"] == pytest.approx(row["engine_tokens_per_s"] / row["peft_tokens_per_s"], rel=0.05)
 
 
+@pytest.mark.bench
 def test_rl_loop_benchmark_reports_growth_and_the_save_ratio():
     from bench import rl_loop
 
