@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import grpc
 import numpy as np
 import pytest
@@ -45,3 +47,12 @@ def test_a_vanished_sampler_checkpoint_fails_only_its_own_sample(engine, tmp_pat
     outcomes = engine.run_cycle(ops.Cycle(3, [base, gone]))
     assert outcomes[0].error is None and len(outcomes[0].result.sequences[0].tokens) == 4
     assert outcomes[1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_an_engine_without_a_spill_dir_removes_the_one_it_made():
+    engine = Engine(load_base_model(None), torch.device("cpu"))
+    spill_dir = engine.residency.spill_dir
+    assert spill_dir.is_dir()
+    del engine
+    gc.collect()
+    assert not spill_dir.exists()

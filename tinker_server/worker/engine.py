@@ -89,7 +89,9 @@ class Engine:
         self.routing = RowRouting()
         self.targets = wrap_lora_targets(self.model, self.routing)
         self.layers = self.targets.sites
-        spill_dir = spill_dir or Path(tempfile.mkdtemp(prefix="tinker-spill-"))
+        if spill_dir is None:  # one of its own, removed with the engine (or at exit)
+            self._own_spill_dir = tempfile.TemporaryDirectory(prefix="tinker-spill-")
+            spill_dir = Path(self._own_spill_dir.name)
         self.residency = Residency(
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
