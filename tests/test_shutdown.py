@@ -1,5 +1,5 @@
-"""SIGTERM: queued requests still run, new ones are refused, every live run is saved, and
-the process exits within its bound."""
+"""SIGTERM: queued requests still run, new ones are refused, every live run is saved, unnamed
+snapshots still waiting for their files get them, and the process exits within its bound."""
 
 from __future__ import annotations
 
