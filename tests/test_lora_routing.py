@@ -99,3 +99,37 @@ def test_a_bfloat16_layer_gets_the_float32_update_rounded_once(adapters):
         )
     assert batched.dtype == torch.bfloat16
     torch.testing.assert_close(batched.float(), exact, rtol=2**-8 * 1.01, atol=1e-6)
+
+
+def test_projections_reading_one_bfloat16_input_share_its_float32_cast(monkeypatch):
+    """q, k and v (or gate and up) read the same input: it is cast once for their updates, and
+    again once it has changed in place, with the gradients of separate casts."""
+    routing = RowRouting()
+    layers = []
+    for seed in range(3):
+        layer = layer_with(32, {"a": 2}, conv1d=False)
+        layer.routing = routing
+        layer.base.to(torch.bfloat16)
+        layer.adapters["a"].A.data += seed  # three projections, three adapters
+        layers.append(layer)
+    x = torch.randn(ROWS, POSITIONS, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x.requires_grad_()
+    casts = []
+    to = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda tensor: casts.append(tensor) or to(tensor))
+    with routing.route(contiguous_segments(["a"] * ROWS)):
+        outputs = [layer(x) for layer in layers]
+        assert len(casts) == 1
+        changed = x.detach().clone()
+        layers[0](changed), changed.mul_(2), layers[1](changed)
+        assert len(casts) == 3  # a new input, then the same one changed in place
+    monkeypatch.undo()
+    expected = [layer.base(x) + layer.adapters["a"].delta(x.float()).to(torch.bfloat16) for layer in layers]
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
+    weights = torch.linspace(-1, 1, outputs[0].numel()).reshape(outputs[0].shape).to(torch.bfloat16)
+    shared = torch.autograd.grad(sum((output * weights).sum() for output in outputs), x)[0]
+    separate = torch.autograd.grad(sum((output * weights).sum() for output in expected), x)[0]
+    # The shared cast sums the three gradients in float32, separate casts in bfloat16: a few of its
+    # steps apart at most, where one projection's gradient lost would be off by about its size.
+    torch.testing.assert_close(shared, separate, rtol=2**-5, atol=0.1)

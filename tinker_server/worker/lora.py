@@ -45,6 +45,8 @@ class RowRouting:
     """Bumped on every `route`, so layers know when per-routing caches are stale."""
     shared: dict[object, torch.Tensor] = field(default_factory=dict)
     """What layers derive from the routing alone, built by the first that needs it (`route` clears it)."""
+    _float_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
+    """The last input cast to float32, its version then, and the cast (see `float_input`)."""
 
     @contextmanager
     def route(self, segments: list[RowSegment]) -> Iterator[None]:
@@ -55,6 +57,18 @@ class RowRouting:
             yield
         finally:
             self.segments = []
+            self._float_input = None
+
+    def float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in float32, for the adapters' updates: cast once for the projections that read the
+        same input one after another (q, k and v; gate and up), not once each. Only the latest
+        input is kept, so nothing is held past the layer that reads it next."""
+        if x.dtype == torch.float32:
+            return x
+        cached = self._float_input
+        if cached is None or cached[0] is not x or cached[1] != x._version:  # (a new input, or changed in place)
+            cached = self._float_input = (x, x._version, x.float())
+        return cached[2]
 
 
 def contiguous_segments(adapters: Sequence[str | None]) -> list[RowSegment]:
@@ -130,7 +144,7 @@ class MultiLoRALinear(nn.Module, LoraSite):
             for segment in self.routing.segments
         ]
         if any(pair is not None for _, pair in pairs):
-            self._add_updates(out, x.float(), pairs)
+            self._add_updates(out, self.routing.float_input(x), pairs)
         return out
 
     def _add_updates(self, out: torch.Tensor, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair | None]]) -> None:
