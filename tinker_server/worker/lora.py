@@ -41,6 +41,8 @@ class RowRouting:
     """Shared by every MultiLoRALinear of a model; set around each forward pass."""
 
     segments: list[RowSegment] = field(default_factory=list)
+    adapted: bool = False
+    """Whether any segment names an adapter (else every row sees the bare base model)."""
     generation: int = 0
     """Bumped on every `route`, so layers know when per-routing caches are stale."""
     shared: dict[object, torch.Tensor] = field(default_factory=dict)
@@ -51,12 +53,13 @@ class RowRouting:
     @contextmanager
     def route(self, segments: list[RowSegment]) -> Iterator[None]:
         self.segments = segments
+        self.adapted = any(segment.adapter is not None for segment in segments)
         self.generation += 1
         self.shared.clear()
         try:
             yield
         finally:
-            self.segments = []
+            self.segments, self.adapted = [], False
             self._float_input = None
 
     def float_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,8 @@ class MultiLoRALinear(nn.Module, LoraSite):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, ..., in_features]; each segment's rows go through their own adapter."""
         out = self.base(x)
+        if not self.routing.adapted:  # the bare base model on every row: nothing to look up
+            return out
         pairs = [
             (segment, self.adapters.get(segment.adapter) if segment.adapter is not None else None)
             for segment in self.routing.segments
