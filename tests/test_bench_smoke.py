@@ -1,8 +1,9 @@
 """The benchmark code runs (tiny sizes); the real numbers come from `make bench`.
 
 Benchmarks stay out of the timed suite: those that start a server or processes of their own are
-marked `bench` and run by `make bench-smoke` (the first thing `make bench` does); `make test` runs
-the quick ones, and imports every benchmark so that none falls behind the code it measures."""
+marked `bench` and run by `make bench-smoke` (the first thing `make bench` does; to run one by
+name, add `-m bench`); `make test` runs the quick ones, and imports every benchmark so that none
+falls behind the code it measures."""
 
 from __future__ import annotations
 
