@@ -40,24 +40,32 @@ def test_a_snapshot_cancelled_before_its_turn_is_never_written():
     assert not pending.finish()
 
 
+class HeldWrite:
+    """A write that, once started, waits for `release` before it records `label` in `done`."""
+
+    def __init__(self, done: list[object], label: object) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.done, self.label = done, label
+
+    def __call__(self) -> None:
+        self.started.set()
+        self.release.wait()
+        self.done.append(self.label)
+
+
 def test_finish_writes_at_once_and_cancel_waits_for_a_running_write():
     writes = SnapshotWrites(delay=60)
-    started, release, done = threading.Event(), threading.Event(), []
-
-    def slow_write() -> None:
-        started.set()
-        release.wait()
-        done.append(1)
-
+    done: list[object] = []
+    slow_write = HeldWrite(done, 1)
     pending = writes.submit(slow_write)
     finisher = threading.Thread(target=pending.finish)
     finisher.start()
-    started.wait(5)
+    slow_write.started.wait(5)
     canceller = threading.Thread(target=pending.cancel)
     canceller.start()
     time.sleep(0.1)
     assert canceller.is_alive()  # files are never deleted under a writer
-    release.set()
+    slow_write.release.set()
     canceller.join(5)
     finisher.join(5)
     assert done == [1] and pending.finish()
@@ -74,17 +82,12 @@ def test_a_failed_write_reports_its_files_missing():
 
 def test_finish_all_waits_for_the_running_write_then_writes_the_rest_at_once():
     writes = SnapshotWrites(delay=0.05)
-    started, release, done = threading.Event(), threading.Event(), []
-
-    def slow_write() -> None:
-        started.set()
-        release.wait()
-        done.append("running")
-
+    done: list[object] = []
+    slow_write = HeldWrite(done, "running")
     writes.submit(slow_write)
-    started.wait(5)  # the thread is writing it
+    assert slow_write.started.wait(5)  # the thread is writing it
     writes.delay = 60
     writes.submit(lambda: done.append(("pending", threading.current_thread().name)))
-    threading.Timer(0.2, release.set).start()
+    threading.Timer(0.2, slow_write.release.set).start()
     writes.finish_all()
     assert done == ["running", ("pending", threading.current_thread().name)]
