@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tinker_server import ops
 from tinker_server.worker.models import byte_tokenizer
-from tinker_server.worker.sampling import TokenChoice, _StopChecker
+from tinker_server.worker.sampling import Generation, TokenChoice, _StopChecker
 
 from .engine_helpers import engine_with_adapters
 
@@ -71,11 +71,9 @@ def test_a_seeded_sample_is_the_same_whatever_shares_its_batch(engine):
         np.testing.assert_allclose(shared.sampling_logprobs, lonely.sampling_logprobs, atol=1e-5)
 
 
-def test_token_choice_reads_the_device_once_per_step(monkeypatch):
-    """Which rows draw and which truncate is known on the host: a step of greedy, top-k, top-p and
-    plain rows reads the device once, for the tokens chosen (each read stalls a GPU's queue)."""
-    requests = [sample([1], temperature=0.0), sample([1], top_k=5), sample([1], top_p=0.5), sample([1], seed=None)]
-    choice = TokenChoice(requests, [0] * len(requests))
+def recorded_device_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The Tensor methods that read a tensor's values on the host (each stalls a GPU's queue),
+    recorded by name as they are called from now on."""
     reads: list[str] = []
     for name in ("__bool__", "__int__", "__float__", "item", "tolist", "numpy", "cpu"):
         original = getattr(torch.Tensor, name)
@@ -84,6 +82,15 @@ def test_token_choice_reads_the_device_once_per_step(monkeypatch):
             name,
             lambda tensor, *args, _original=original, _name=name: reads.append(_name) or _original(tensor, *args),
         )
+    return reads
+
+
+def test_token_choice_reads_the_device_once_per_step(monkeypatch):
+    """Which rows draw and which truncate is known on the host: a step of greedy, top-k, top-p and
+    plain rows reads the device once, for the tokens chosen."""
+    requests = [sample([1], temperature=0.0), sample([1], top_k=5), sample([1], top_p=0.5), sample([1], seed=None)]
+    choice = TokenChoice(requests, [0] * len(requests))
+    reads = recorded_device_reads(monkeypatch)
     tokens, picks, _ = choice.next(torch.randn(len(requests), 259), list(range(len(requests))))
     monkeypatch.undo()
     assert reads == ["tolist"]
@@ -121,6 +128,25 @@ def test_a_row_of_nan_logits_draws_a_token_of_the_vocabulary():
     assert picks[1][0] == tokens.tolist()[1] and np.isfinite(picks[1][1])
 
 
+def test_a_decode_step_with_nothing_masked_reads_the_device_once(engine, monkeypatch):
+    """Prompts of one length, rows leaving as they finish: each step reads only the tokens chosen
+    (given an attention mask, Hugging Face reads the device at every step to find nothing masked)."""
+    reads = recorded_device_reads(monkeypatch)
+    steps: list[list[str]] = []
+
+    def recorded_step(generation: Generation) -> None:
+        start = len(reads)
+        step(generation)
+        steps.append(reads[start:])
+
+    step = Generation.step
+    monkeypatch.setattr(Generation, "step", recorded_step)
+    run(engine, sample([256, 1, 2], 4, adapter="a", max_tokens=3), sample([256, 3, 4], 2, max_tokens=10))
+    monkeypatch.undo()
+    assert len(steps) == 10
+    assert all(reads == ["tolist"] for reads in steps), steps
+
+
 def test_a_request_is_answered_when_its_own_rows_finish_not_when_its_batch_mates_do(engine):
     short, long = sample([256, 1], num_samples=2, max_tokens=3), sample([256, 2], max_tokens=30)
     items = [ops.WorkItem("short", "", short), ops.WorkItem("long", "", long)]
@@ -152,15 +178,18 @@ def test_a_cycle_answering_training_steps_no_generation_right_after_one_that_did
     assert tokens_of(sampled) == tokens_of(run(engine, generation)[0])
 
 
-def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine):
-    prompt = [256, 40, 41, 42]
-    short, long = sample(prompt, 3, adapter="a", max_tokens=3), sample(prompt[:2], 2, adapter="b", max_tokens=16)
-    _, result = run(engine, short, long)
+@pytest.mark.parametrize("padded_rows_stay", [True, False])
+def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engine, padded_rows_stay):
+    """The rows left padded (masked) go on, or those that were not (then nothing is masked)."""
+    prompt, short_prompt = [256, 40, 41, 42], [256, 40]
+    staying_prompt, leaving_prompt = (short_prompt, prompt) if padded_rows_stay else (prompt, short_prompt)
+    leaving = sample(leaving_prompt, 3, adapter="a", max_tokens=3)
+    _, result = run(engine, leaving, sample(staying_prompt, 2, adapter="b", max_tokens=16))
     for sequence in result.sequences:
         (outcome,) = engine.run_cycle(
-            ops.Cycle(2, [next_token_pass("fwd", "b", prompt[:2] + sequence.tokens.tolist())])
+            ops.Cycle(2, [next_token_pass("fwd", "b", staying_prompt + sequence.tokens.tolist())])
         )
-        forward = outcome.result.loss_fn_outputs[0]["logprobs"][len(prompt[:2]) - 1 :]
+        forward = outcome.result.loss_fn_outputs[0]["logprobs"][len(staying_prompt) - 1 :]
         np.testing.assert_allclose(sequence.logprobs, forward, atol=1e-4)
 
 

@@ -354,11 +354,13 @@ class Generation:
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
         starts = starts.to(self._device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
+        self._padded = _has_padding(self._attention_mask)
         self._batch = list(range(len(self._rows)))  # the rows in the cache, in its order (some may have finished)
         self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
         self._logits = logits[starts]
         self._choice = TokenChoice([row.request for row in self._rows], [row.sample_index for row in self._rows])
         self._stops = [_StopChecker(row.request.params, sampler.eos_token_ids, sampler.tokenizer) for row in self._rows]
+        self._rows_finished = True  # since `take_finished` last looked (a request may need no step at all)
 
     def _prefill_keeping(
         self, prompts: list[_Prompt], requests: list[ops.Sample], prefixes: PrefixCache | None
@@ -459,9 +461,11 @@ class Generation:
         self._attention_mask = torch.cat(
             [pad_left(self._attention_mask, length, 1), pad_left(other._attention_mask, length, 1)]
         )
+        self._padded = _has_padding(self._attention_mask)
         self._cache.join(other._cache, self._capacity())
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
         self._logits = torch.cat([self._logits, other._logits])
+        self._rows_finished |= other._rows_finished
 
     def unanswered(self) -> list[object]:
         """The payloads of the requests not answered yet."""
@@ -469,6 +473,9 @@ class Generation:
 
     def take_finished(self) -> list[tuple[object, ops.SampleResult]]:
         """The payload and result of every request whose rows have all finished, once each."""
+        if not self._rows_finished:  # (every part's rows are checked only after a step that finished some)
+            return []
+        self._rows_finished = False
         finished = [answer for part in self._parts for answer in part.take_finished()]
         self._parts = [part for part in self._parts if part.unanswered]
         return finished
@@ -497,6 +504,7 @@ class Generation:
                 row.stopped = row.finished = True
             elif len(row.tokens) >= row.request.params.max_tokens:
                 row.finished = True
+            self._rows_finished |= row.finished
         if live_positions is not None:  # finished rows are fed any token: what they compute is never read
             tokens = tokens.new_zeros(len(batch)).index_copy_(0, live_positions, tokens)
         keep = [position for position, index in enumerate(batch) if not rows[index].finished]
@@ -511,6 +519,7 @@ class Generation:
                 tokens[kept],
             )
             self._batch = batch = [batch[position] for position in keep]
+            self._padded = self._padded and _has_padding(self._attention_mask)
             self._cache.keep_rows(kept, self._capacity())
         self._attention_mask = torch.cat([self._attention_mask, self._attention_mask.new_ones((len(batch), 1))], 1)
         self._position_ids = self._position_ids + 1
@@ -519,12 +528,19 @@ class Generation:
             hidden = final_hidden_states(
                 self._model,
                 input_ids=tokens[:, None],
-                attention_mask=self._attention_mask,
+                attention_mask=self._attention_mask if self._padded else None,
                 position_ids=self._position_ids,
                 cache=self._cache,
                 use_cache=True,
             )
             self._logits = output_logits(self._model, hidden)[:, -1]
+
+
+def _has_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether some row has a masked column: only then does a step pass its mask to the model,
+    which otherwise reads the device at every step to find that nothing is masked. (A device read
+    here happens only when rows join or leave.)"""
+    return not bool(attention_mask.all())
 
 
 def _split_on_shared_prefixes(prompts: list[_Prompt]) -> tuple[list[_Prompt], list[_Prompt]]:
