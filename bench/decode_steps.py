@@ -9,6 +9,9 @@ ragged prompts (padding, masks), several samples per prompt, and the sampling be
 workload, on the base model and (mixed_adapters, for the engine) with two thirds of its rows on two
 LoRA adapters, as the service runs it (`generate` runs the base model: what LoRA costs a step).
 With `--rows-stay`, a last pass keeps finished rows in the engine's batch (one batch shape all along).
+On a GPU, `engine_waits_per_step` counts the times a run of the engine made the host wait for the
+device (PyTorch's sync debug mode reports each), per step: the tokens chosen are read once a step;
+masks of padded rows (Hugging Face's) add one more; anything else is a stall to remove.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import functools
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +66,19 @@ def step_ms(run: Callable[[list[Request]], object], requests: list[Request], dev
     return round((time.perf_counter() - start) * 1000 / max(request.max_tokens for request in requests), 2)
 
 
+def waits_per_step(run: Callable[[list[Request]], object], requests: list[Request], device: torch.device) -> float:
+    """How many times one run made the host wait for the GPU, per step of its longest output."""
+    with warnings.catch_warnings(record=True) as waits:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(requests)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+    return round(len(waits) / max(request.max_tokens for request in requests), 2)
+
+
 def step_times(engine: Engine, model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> list[dict]:
     """Every case, each method `args.runs` times in turn; with `args.rows_stay`, a second pass."""
     with tempfile.TemporaryDirectory() as directory:
@@ -78,15 +95,16 @@ def step_times(engine: Engine, model: torch.nn.Module, device: torch.device, arg
                 times = [
                     (step_ms(engine_run, run[name], device), step_ms(static_run, run[name], device)) for run in runs
                 ]
-                results.append(
-                    {
-                        "case": name,
-                        "finished_rows": rows_finished,
-                        "rows": sum(request.num_samples for request in runs[0][name]),
-                        "engine_ms_per_step": [engine_ms for engine_ms, _ in times],
-                        "static_ms_per_step": [static_ms for _, static_ms in times],
-                    }
-                )
+                result = {
+                    "case": name,
+                    "finished_rows": rows_finished,
+                    "rows": sum(request.num_samples for request in runs[0][name]),
+                    "engine_ms_per_step": [engine_ms for engine_ms, _ in times],
+                    "static_ms_per_step": [static_ms for _, static_ms in times],
+                }
+                if device.type == "cuda":
+                    result["engine_waits_per_step"] = waits_per_step(engine_run, runs[-1][name], device)
+                results.append(result)
         sampling.LEAVE_FRACTION = leave_fraction
     return results
 

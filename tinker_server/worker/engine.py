@@ -48,6 +48,7 @@ from tinker_server.worker.residency import Adapter, Residency, ResidencyLimits, 
 from tinker_server.worker.sampling import SamplingModel
 from tinker_server.worker.snapshot_writes import SnapshotWrites
 from tinker_server.worker.targets import KINDS, wrap_lora_targets
+from tinker_server.worker.transfers import to_device
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     # Arrays decoded from the wire (or from Ray's object store) are read-only views; torch needs a
     # writable buffer.
     tensor = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
-    return tensor.to(device)
+    return to_device(tensor, device)
 
 
 class Engine:
@@ -319,7 +320,7 @@ class Engine:
         needs_grad = any(items[item_index].operation.backward for item_index, _, _ in rows)
 
         with torch.set_grad_enabled(needs_grad), self.routing.route(segments):
-            hidden = final_hidden_states(self.model, input_ids=input_ids.to(self.device), use_cache=False)
+            hidden = final_hidden_states(self.model, input_ids=to_device(input_ids, self.device), use_cache=False)
             logprobs = target_logprobs(self.model, hidden, self._padded_targets(targets, width))  # [B, T, K]
             to_backward = []
             for row, (item_index, datum_index, _) in enumerate(rows):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tinker_server.ops import LoraSpec
+from tinker_server.worker.transfers import to_device
 
 ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
 GATHER_BUDGET = 1 << 24
@@ -227,7 +228,7 @@ class MultiLoRALinear(nn.Module, LoraSite):
             if pair is not None:
                 start = offsets[segment.adapter]
                 mask[segment.start : segment.stop, start : start + pair.A.shape[0]] = pair.scaling
-        return mask.to(device)
+        return to_device(mask, device)
 
     def _gathered_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
         """All rows through their own adapters in two batched matmuls, however many adapters:
@@ -245,9 +246,9 @@ class MultiLoRALinear(nn.Module, LoraSite):
         """Each row's adapter and scaling; built once per routing (the whole forward pass)."""
         if self._index_generation != self.routing.generation:
             lengths = torch.tensor([segment.stop - segment.start for segment, _ in pairs])
-            self._index = torch.repeat_interleave(torch.arange(len(pairs)), lengths).to(device)
+            self._index = to_device(torch.repeat_interleave(torch.arange(len(pairs)), lengths), device)
             scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=pairs[0][1].A.dtype)
-            self._scaling = torch.repeat_interleave(scales, lengths).view(-1, 1, 1).to(device)
+            self._scaling = to_device(torch.repeat_interleave(scales, lengths).view(-1, 1, 1), device)
             self._index_generation = self.routing.generation
         return self._index, self._scaling
 

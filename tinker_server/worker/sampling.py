@@ -36,6 +36,7 @@ from tinker_server.worker.kv_cache import (
 )
 from tinker_server.worker.lora import RowRouting, contiguous_segments
 from tinker_server.worker.models import final_hidden_states, output_logits
+from tinker_server.worker.transfers import to_device
 
 
 @dataclass
@@ -131,7 +132,7 @@ class TokenChoice:
         else:
             # One copy for the step: temperature (1 where greedy), top-k, top-p, uniform, greedy.
             numbers = np.stack([np.where(greedy, 1, temperature), top_k, top_p, uniform, greedy])
-            numbers = torch.from_numpy(numbers.astype(np.float32)).to(logits.device)
+            numbers = to_device(torch.from_numpy(numbers.astype(np.float32)), logits.device)
             if truncating or (temperature[~greedy] != 1).any():
                 distribution = self._distribution(logits, numbers[0], numbers[1].long(), numbers[2], truncating)
             else:
@@ -352,7 +353,7 @@ class Generation:
         )
         self._parts = [_Part(prompts, scored, self._rows, payloads)]
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
-        starts = starts.to(self._device)
+        starts = to_device(starts, self._device)
         self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
         self._padded = _has_padding(self._attention_mask)
         self._batch = list(range(len(self._rows)))  # the rows in the cache, in its order (some may have finished)
@@ -396,7 +397,7 @@ class Generation:
             attention_mask[index, reused_width + width - computed :] = 1
             position_ids[index, width - computed :] = torch.arange(prompt.reused_length, len(prompt.tokens))
         input_ids, attention_mask, position_ids = (
-            t.to(self._device) for t in (input_ids, attention_mask, position_ids)
+            to_device(t, self._device) for t in (input_ids, attention_mask, position_ids)
         )
         cache = GenerationCache(config=self._model.config)
         if reused_width:
@@ -488,7 +489,7 @@ class Generation:
         adapter as the base model)."""
         rows, batch = self._rows, self._batch
         live = [position for position, index in enumerate(batch) if not rows[index].finished]
-        live_positions = torch.tensor(live, device=self._device) if len(live) < len(batch) else None
+        live_positions = to_device(torch.tensor(live), self._device) if len(live) < len(batch) else None
         logits = self._logits if live_positions is None else self._logits[live_positions]
         tokens, picks, top = self._choice.next(logits, [batch[position] for position in live])
         for position, (token, logprob, sampling_logprob) in enumerate(picks):
@@ -512,7 +513,7 @@ class Generation:
             self._batch, self._cache = [], GenerationCache()  # nothing left to decode: the memory goes back
             return
         if len(batch) - len(keep) >= LEAVE_FRACTION * len(batch):
-            kept = torch.tensor(keep, device=self._device)
+            kept = to_device(torch.tensor(keep), self._device)
             self._attention_mask, self._position_ids, tokens = (
                 self._attention_mask[kept],
                 self._position_ids[kept],
