@@ -3,6 +3,8 @@ forward pass, one prefill per distinct prompt, stop strings across token boundar
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -191,6 +193,31 @@ def test_sampled_logprobs_equal_the_forward_pass_after_rows_left_the_batch(engin
         )
         forward = outcome.result.loss_fn_outputs[0]["logprobs"][len(staying_prompt) - 1 :]
         np.testing.assert_allclose(sequence.logprobs, forward, atol=1e-4)
+
+
+def test_prompts_of_different_lengths_prefill_in_passes_and_draw_what_each_draws_alone(monkeypatch):
+    """Prompts of similar lengths share a prefill pass, within max_tokens_per_pass padded tokens
+    (a longer one runs alone): each row draws, and each scored prompt (through its own adapter,
+    the unembedding's included) gets the logprobs, that it gets prefilled alone."""
+    engine = engine_with_adapters(max_tokens_per_pass=24)
+    passes: list[list[int]] = []
+    prefill = Generation._prefill
+
+    def recorded_prefill(generation: Generation, prompts, requests):
+        passes.append(sorted(len(prompt.tokens) for prompt in prompts))
+        return prefill(generation, prompts, requests)
+
+    monkeypatch.setattr(Generation, "_prefill", recorded_prefill)
+    scored = dataclasses.replace(sample([256, 7, 8], adapter="a"), include_prompt_logprobs=True)  # its pass's row 1
+    requests = [sample(list(range(1, 31)), adapter="b"), sample([5, 6, 7, 9], 2, adapter="b"), scored]
+    requests.append(sample(list(range(40, 52)), adapter="a"))
+    together = run(engine, *requests)
+    assert passes == [[30], [12], [3, 4]]
+    alone = [run(engine, request)[0] for request in requests]
+    assert [tokens_of(result) for result in together] == [tokens_of(result) for result in alone]
+    (forward,) = engine.run_cycle(ops.Cycle(2, [next_token_pass("fwd", "a", scored.prompt)]))
+    expected = forward.result.loss_fn_outputs[0]["logprobs"]
+    np.testing.assert_allclose(together[2].prompt.logprobs[1:], expected, atol=1e-4)
 
 
 def test_a_prompt_is_prefilled_once_for_every_request_of_it(engine):

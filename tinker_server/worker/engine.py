@@ -34,7 +34,7 @@ from tinker_server.worker.checkpoints import (
     write_optimizer_state,
 )
 from tinker_server.worker.decoding import Decoder
-from tinker_server.worker.kv_cache import default_kv_cache_bytes
+from tinker_server.worker.kv_cache import default_kv_cache_bytes, joins_rows
 from tinker_server.worker.lora import (
     LoraPair,
     RowRouting,
@@ -97,7 +97,10 @@ class Engine:
             device, spill_dir, residency or ResidencyLimits(), self._register, self._unregister, self._read_snapshot
         )
         self._snapshot_writes = SnapshotWrites()
-        sampler = SamplingModel(self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, device)
+        max_prefill_tokens = max_tokens_per_pass if joins_rows(self.model.config) else None
+        sampler = SamplingModel(
+            self.model, self.routing, loaded.tokenizer, loaded.eos_token_ids, device, max_prefill_tokens
+        )
         kv_cache_bytes = kv_cache_bytes or default_kv_cache_bytes(device)
         log.info("keys and values of sampling: up to %.2f GiB (--kv-cache-bytes)", kv_cache_bytes / 2**30)
         self.decoder = Decoder(sampler, kv_cache_bytes, release=self._release_copy)

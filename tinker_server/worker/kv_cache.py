@@ -128,17 +128,19 @@ class GenerationCache(DynamicCache):
             else:
                 layer.reorder_cache(rows)
 
-    def join(self, other: DynamicCache, capacity: int) -> None:
-        """Appends `other`'s rows to these (joinable layers only): the shorter is left-padded with
-        zeros (masked by the caller), so every row's latest position stays in the last column."""
-        for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
+    def join(self, others: list[DynamicCache], capacity: int) -> None:
+        """Appends the rows of `others`, in order, to these (joinable layers only): the shorter are
+        left-padded with zeros (masked by the caller), so every row's latest position stays in the
+        last column."""
+        for index, mine in enumerate(self.layers):
+            layers = [mine, *(other.layers[index] for other in others)]
             if is_plain(mine):
-                self.layers[index] = ReservedLayer([(mine.keys, mine.values), (theirs.keys, theirs.values)], capacity)
+                self.layers[index] = ReservedLayer([(layer.keys, layer.values) for layer in layers], capacity)
             else:  # a sliding window: its last positions, right-aligned like the columns they end
-                length = max(mine.keys.shape[2], theirs.keys.shape[2])
-                mine.keys = torch.cat([pad_left(mine.keys, length, 2), pad_left(theirs.keys, length, 2)])
-                mine.values = torch.cat([pad_left(mine.values, length, 2), pad_left(theirs.values, length, 2)])
-                mine.cumulative_length = max(mine.cumulative_length, theirs.cumulative_length)
+                length = max(layer.keys.shape[2] for layer in layers)
+                mine.keys = torch.cat([pad_left(layer.keys, length, 2) for layer in layers])
+                mine.values = torch.cat([pad_left(layer.values, length, 2) for layer in layers])
+                mine.cumulative_length = max(layer.cumulative_length for layer in layers)
         self._spare = None  # the rows' shape changed
 
     @property
@@ -168,6 +170,11 @@ def reuses_prompts(config: PretrainedConfig) -> bool:
     """Whether the model's prompts can be kept and reused: every cache layer a plain one (a
     sliding window keeps too little of a long prompt)."""
     return all(type(layer) is DynamicLayer for layer in GenerationCache(config=config).layers)
+
+
+def joins_rows(config: PretrainedConfig) -> bool:
+    """Whether caches of the model can take another's rows: every layer a joinable one."""
+    return all(is_joinable(layer) for layer in GenerationCache(config=config).layers)
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:

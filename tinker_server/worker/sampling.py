@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tinker_server import ops
+from tinker_server.worker.batching import length_buckets
 from tinker_server.worker.kv_cache import (
     PREFIX_BLOCK,
     GenerationCache,
@@ -240,6 +241,19 @@ class _Prompt:
         return len(self.tokens) - self.reused_length
 
 
+@dataclass
+class _Prefill:
+    """A prefill pass of `prompts`: its cache and attention mask [prompts, columns], each prompt's
+    last position [prompts, 1] and next-token logits, and the prompt scores asked for (by request)."""
+
+    prompts: list[_Prompt]
+    cache: GenerationCache
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    logits: torch.Tensor
+    scored: dict[int, ops.SampleResult]
+
+
 def _prompt_key(weights: str | None, tokens: np.ndarray) -> tuple[str, bytes]:
     return weights or "", tokens.astype(np.int64).tobytes()
 
@@ -305,6 +319,9 @@ class SamplingModel:
     tokenizer: PreTrainedTokenizerBase
     eos_token_ids: tuple[int, ...]
     device: torch.device
+    max_prefill_tokens: int | None = None
+    """Padded tokens one prefill pass takes, prompts of similar lengths together; None: a
+    generation's prompts in one pass (for models whose cache rows cannot be joined)."""
 
 
 class Generation:
@@ -327,21 +344,19 @@ class Generation:
         reuse_keys: dict[str | None, str] | None = None,
     ) -> None:
         self._model, self._routing, self._device = sampler.model, sampler.routing, sampler.device
+        self._max_prefill_tokens = sampler.max_prefill_tokens
         prompts = _distinct_prompts(requests, weights)
         if prefixes is not None:
             for prompt in prompts:
                 if not any(_scores_prompt(requests[index]) for index in prompt.request_indices):
                     prompt.reuse_key = (reuse_keys or {}).get(prompt.weights)
-        # Prompts that begin like another of the batch wait for it: a second pass reuses its blocks.
+        # Prompts that begin like another of the batch wait for it: later passes reuse its blocks.
         first, then = _split_on_shared_prefixes(prompts)
-        self._cache, attention_mask, position_ids, logits, scored = self._prefill_keeping(first, requests, prefixes)
+        passes = self._prefill_passes(first, requests, prefixes)
         if then:
-            second = self._prefill_keeping(then, requests, prefixes)
-            attention_mask, position_ids, logits = _joined_prefills(
-                self._cache, (attention_mask, position_ids, logits), second
-            )
-            scored |= second[4]
-        prompts = first + then
+            passes += self._prefill_passes(then, requests, prefixes)
+        prefill = _joined_prefills(passes)
+        prompts, self._cache = prefill.prompts, prefill.cache
         prompt_index = {_prompt_key(p.weights, p.tokens): index for index, p in enumerate(prompts)}
         self._rows = sorted(
             (
@@ -351,40 +366,45 @@ class Generation:
             ),
             key=lambda row: (row.weights or "", prompt_index[_prompt_key(row.weights, row.request.prompt)]),
         )
-        self._parts = [_Part(prompts, scored, self._rows, payloads)]
+        self._parts = [_Part(prompts, prefill.scored, self._rows, payloads)]
         starts = torch.tensor([prompt_index[_prompt_key(row.weights, row.request.prompt)] for row in self._rows])
         starts = to_device(starts, self._device)
-        self._attention_mask, self._position_ids = attention_mask[starts], position_ids[starts]
+        self._attention_mask, self._position_ids = prefill.attention_mask[starts], prefill.position_ids[starts]
         self._padded = _has_padding(self._attention_mask)
         self._batch = list(range(len(self._rows)))  # the rows in the cache, in its order (some may have finished)
         self._cache.keep_rows(starts, self._capacity())  # every row starts from its prompt's keys and values
-        self._logits = logits[starts]
+        self._logits = prefill.logits[starts]
         self._choice = TokenChoice([row.request for row in self._rows], [row.sample_index for row in self._rows])
         self._stops = [_StopChecker(row.request.params, sampler.eos_token_ids, sampler.tokenizer) for row in self._rows]
         self._rows_finished = True  # since `take_finished` last looked (a request may need no step at all)
 
-    def _prefill_keeping(
+    def _prefill_passes(
         self, prompts: list[_Prompt], requests: list[ops.Sample], prefixes: PrefixCache | None
-    ) -> tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
-        """`_prefill`, each prompt starting from the longest prefix kept for its weights, and kept there."""
+    ) -> list[_Prefill]:
+        """`_prefill`s of `prompts`, in passes of similar lengths within the sampler's
+        `max_prefill_tokens` (padding is computed for nothing): each prompt starts from the longest
+        prefix kept for its weights, and is kept there."""
         for prompt in prompts:
             if prompt.reuse_key is not None:
                 prompt.reused, prompt.reused_length = prefixes.longest_prefix(prompt.reuse_key, prompt.tokens)
-        cache, attention_mask, position_ids, logits, scored = self._prefill(prompts, requests)
-        if all(is_plain(layer) for layer in cache.layers):
-            for index, prompt in enumerate(prompts):
-                if prompt.reuse_key is not None and prefixes.wants(prompt.reuse_key, prompt.tokens):
-                    columns = attention_mask[index].nonzero().squeeze(-1)
-                    prefixes.keep(KeptPrompt.of_row(cache, index, columns, prompt.reuse_key, prompt.tokens))
-        return cache, attention_mask, position_ids, logits, scored
+        lengths = [prompt.computed_length for prompt in prompts]
+        buckets = (
+            length_buckets(lengths, self._max_prefill_tokens)
+            if self._max_prefill_tokens is not None
+            else [list(range(len(prompts)))]
+        )
+        passes = [self._prefill([prompts[index] for index in bucket], requests) for bucket in buckets]
+        if prefixes is not None and all(is_plain(layer) for layer in passes[0].cache.layers):
+            for prefill in passes:
+                for index, prompt in enumerate(prefill.prompts):
+                    if prompt.reuse_key is not None and prefixes.wants(prompt.reuse_key, prompt.tokens):
+                        columns = prefill.attention_mask[index].nonzero().squeeze(-1)
+                        prefixes.keep(KeptPrompt.of_row(prefill.cache, index, columns, prompt.reuse_key, prompt.tokens))
+        return passes
 
-    def _prefill(
-        self, prompts: list[_Prompt], requests: list[ops.Sample]
-    ) -> tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, dict[int, ops.SampleResult]]:
+    def _prefill(self, prompts: list[_Prompt], requests: list[ops.Sample]) -> _Prefill:
         """One forward over what each prompt does not reuse, right-aligned after the reused
-        prefixes (themselves right-aligned in the columns before): its cache and attention mask
-        [prompts, columns], each prompt's last position [prompts, 1] and next-token logits, and
-        the prompt scores asked for."""
+        prefixes (themselves right-aligned in the columns before)."""
         reused_width = max(prompt.reused_length for prompt in prompts)
         width = max(prompt.computed_length for prompt in prompts)
         input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -411,12 +431,39 @@ class Generation:
                 cache=cache,
                 use_cache=True,
             )
-            if any(_scores_prompt(request) for request in requests):
-                scored = _score_prompts(output_logits(self._model, hidden), input_ids, prompts, requests)
-            else:
-                scored = {}
             logits = output_logits(self._model, hidden[:, -1:])[:, -1]
-        return cache, attention_mask, position_ids[:, -1:], logits, scored
+        scored = self._score_prompts(hidden, input_ids, prompts, requests)
+        return _Prefill(prompts, cache, attention_mask, position_ids[:, -1:], logits, scored)
+
+    def _score_prompts(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, prompts: list[_Prompt], requests: list[ops.Sample]
+    ) -> dict[int, ops.SampleResult]:
+        """Per request with a prompt option: a result holding what it asked about its prompt (no
+        sequences yet), from its prompt's prefill. Logits over the vocabulary are computed for one
+        scored prompt at a time (a whole batch's at once can take more memory than the model)."""
+        scored: dict[int, ops.SampleResult] = {}
+        width = input_ids.shape[1]
+        for prompt_index, prompt in enumerate(prompts):
+            scoring = [index for index in prompt.request_indices if _scores_prompt(requests[index])]
+            if not scoring:
+                continue
+            start = width - len(prompt.tokens)  # a scored prompt reuses nothing: all of it is in input_ids
+            with self._routing.route(contiguous_segments([prompt.weights])):  # its row alone
+                row_logits = output_logits(self._model, hidden[prompt_index : prompt_index + 1, start : width - 1])[0]
+            row_logprobs = torch.log_softmax(row_logits, dim=-1)  # [P-1, V]: row i predicts prompt[i + 1]
+            for index in scoring:
+                request = requests[index]
+                result = ops.SampleResult([])
+                if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+                    result.prompt = _prompt_logprobs(row_logprobs, input_ids[prompt_index, start + 1 : width], request)
+                if request.target_prompt_logprobs is not None:
+                    result.target_prompt_logprobs = _target_logprobs(row_logprobs, request.target_prompt_logprobs)
+                if request.prompt_alt_tokens_k:
+                    result.prompt_alt_tokens, result.prompt_alt_logprobs = _draw_alternatives(
+                        row_logits, row_logprobs, request
+                    )
+                scored[index] = result
+        return scored
 
     def _capacity(self) -> int:
         """Positions the active rows' cache needs: those so far, and every token they may still generate."""
@@ -463,7 +510,7 @@ class Generation:
             [pad_left(self._attention_mask, length, 1), pad_left(other._attention_mask, length, 1)]
         )
         self._padded = _has_padding(self._attention_mask)
-        self._cache.join(other._cache, self._capacity())
+        self._cache.join([other._cache], self._capacity())
         self._position_ids = torch.cat([self._position_ids, other._position_ids])
         self._logits = torch.cat([self._logits, other._logits])
         self._rows_finished |= other._rows_finished
@@ -561,18 +608,22 @@ def _split_on_shared_prefixes(prompts: list[_Prompt]) -> tuple[list[_Prompt], li
     return first, then
 
 
-def _joined_prefills(
-    cache: GenerationCache,
-    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    second: tuple[GenerationCache, torch.Tensor, torch.Tensor, torch.Tensor, object],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Appends the second prefill's prompts to the first's `cache`; their attention masks, last
-    positions and logits, joined the same way."""
-    (attention_mask, position_ids, logits), (other_cache, other_mask, other_positions, other_logits, _) = first, second
-    width = max(attention_mask.shape[1], other_mask.shape[1])
-    cache.join(other_cache, width)
-    attention_mask = torch.cat([pad_left(attention_mask, width, 1), pad_left(other_mask, width, 1)])
-    return attention_mask, torch.cat([position_ids, other_positions]), torch.cat([logits, other_logits])
+def _joined_prefills(passes: list[_Prefill]) -> _Prefill:
+    """The passes' prompts one after another in the first pass's cache, the shorter columns
+    left-padded (and masked)."""
+    first, *others = passes
+    if not others:
+        return first
+    width = max(prefill.attention_mask.shape[1] for prefill in passes)
+    first.cache.join([prefill.cache for prefill in others], width)
+    return _Prefill(
+        [prompt for prefill in passes for prompt in prefill.prompts],
+        first.cache,
+        torch.cat([pad_left(prefill.attention_mask, width, 1) for prefill in passes]),
+        torch.cat([prefill.position_ids for prefill in passes]),
+        torch.cat([prefill.logits for prefill in passes]),
+        {index: result for prefill in passes for index, result in prefill.scored.items()},
+    )
 
 
 def _load_prefixes(cache: GenerationCache, prompts: list[_Prompt], width: int) -> None:
@@ -611,35 +662,6 @@ def _scores_prompt(request: ops.Sample) -> bool:
         or request.target_prompt_logprobs is not None
         or request.prompt_alt_tokens_k
     )
-
-
-def _score_prompts(
-    logits: torch.Tensor, input_ids: torch.Tensor, prompts: list[_Prompt], requests: list[ops.Sample]
-) -> dict[int, ops.SampleResult]:
-    """Per request with a prompt option: a result holding what it asked about its prompt (no
-    sequences yet), from its prompt's prefill."""
-    scored: dict[int, ops.SampleResult] = {}
-    width = input_ids.shape[1]
-    for prompt_index, prompt in enumerate(prompts):
-        scoring = [index for index in prompt.request_indices if _scores_prompt(requests[index])]
-        if not scoring:
-            continue
-        start = width - len(prompt.tokens)  # a scored prompt reuses nothing: all of it is in input_ids
-        row_logits = logits[prompt_index, start : width - 1]  # [P-1, V]: row i predicts prompt[i + 1]
-        row_logprobs = torch.log_softmax(row_logits, dim=-1)
-        for index in scoring:
-            request = requests[index]
-            result = ops.SampleResult([])
-            if request.include_prompt_logprobs or request.topk_prompt_logprobs:
-                result.prompt = _prompt_logprobs(row_logprobs, input_ids[prompt_index, start + 1 : width], request)
-            if request.target_prompt_logprobs is not None:
-                result.target_prompt_logprobs = _target_logprobs(row_logprobs, request.target_prompt_logprobs)
-            if request.prompt_alt_tokens_k:
-                result.prompt_alt_tokens, result.prompt_alt_logprobs = _draw_alternatives(
-                    row_logits, row_logprobs, request
-                )
-            scored[index] = result
-    return scored
 
 
 def _prompt_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, request: ops.Sample) -> ops.PromptLogprobs:
