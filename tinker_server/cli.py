@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         type=int,
         default=WorkerOptions.max_tokens_per_pass,
         help="padded tokens one forward/backward pass takes; larger batches run as micro-batches whose "
-        "gradients add up (default %(default)s)",
+        "gradients add up, and sampling prefills prompts in passes of similar lengths within it (default %(default)s)",
     )
     parser.add_argument(
         "--activation-checkpointing",

@@ -343,7 +343,8 @@ class WorkerOptions:
     float16 or float32. LoRA weights and their Adam state are float32 whatever it is."""
     max_tokens_per_pass: int = 16384
     """Padded tokens (rows x longest row) one forward/backward pass takes; a bigger batch runs as
-    micro-batches whose gradients add up. A single longer row runs alone."""
+    micro-batches whose gradients add up. A single longer row runs alone. Sampling prefills its
+    prompts in passes of similar lengths within it too."""
     activation_checkpointing: bool = False
     """Keep no decoder layer's activations for backward; recompute them (one more forward of the decoder)."""
     max_resident_runs: int = 256
