@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from tinker_server import ops
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.models import load_base_model
+from tinker_server.worker.sampling import Generation
 
 from .architectures import CONFIGS, EXPECTED_TARGETS, leaf, save_model
 
@@ -178,4 +179,33 @@ def test_prompts_of_one_batch_beginning_alike_draw_what_each_draws_computed_whol
         (whole,) = results(request)
         assert [s.tokens.tolist() for s in shared.sequences] == [s.tokens.tolist() for s in whole.sequences]
         for joined, single in zip(shared.sequences, whole.sequences, strict=True):
+            np.testing.assert_allclose(joined.logprobs, single.logprobs, atol=1e-4)
+
+
+def test_prompts_of_different_lengths_prefilled_apart_draw_what_each_draws_alone(architecture, monkeypatch):
+    """A short and a long prompt in one batch are prefilled in passes of their own, then joined
+    (sliding windows included, the long prompt past their length): each draws what it draws alone."""
+    name, _, engine = architecture
+    params = ops.SamplingConfig(6, 1.0, 0, 1.0, 13, (), (), True)
+    requests = [
+        ops.Sample(None, None, np.asarray(prompt, dtype=np.int64), 2, params, False, 0)
+        for prompt in ([256, 5, 6], [256, *range(40, 60)])
+    ]
+    passes = []
+    prefill = Generation._prefill
+    monkeypatch.setattr(Generation, "_prefill", lambda *args: passes.append(args[1]) or prefill(*args))
+
+    def results(*batch: ops.Sample) -> list[ops.SampleResult]:
+        engine.decoder.budget.prefixes.shrink_to(0)
+        items = [ops.WorkItem(f"{name}-lengths-{index}", "", request) for index, request in enumerate(batch)]
+        outcomes = engine.run_cycle(ops.Cycle(next(Tenant.cycles), items))
+        assert all(outcome.error is None for outcome in outcomes), [outcome.error for outcome in outcomes]
+        return [outcome.result for outcome in outcomes]
+
+    together = results(*requests)
+    assert len(passes) == 2
+    for request, shared in zip(requests, together, strict=True):
+        (alone,) = results(request)
+        assert [s.tokens.tolist() for s in shared.sequences] == [s.tokens.tolist() for s in alone.sequences]
+        for joined, single in zip(shared.sequences, alone.sequences, strict=True):
             np.testing.assert_allclose(joined.logprobs, single.logprobs, atol=1e-4)
