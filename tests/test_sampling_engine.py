@@ -208,14 +208,14 @@ def test_prompts_of_different_lengths_prefill_in_passes_and_draw_what_each_draws
         return prefill(generation, prompts, requests)
 
     monkeypatch.setattr(Generation, "_prefill", recorded_prefill)
-    scored = dataclasses.replace(sample([256, 7, 8], adapter="a"), include_prompt_logprobs=True)  # its pass's row 1
-    requests = [sample(list(range(1, 31)), adapter="b"), sample([5, 6, 7, 9], 2, adapter="b"), scored]
+    scored = dataclasses.replace(sample([256, 7, 8], adapter="b"), include_prompt_logprobs=True)  # its pass's row 1
+    requests = [sample(list(range(1, 31)), adapter="b"), sample([5, 6, 7, 9], 2, adapter="a"), scored]
     requests.append(sample(list(range(40, 52)), adapter="a"))
     together = run(engine, *requests)
     assert passes == [[30], [12], [3, 4]]
     alone = [run(engine, request)[0] for request in requests]
     assert [tokens_of(result) for result in together] == [tokens_of(result) for result in alone]
-    (forward,) = engine.run_cycle(ops.Cycle(2, [next_token_pass("fwd", "a", scored.prompt)]))
+    (forward,) = engine.run_cycle(ops.Cycle(2, [next_token_pass("fwd", "b", scored.prompt)]))
     expected = forward.result.loss_fn_outputs[0]["logprobs"]
     np.testing.assert_allclose(together[2].prompt.logprobs[1:], expected, atol=1e-4)
 

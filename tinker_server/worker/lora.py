@@ -185,14 +185,17 @@ class MultiLoRALinear(nn.Module, LoraSite):
             return self._gathered_delta(x, pairs)
         return None
 
-    @staticmethod
-    def _grouped_delta(x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
+    def _grouped_delta(self, x: torch.Tensor, pairs: list[tuple[RowSegment, LoraPair]]) -> torch.Tensor:
         """Equal segments, one rank: batched over the adapters directly, nothing gathered or wasted.
         shapes: S adapters, R rows, T positions, r rank"""
         a = torch.stack([pair.A for _, pair in pairs])  # [S, r, in]
         b = torch.stack([pair.B for _, pair in pairs])  # [S, out, r]
         groups = x.reshape(len(pairs), -1, x.shape[-1])  # [S, R/S * T, in]
-        scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype, device=x.device)
+        key = ("segment scalings", tuple(pair.scaling for _, pair in pairs), x.dtype)
+        scales = self.routing.shared.get(key)
+        if scales is None:
+            scalings = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype)
+            scales = self.routing.shared[key] = to_device(scalings, x.device)
         hidden = torch.bmm(groups, a.transpose(1, 2)) * scales.view(-1, 1, 1)  # [S, R/S * T, r]
         return torch.bmm(hidden, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
 

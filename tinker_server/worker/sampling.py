@@ -393,7 +393,8 @@ class Generation:
             if self._max_prefill_tokens is not None
             else [list(range(len(prompts)))]
         )
-        passes = [self._prefill([prompts[index] for index in bucket], requests) for bucket in buckets]
+        # (each pass's prompts in their order, weights together: the fewest adapter segments)
+        passes = [self._prefill([prompts[index] for index in sorted(bucket)], requests) for bucket in buckets]
         if prefixes is not None and all(is_plain(layer) for layer in passes[0].cache.layers):
             for prefill in passes:
                 for index, prompt in enumerate(prefill.prompts):
