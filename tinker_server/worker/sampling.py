@@ -587,8 +587,8 @@ class Generation:
 
 def _has_padding(attention_mask: torch.Tensor) -> bool:
     """Whether some row has a masked column: only then does a step pass its mask to the model,
-    which otherwise reads the device at every step to find that nothing is masked. (A device read
-    here happens only when rows join or leave.)"""
+    which otherwise reads the device at every step to find that nothing is masked. (This read
+    happens only as a generation starts, and as rows join or leave it.)"""
     return not bool(attention_mask.all())
 
 
