@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tinker_server import ops
+from tinker_server.worker import sampling
 from tinker_server.worker.engine import Engine
 from tinker_server.worker.models import load_base_model
 from tinker_server.worker.sampling import Generation
@@ -191,6 +192,7 @@ def test_prompts_of_different_lengths_prefilled_apart_draw_what_each_draws_alone
         ops.Sample(None, None, np.asarray(prompt, dtype=np.int64), 2, params, False, 0)
         for prompt in ([256, 5, 6], [256, *range(40, 60)])
     ]
+    monkeypatch.setattr(sampling, "UNSPLIT_PREFILL_TOKENS", 0)  # a pass per length, however short
     passes = []
     prefill = Generation._prefill
     monkeypatch.setattr(Generation, "_prefill", lambda *args: passes.append(args[1]) or prefill(*args))

@@ -102,6 +102,13 @@ def test_passes_stay_within_the_token_budget_but_a_longer_row_runs_alone():
     assert length_buckets([30, 100, 30, 5, 64], max_tokens=64) == [[1], [4], [0, 2], [3]]
 
 
+def test_a_pass_takes_rows_of_any_length_while_within_its_unsplit_size():
+    lengths = [40, 4, 40, 6, 5]
+    assert length_buckets(lengths, max_tokens=1000) == [[0, 2], [3, 4, 1]]
+    assert length_buckets(lengths, max_tokens=1000, min_tokens=160) == [[0, 2, 3, 4], [1]]
+    assert length_buckets(lengths, max_tokens=120, min_tokens=1000) == [[0, 2, 3], [4, 1]]
+
+
 def test_a_failed_pass_leaves_every_adapter_gradient_as_it_was(monkeypatch):
     engine = engine_with_adapters(("a", "b", "c"), max_tokens_per_pass=64)
     data = batches()

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinker_server import ops
+from tinker_server.worker import sampling
 from tinker_server.worker.models import byte_tokenizer
 from tinker_server.worker.sampling import Generation, TokenChoice, _StopChecker
 
@@ -200,6 +201,7 @@ def test_prompts_of_different_lengths_prefill_in_passes_and_draw_what_each_draws
     (a longer one runs alone): each row draws, and each scored prompt (through its own adapter,
     the unembedding's included) gets the logprobs, that it gets prefilled alone."""
     engine = engine_with_adapters(max_tokens_per_pass=24)
+    monkeypatch.setattr(sampling, "UNSPLIT_PREFILL_TOKENS", 0)  # every pass as tight as padding allows
     passes: list[list[int]] = []
     prefill = Generation._prefill
 

@@ -304,6 +304,12 @@ class _Part:
         return result
 
 
+UNSPLIT_PREFILL_TOKENS = 4096
+"""A prefill pass takes prompts of any length while its padded tokens stay within this: each pass
+launches a whole forward, and on a GPU one over a small model costs ~13 ms however few its tokens
+(an H200, a 0.9B model), more than computing a few thousand tokens of padding. (On a 2-core CPU,
+128 prompts of 4-64 tokens prefill in 2 passes as fast as in 5, 26% faster than in one.)"""
+
 LEAVE_FRACTION = 1 / 8
 """Finished rows leave the batch once they are this much of it: leaving moves every other row's
 keys and values, which costs about what this fraction of the batch computes in a step."""
@@ -389,7 +395,7 @@ class Generation:
                 prompt.reused, prompt.reused_length = prefixes.longest_prefix(prompt.reuse_key, prompt.tokens)
         lengths = [prompt.computed_length for prompt in prompts]
         buckets = (
-            length_buckets(lengths, self._max_prefill_tokens)
+            length_buckets(lengths, self._max_prefill_tokens, min_tokens=UNSPLIT_PREFILL_TOKENS)
             if self._max_prefill_tokens is not None
             else [list(range(len(prompts)))]
         )
