@@ -397,9 +397,10 @@ def arrivals(draw) -> list[list[ops.Sample]]:
 
 @pytest.fixture(scope="module")
 def tight_engine():
-    """A KV cache budget of a few rows' worth: requests wait for room, then join running batches."""
+    """A KV cache budget of a few rows' worth: requests wait for room, then join running batches;
+    and prefill passes of 16 padded tokens at most: a batch's prompts prefill apart, then join."""
     per_token = engine_with_adapters(()).decoder.budget.bytes_per_token
-    return engine_with_adapters(kv_cache_bytes=per_token * 8 * (len(SHARED_PREFIX) + 7 + 14))
+    return engine_with_adapters(kv_cache_bytes=per_token * 8 * (len(SHARED_PREFIX) + 7 + 14), max_tokens_per_pass=16)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
