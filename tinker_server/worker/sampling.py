@@ -306,9 +306,10 @@ class _Part:
 
 UNSPLIT_PREFILL_TOKENS = 4096
 """A prefill pass takes prompts of any length while its padded tokens stay within this: each pass
-launches a whole forward, and on a GPU one over a small model costs ~13 ms however few its tokens
-(an H200, a 0.9B model), more than computing a few thousand tokens of padding. (On a 2-core CPU,
-128 prompts of 4-64 tokens prefill in 2 passes as fast as in 5, 26% faster than in one.)"""
+launches a whole forward, which on a GPU costs its kernel launches however few its tokens (a
+decode step of a 0.9B model on an H200: ~13 ms for 32 rows or 118), by estimate about what
+computing a few thousand tokens of padding costs there. (On a 2-core CPU, 128 prompts of 4-64
+tokens prefill in 2 passes as fast as in 5, 26% faster than in one.)"""
 
 LEAVE_FRACTION = 1 / 8
 """Finished rows leave the batch once they are this much of it: leaving moves every other row's
