@@ -193,9 +193,14 @@ def test_prompts_of_different_lengths_prefilled_apart_draw_what_each_draws_alone
         for prompt in ([256, 5, 6], [256, *range(40, 60)])
     ]
     monkeypatch.setattr(sampling, "UNSPLIT_PREFILL_TOKENS", 0)  # a pass per length, however short
-    passes = []
+    passes: list[int] = []
     prefill = Generation._prefill
-    monkeypatch.setattr(Generation, "_prefill", lambda *args: passes.append(args[1]) or prefill(*args))
+
+    def counted_prefill(generation: Generation, prompts, requests):
+        passes.append(len(prompts))
+        return prefill(generation, prompts, requests)
+
+    monkeypatch.setattr(Generation, "_prefill", counted_prefill)
 
     def results(*batch: ops.Sample) -> list[ops.SampleResult]:
         engine.decoder.budget.prefixes.shrink_to(0)

@@ -136,13 +136,13 @@ def test_a_decode_step_with_nothing_masked_reads_the_device_once(engine, monkeyp
     (given an attention mask, Hugging Face reads the device at every step to find nothing masked)."""
     reads = recorded_device_reads(monkeypatch)
     steps: list[list[str]] = []
+    step = Generation.step
 
     def recorded_step(generation: Generation) -> None:
         start = len(reads)
         step(generation)
         steps.append(reads[start:])
 
-    step = Generation.step
     monkeypatch.setattr(Generation, "step", recorded_step)
     run(engine, sample([256, 1, 2], 4, adapter="a", max_tokens=3), sample([256, 3, 4], 2, max_tokens=10))
     monkeypatch.undo()
