@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tinker_server.worker import lora
 from tinker_server.worker.lora import LoraPair, MultiLoRALinear, RowRouting, contiguous_segments
 
 ROWS, POSITIONS = 9, 3
@@ -80,6 +81,33 @@ def test_every_batching_of_adapters_equals_each_row_through_its_own(
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(gradients(layer, batched, x), gradients(layer, expected, x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("features", "ranks", "adapters", "copies"),
+    [
+        (32, {"a": 4, "b": 4, "c": 4}, ["a"] * 3 + ["b"] * 3 + ["c"] * 3, 1),  # grouped: the segments' scalings
+        (32, {"a": 2, "b": 4}, ["a", "a", None, "b", "b", "b", "a", None, "b"], 1),  # masked: the rank mask
+        (4, {"a": 3, "b": 3}, ["a", "b", "b", "a", "a", "a", "b", "b", "b"], 2),  # gathered: row index, scalings
+    ],
+)
+def test_the_layers_of_a_pass_copy_what_they_derive_from_its_routing_once(
+    features, ranks, adapters, copies, monkeypatch
+):
+    """Row indices, rank masks and scalings depend on the routing alone: the first layer of a
+    forward pass copies them to the device, the others share them; the next pass copies again."""
+    routing = RowRouting()
+    layers = [layer_with(features, ranks, conv1d=False) for _ in range(3)]
+    for layer in layers:
+        layer.routing = routing
+    made: list[torch.Tensor] = []
+    monkeypatch.setattr(lora, "to_device", lambda tensor, device: made.append(tensor) or tensor.to(device))
+    x = torch.randn(ROWS, POSITIONS, features)
+    for _ in range(2):
+        with torch.no_grad(), routing.route(contiguous_segments(adapters)):
+            for layer in layers:
+                layer(x)
+    assert len(made) == 2 * copies
 
 
 @pytest.mark.parametrize("adapters", [["a"] * ROWS, ["a", "a", None, "b", "b", "b", "a", None, "b"]])

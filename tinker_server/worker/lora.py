@@ -13,9 +13,10 @@ added to the base layer's output in its dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from tinker_server.ops import LoraSpec
 from tinker_server.worker.transfers import to_device
 
 ATTN, MLP, UNEMBED = "attn", "mlp", "unembed"
+T = TypeVar("T")
 GATHER_BUDGET = 1 << 24
 """Most elements of per-row A and B copies a layer may gather (kept for backward); past it,
 rows go through their adapters segment by segment instead."""
@@ -44,10 +46,8 @@ class RowRouting:
     segments: list[RowSegment] = field(default_factory=list)
     adapted: bool = False
     """Whether any segment names an adapter (else every row sees the bare base model)."""
-    generation: int = 0
-    """Bumped on every `route`, so layers know when per-routing caches are stale."""
-    shared: dict[object, torch.Tensor] = field(default_factory=dict)
-    """What layers derive from the routing alone, built by the first that needs it (`route` clears it)."""
+    _derived: dict[object, Any] = field(default_factory=dict)
+    """What layers derive from the routing alone (see `derived`); `route` clears it."""
     _float_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
     """The last input cast to float32, its version then, and the cast (see `float_input`)."""
 
@@ -55,13 +55,20 @@ class RowRouting:
     def route(self, segments: list[RowSegment]) -> Iterator[None]:
         self.segments = segments
         self.adapted = any(segment.adapter is not None for segment in segments)
-        self.generation += 1
-        self.shared.clear()
+        self._derived.clear()
         try:
             yield
         finally:
             self.segments, self.adapted = [], False
             self._float_input = None
+
+    def derived(self, key: object, build: Callable[[], T]) -> T:
+        """What `build` derives from this routing (row indices, masks, scalings on the device),
+        built by the first layer of the forward pass that asks and shared by every other: one
+        copy to the device per pass, not one per layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def float_input(self, x: torch.Tensor) -> torch.Tensor:
         """`x` in float32, for the adapters' updates: cast once for the projections that read the
@@ -137,8 +144,6 @@ class MultiLoRALinear(nn.Module, LoraSite):
             self.in_features, self.out_features = base.in_features, base.out_features
         # Not registered as submodules: adapters stay out of the base model's parameters.
         self.adapters: dict[str, LoraPair] = {}
-        self._index_generation = -1
-        self._index = self._scaling = torch.empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, ..., in_features]; each segment's rows go through their own adapter."""
@@ -191,11 +196,10 @@ class MultiLoRALinear(nn.Module, LoraSite):
         a = torch.stack([pair.A for _, pair in pairs])  # [S, r, in]
         b = torch.stack([pair.B for _, pair in pairs])  # [S, out, r]
         groups = x.reshape(len(pairs), -1, x.shape[-1])  # [S, R/S * T, in]
-        key = ("segment scalings", tuple(pair.scaling for _, pair in pairs), x.dtype)
-        scales = self.routing.shared.get(key)
-        if scales is None:
-            scalings = torch.tensor([pair.scaling for _, pair in pairs], dtype=x.dtype)
-            scales = self.routing.shared[key] = to_device(scalings, x.device)
+        scalings = tuple(pair.scaling for _, pair in pairs)
+        scales = self.routing.derived(
+            ("segment scalings", scalings, x.dtype), lambda: to_device(torch.tensor(scalings, dtype=x.dtype), x.device)
+        )
         hidden = torch.bmm(groups, a.transpose(1, 2)) * scales.view(-1, 1, 1)  # [S, R/S * T, r]
         return torch.bmm(hidden, b.transpose(1, 2)).reshape(*x.shape[:-1], b.shape[1])
 
@@ -213,9 +217,7 @@ class MultiLoRALinear(nn.Module, LoraSite):
             a = torch.cat([pair.A for pair in adapters])  # [K, in]
             b = torch.cat([pair.B for pair in adapters], 1)  # [out, K]
         key = ("rank mask", tuple((name, pair.A.shape[0], pair.scaling) for name, pair in distinct.items()))
-        mask = self.routing.shared.get(key)
-        if mask is None:
-            mask = self.routing.shared[key] = self._rank_mask(pairs, distinct, x.device)  # [R, K]
+        mask = self.routing.derived(key, lambda: self._rank_mask(pairs, distinct, x.device))  # [R, K]
         hidden = (x @ a.T) * mask.view(mask.shape[0], *(1,) * (x.dim() - 2), mask.shape[1])
         return hidden @ b.T
 
@@ -246,14 +248,16 @@ class MultiLoRALinear(nn.Module, LoraSite):
     def _row_index(
         self, pairs: list[tuple[RowSegment, LoraPair]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's adapter and scaling; built once per routing (the whole forward pass)."""
-        if self._index_generation != self.routing.generation:
+        """Each row's adapter and scaling."""
+        scalings = tuple(pair.scaling for _, pair in pairs)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             lengths = torch.tensor([segment.stop - segment.start for segment, _ in pairs])
-            self._index = to_device(torch.repeat_interleave(torch.arange(len(pairs)), lengths), device)
-            scales = torch.tensor([pair.scaling for _, pair in pairs], dtype=pairs[0][1].A.dtype)
-            self._scaling = to_device(torch.repeat_interleave(scales, lengths).view(-1, 1, 1), device)
-            self._index_generation = self.routing.generation
-        return self._index, self._scaling
+            index = torch.repeat_interleave(torch.arange(len(pairs)), lengths)
+            scales = torch.repeat_interleave(torch.tensor(scalings, dtype=pairs[0][1].A.dtype), lengths)
+            return to_device(index, device), to_device(scales.view(-1, 1, 1), device)
+
+        return self.routing.derived(("row index", scalings), build)
 
 
 def trained_kinds(spec: LoraSpec) -> set[str]:
@@ -306,7 +310,7 @@ class MultiLoRAExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         experts = self.experts
-        adapter_of_token = self._adapter_of_token(hidden_states.shape[0])
+        adapter_of_token = self._adapter_of_token(hidden_states.shape[0], hidden_states.device)
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
@@ -324,14 +328,19 @@ class MultiLoRAExperts(nn.Module):
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
 
-    def _adapter_of_token(self, tokens: int) -> torch.Tensor | None:
-        """Index (into the routing's segments) of each flattened token's row; None without routing."""
+    def _adapter_of_token(self, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Index (into the routing's segments) of each flattened token's row, on the device of the
+        tokens (whose expert indices select from it); None without routing."""
         segments = self.routing.segments
         if not segments:
             return None
-        per_row = tokens // segments[-1].stop  # rows are flattened [rows * positions, hidden]
-        lengths = torch.tensor([(segment.stop - segment.start) * per_row for segment in segments])
-        return torch.repeat_interleave(torch.arange(len(segments)), lengths)
+
+        def build() -> torch.Tensor:
+            per_row = tokens // segments[-1].stop  # rows are flattened [rows * positions, hidden]
+            lengths = torch.tensor([(segment.stop - segment.start) * per_row for segment in segments])
+            return to_device(torch.repeat_interleave(torch.arange(len(segments)), lengths), device)
+
+        return self.routing.derived(("token adapters", tokens), build)
 
     def _project(self, name: str, expert: int, x: torch.Tensor, adapters: torch.Tensor | None) -> torch.Tensor:
         experts = self.experts
@@ -344,7 +353,7 @@ class MultiLoRAExperts(nn.Module):
             return out
         for index, segment in enumerate(self.routing.segments):
             pair = site.adapters.get(segment.adapter) if segment.adapter is not None else None
-            rows = (adapters == index).nonzero()[:, 0].to(x.device)
+            rows = (adapters == index).nonzero()[:, 0]
             if pair is not None and len(rows):
                 update = pair.delta(x[rows].float(), expert).to(out.dtype)
                 out = out.index_add(0, rows, update)
