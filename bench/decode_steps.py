@@ -9,9 +9,10 @@ ragged prompts (padding, masks), several samples per prompt, and the sampling be
 workload, on the base model and (mixed_adapters, for the engine) with two thirds of its rows on two
 LoRA adapters, as the service runs it (`generate` runs the base model: what LoRA costs a step).
 With `--rows-stay`, a last pass keeps finished rows in the engine's batch (one batch shape all along).
-On a GPU, `engine_waits_per_step` counts the times a run of the engine made the host wait for the
-device (PyTorch's sync debug mode reports each), per step: the tokens chosen are read once a step;
-masks of padded rows (Hugging Face's) add one more; anything else is a stall to remove.
+On a GPU, `engine_waits_per_step` counts the times a decode step of the engine made the host wait
+for the device (PyTorch's sync debug mode reports each), on average: the tokens chosen are read
+once a step; masks of padded rows (Hugging Face's) add one more, and rows joining or leaving one
+each time they do; anything else is a stall to remove.
 """
 
 from __future__ import annotations
@@ -66,18 +67,29 @@ def step_ms(run: Callable[[list[Request]], object], requests: list[Request], dev
     return round((time.perf_counter() - start) * 1000 / max(request.max_tokens for request in requests), 2)
 
 
-def waits_per_step(run: Callable[[list[Request]], object], requests: list[Request], device: torch.device) -> float:
-    """How many times one run made the host wait for the GPU, per step of its longest output."""
-    with warnings.catch_warnings(record=True) as waits:
-        warnings.simplefilter("always")
+def waits_per_step(run: Callable[[list[Request]], object], requests: list[Request]) -> float:
+    """How many times a decode step of one run made the host wait for the GPU, on average (the
+    prefill's reads left out: PyTorch's sync debug mode is on during steps only)."""
+    step, steps = sampling.Generation.step, 0
+
+    def watched(generation: sampling.Generation) -> None:
+        nonlocal steps
+        steps += 1
         torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(generation)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sampling.Generation.step = watched
         try:
             run(requests)
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize(device)
-    syncs = [wait for wait in waits if "synchronizing" in str(wait.message)]  # (not other warnings)
-    return round(len(syncs) / max(request.max_tokens for request in requests), 2)
+            sampling.Generation.step = step
+    waits = [warning for warning in caught if "synchronizing" in str(warning.message)]  # (not other warnings)
+    return round(len(waits) / max(steps, 1), 2)
 
 
 def step_times(engine: Engine, model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> list[dict]:
@@ -104,7 +116,7 @@ def step_times(engine: Engine, model: torch.nn.Module, device: torch.device, arg
                     "static_ms_per_step": [static_ms for _, static_ms in times],
                 }
                 if device.type == "cuda":
-                    result["engine_waits_per_step"] = waits_per_step(engine_run, runs[-1][name], device)
+                    result["engine_waits_per_step"] = waits_per_step(engine_run, runs[-1][name])
                 results.append(result)
         sampling.LEAVE_FRACTION = leave_fraction
     return results
