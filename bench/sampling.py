@@ -211,8 +211,16 @@ def samplers_for(service: ServiceClient) -> list:
     return samplers
 
 
+WORKLOADS = ("uniform", "mixed", "shared_prefix")
+
+
 def run(
-    concurrency: list[int], max_tokens: int, base_model: str | None, repeats: int = 3, one_at_a_time: bool = True
+    concurrency: list[int],
+    max_tokens: int,
+    base_model: str | None,
+    repeats: int = 3,
+    one_at_a_time: bool = True,
+    workloads: tuple[str, ...] = WORKLOADS,
 ) -> dict:
     """Each rate is the median of `repeats` runs, the methods taking turns (a noisy machine moves
     every one of them alike); `vs_static_batch_range` spans the ratios of single runs (how far one
@@ -231,7 +239,7 @@ def run(
             service = ServiceClient(base_url=address)
             samplers = samplers_for(service)
             served(samplers, workload("mixed", 4, 8), one_at_a_time=False)  # warm-up
-            for kind in ("uniform", "mixed", "shared_prefix"):
+            for kind in workloads:
                 for count in concurrency:
                     rates = []
                     for repeat in range(repeats):  # fresh prompts each time: no run reuses another's
@@ -276,9 +284,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--skip-one-at-a-time", action="store_true", help="leave out the requests sent one after another (slow)"
     )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all)"
+    )
     args = parser.parse_args(argv)
     concurrency = [int(n) for n in args.concurrency.split(",")]
-    report = run(concurrency, args.max_tokens, args.base_model, args.repeats, not args.skip_one_at_a_time)
+    workloads = tuple(args.workloads.split(","))
+    if unknown := set(workloads) - set(WORKLOADS):
+        parser.error(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    report = run(concurrency, args.max_tokens, args.base_model, args.repeats, not args.skip_one_at_a_time, workloads)
     emit(report, [key for key in report["results"][0]])
     return report
 
