@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from server_process import running_server
+from server_process import start_server, stop_server
 
 from tinker_client import ServiceClient
 from tinker_rpc.v1 import admin_pb2, admin_pb2_grpc
@@ -37,8 +37,15 @@ def ray_server(cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     data_dir = tmp_path_factory.mktemp("ray-server")
     arguments = ["--platform", "ray", "--ray-address", cluster.address, "--replicas", "2"]
     arguments += ["--ray-cpus-per-replica", "1", "--ray-resources-per-replica", '{"replica": 1}']
-    with running_server(data_dir, arguments) as address:
+    process, address = start_server(data_dir, arguments)
+    try:
         yield Server(address, data_dir)
+    finally:
+        stop_server(process)
+    # SIGTERM stops it as it stops any server, saving live runs (ray.init takes SIGTERM over; the
+    # platform gives it back): before, it died mid-loop with an abort, its live runs unsaved.
+    log = (data_dir / "server.log").read_text()
+    assert process.returncode == 0 and "server stopped" in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")

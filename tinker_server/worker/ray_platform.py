@@ -13,6 +13,8 @@ import importlib
 import ipaddress
 import logging
 import os
+import signal
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -171,7 +173,15 @@ def _connect(address: str) -> ModuleType:
     except ImportError as error:
         raise ValueError(f"--platform ray: {error}; install the extra: pip install '.[ray]'") from error
     private = {"include_dashboard": False} if address == "local" else {}
+    # ray.init replaces the SIGTERM handler (with one raising SystemExit wherever the event loop
+    # happens to be) and its core worker's C++ crash handler takes SIGTERM too: the server's own
+    # handler, installed by serve(), is put back so SIGTERM stops it gracefully, not with an abort.
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     ray.init(address=address, logging_level=logging.WARNING, **private)
+    for signum, handler in handlers.items():
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            signal.signal(signum, handler)
     return ray
 
 
