@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tinker_server.cli import parse_args
 from tinker_server.worker.platform import RaySettings, make_platform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,15 @@ def test_ray_needs_an_explicit_cluster_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="--ray-address"):
         make_platform("ray", RaySettings())
+
+
+def test_the_command_line_refuses_ray_without_a_cluster_address_before_starting(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--platform", "ray", "--allow-unauthenticated"])
+    assert refused.value.code == 2 and "--ray-address" in capsys.readouterr().err  # a usage error, no traceback
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert parse_args(["--platform", "ray", "--allow-unauthenticated"]).ray.cluster_address() == "127.0.0.1:6379"
 
 
 def test_an_unknown_platform_is_refused():

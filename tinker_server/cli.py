@@ -314,18 +314,24 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         api_keys = ApiKeys.load(args.api_keys_file, os.environ.get("TINKER_API_KEYS"), args.allow_unauthenticated)
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    ray = RaySettings(
+        address=args.ray_address,
+        gpus_per_replica=args.ray_gpus_per_replica,
+        cpus_per_replica=args.ray_cpus_per_replica,
+        resources_per_replica=args.ray_resources_per_replica,
+    )
+    if args.platform == "ray":
+        try:
+            ray.cluster_address()
+        except ValueError as error:
+            parser.error(str(error))
     configure_logging(args.log_level, args.log_format)
     return ServerConfig(
         host=args.host,
         port=args.port,
         models=models,
         platform=args.platform,
-        ray=RaySettings(
-            address=args.ray_address,
-            gpus_per_replica=args.ray_gpus_per_replica,
-            cpus_per_replica=args.ray_cpus_per_replica,
-            resources_per_replica=args.ray_resources_per_replica,
-        ),
+        ray=ray,
         max_runs_per_replica=args.max_runs_per_replica,
         data_dir=args.data_dir,
         worker=WorkerOptions(

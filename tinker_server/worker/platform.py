@@ -7,6 +7,7 @@ the gRPC process decides every order, the platform only carries cycles.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +83,16 @@ class RaySettings:
     cpus_per_replica: float = 1.0
     resources_per_replica: dict[str, float] = field(default_factory=dict)
     """Custom resources each replica reserves (e.g. {"replica": 1} on nodes that declare slots)."""
+
+    def cluster_address(self) -> str:
+        """The cluster to join: `address`, else RAY_ADDRESS; never a stray one found by chance."""
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ValueError(
+                "--platform ray: pass --ray-address HOST:PORT (or set RAY_ADDRESS) to join a cluster, "
+                "or --ray-address local for a private one on this machine; a stray cluster is never joined"
+            )
+        return address
 
 
 class LocalPlatform:

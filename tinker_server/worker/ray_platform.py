@@ -111,12 +111,7 @@ class RayPlatform:
     name = "ray"
 
     def __init__(self, settings: RaySettings) -> None:
-        address = settings.address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            raise ValueError(
-                "--platform ray: pass --ray-address HOST:PORT (or set RAY_ADDRESS) to join a cluster, "
-                "or --ray-address local for a private one on this machine; a stray cluster is never joined"
-            )
+        address = settings.cluster_address()
         self._settings = settings
         self._ray = _connect(address)
         self._actor = self._ray.remote(ReplicaActor)
