@@ -166,7 +166,7 @@ def _connect(address: str) -> ModuleType:
     try:
         ray = importlib.import_module("ray")
     except ImportError as error:
-        raise ValueError(f"--platform ray: {error}; install the extra: pip install '.[ray]'") from error
+        raise RuntimeError(f"--platform ray: {error}; install the extra: pip install '.[ray]'") from error
     private = {"include_dashboard": False} if address == "local" else {}
     # ray.init replaces the SIGTERM handler (with one raising SystemExit wherever the event loop
     # happens to be) and its core worker's C++ crash handler takes SIGTERM too: the server's own
