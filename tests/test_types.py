@@ -56,9 +56,21 @@ def test_adam_params_defaults_follow_the_tinker_sdk():
 def test_model_input_keeps_numpy_tokens_as_arrays():
     tokens = np.arange(5, dtype=np.int32)
     model_input = types.ModelInput.from_ints(tokens).append_int(9)
-    assert model_input.chunks[0].tokens is tokens  # no per-token Python objects
+    assert isinstance(model_input.chunks[0].tokens, np.ndarray)  # no per-token Python objects
     assert model_input.to_numpy().dtype == np.int64 and model_input.to_ints() == [0, 1, 2, 3, 4, 9]
     assert model_input.length == 6
+
+
+def test_inputs_hold_copies_of_what_they_are_given():
+    """As Tinker's models do: the cookbook's RL data processing builds each chunk from one buffer
+    that it then clears and refills."""
+    buffer, array = [1, 2, 3], np.arange(3)
+    chunks = [types.EncodedTextChunk(tokens=buffer), types.EncodedTextChunk(tokens=array)]
+    model_input = types.ModelInput(chunks=chunks)
+    buffer.clear()
+    array[:] = 7
+    chunks.clear()
+    assert model_input.to_ints() == [1, 2, 3, 0, 1, 2] and model_input.length == 6
 
 
 def test_a_sparse_tensor_round_trips_through_csr_and_only_when_that_is_smaller():

@@ -16,10 +16,15 @@ ImageFormat: TypeAlias = Literal["png", "jpeg"]
 
 @dataclass(frozen=True)
 class EncodedTextChunk:
-    """A run of token ids."""
+    """A run of token ids: a copy of those given, as Tinker's model makes one (callers build
+    chunks from a buffer they then clear and refill, as the cookbook's RL data processing does)."""
 
     tokens: Sequence[int]
     type: Literal["encoded_text"] = "encoded_text"
+
+    def __post_init__(self) -> None:
+        tokens = self.tokens.copy() if isinstance(self.tokens, np.ndarray) else list(self.tokens)
+        object.__setattr__(self, "tokens", tokens)
 
     @property
     def length(self) -> int:
@@ -86,10 +91,13 @@ class ModelInput:
 
     chunks: list[ModelInputChunk]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunks", list(self.chunks))  # the caller's list is theirs to change
+
     @classmethod
     def from_ints(cls, tokens: Sequence[int] | np.ndarray) -> ModelInput:
-        """A numpy array is kept as it is (no per-token Python objects on the way to the wire)."""
-        return cls(chunks=[EncodedTextChunk(tokens=tokens if isinstance(tokens, np.ndarray) else list(tokens))])
+        """A numpy array stays one (no per-token Python objects on the way to the wire)."""
+        return cls(chunks=[EncodedTextChunk(tokens=tokens)])
 
     @classmethod
     def empty(cls) -> ModelInput:
