@@ -142,15 +142,25 @@ def assert_matches(message: str, pattern: str) -> None:
     assert re.search(pattern, message), f"{message!r} does not match {pattern!r}"
 
 
-def test_spans_are_checked_for_any_loss(recorded):
-    wrong = recorded.datum("cross_entropy")
-    set_tokens(wrong, None, 1, 0)
-    assert "data[1].model_input_spans[0]: tokens [0, 105" in recorded.rejection(wrong, "cross_entropy")
-    top_k = recorded.datum("cross_entropy")
+def test_losses_that_do_not_read_spans_leave_them_alone(recorded):
+    """As Tinker's do: the cookbook's RL trainer attaches spans to every datum, for any loss,
+    whether or not its sequences were sampled with record_stability_info (and so recorded)."""
+    bare = recorded.datum("cross_entropy")
+    bare.ClearField("model_input_spans")
+    bare.ClearField("loss_fn_input_spans")
+    unrecorded = recorded.datum("cross_entropy")
+    for span in [*unrecorded.model_input_spans, *unrecorded.loss_fn_input_spans]:
+        span.sequence_id = "seq-never-sampled"
+    top_k = recorded.datum("cross_entropy")  # [N, K] targets, which spans cannot tile
     targets = decode_array(top_k.loss_fn_inputs["target_tokens"])
     top_k.loss_fn_inputs["target_tokens"].CopyFrom(encode_array(np.stack([targets, targets], axis=1)))
-    message = recorded.rejection(top_k, "cross_entropy")
-    assert_matches(message, r"data\[1\]\.loss_fn_inputs\['target_tokens'\]: shape \[\d+, 2\]; provenance needs \[N\]")
+    losses = []
+    for datum in (bare, unrecorded, top_k):
+        request = training_pb2.ForwardBackwardInput(loss_fn="cross_entropy", data=[datum])
+        result = recorded.session.call(model_id=recorded.model_id, forward=request)
+        assert not result.HasField("error"), result.error.message
+        losses.append(result.forward_backward.metrics["loss:sum"])
+    assert losses[0] == losses[1] and losses[2] == pytest.approx(2 * losses[0])
 
 
 def test_a_datum_whose_spans_hold_is_accepted_and_its_use_keeps_the_record(recorded, server):

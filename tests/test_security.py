@@ -15,6 +15,7 @@ from server_process import running_server
 from tinker_client import AuthenticationError, NotFoundError, RateLimitError, ServiceClient, types
 from tinker_client._convert import forward_backward_input
 from tinker_rpc.v1 import admin_pb2, admin_pb2_grpc, service_pb2, service_pb2_grpc, training_pb2
+from tinker_wire.tensor_codec import decode_array
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, create_run, provenance_datum, ragged_batch, record_sample
@@ -101,7 +102,9 @@ def test_another_key_cannot_name_a_recorded_sequence(keyed_server):
     alice, bob = RawSession(keyed_server, "alice-key"), RawSession(keyed_server, "bob-key")
     try:
         sequence = record_sample(alice, prompt, num_samples=1, seed=3).sequences[0]
-        request = training_pb2.ForwardBackwardInput(loss_fn="cross_entropy", data=[provenance_datum(prompt, sequence)])
+        advantages = np.ones(len(prompt) + len(decode_array(sequence.tokens)) - 1, np.float32)
+        datum = provenance_datum(prompt, sequence, advantages=advantages)
+        request = training_pb2.ForwardBackwardInput(loss_fn="stable_reinforce", data=[datum])
         assert not alice.call(model_id=create_run(alice), forward=request).HasField("error")
         refused = bob.call(model_id=create_run(bob), forward=request).error
     finally:

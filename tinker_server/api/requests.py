@@ -467,9 +467,8 @@ class RequestParser:
             array = self._decode(key_field, datum.loss_fn_inputs[key])
             inputs[key] = self._loss_input(key_field, expected[key], array, len(tokens))
         self._check_shapes_agree(field, inputs)
-        provenance = self._provenance(field, spec, datum, tokens, inputs["target_tokens"], spans)
         if spec.needs_provenance:
-            inputs |= provenance.loss_inputs()
+            inputs |= self._provenance(field, spec, datum, tokens, inputs["target_tokens"], spans).loss_inputs()
         return ops.DatumArrays(tokens, inputs)
 
     @staticmethod
@@ -480,14 +479,16 @@ class RequestParser:
         tokens: np.ndarray,
         targets: np.ndarray,
         spans: SpanChecker,
-    ) -> DatumProvenance | None:
-        """The datum's spans, checked for any loss; required by the losses that use them."""
+    ) -> DatumProvenance:
+        """The datum's spans, checked, for a loss that reads what they name. Other losses leave
+        spans alone, as Tinker's do: the cookbook's RL trainer attaches them to every datum,
+        whether or not its sequences were sampled with record_stability_info (and so recorded)."""
         try:
             provenance = spans.check(field, datum, tokens, targets)
         except SpanError as error:
             code = grpc.StatusCode.FAILED_PRECONDITION if error.expired else grpc.StatusCode.INVALID_ARGUMENT
             raise RequestError(code, str(error)) from error
-        if provenance is None and spec.needs_provenance:
+        if provenance is None:
             raise invalid(
                 f"{field}: {spec.name} needs provenance (model_input_spans and loss_fn_input_spans): build the "
                 "datum with Datum.with_provenance from sequences sampled with record_stability_info=True"
