@@ -279,6 +279,21 @@ def test_unknown_sampler_paths_and_base_models_are_not_found(service):
     assert sampler.sample(prompt, 1, params).result(timeout=30).sequences
 
 
+def test_a_sampler_of_saved_weights_may_name_their_base_model_too(service):
+    """As Tinker allows (the cookbook's KL reference and distillation teacher give both): the saved
+    weights are sampled; a base model they were not trained on is refused, never ignored."""
+    _, saved = trained_sampler(service, seed=6, steps=2)
+    prompt, params = types.ModelInput.from_ints(PROMPT), types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    both = service.create_sampling_client(model_path=saved.model_path, base_model=BASE_MODEL).result()
+    base = service.create_sampling_client(base_model=BASE_MODEL).result()
+    assert both.model_path == saved.model_path and both.get_base_model() == BASE_MODEL
+    sampled, expected, bare = (client.sample(prompt, 1, params).result().sequences[0] for client in (both, saved, base))
+    assert sampled.tokens == expected.tokens and sampled.logprobs == expected.logprobs
+    assert sampled.logprobs != bare.logprobs
+    with pytest.raises(ValueError, match="not of base_model 'other/model'"):
+        service.create_sampling_client(model_path=saved.model_path, base_model="other/model").result(timeout=30)
+
+
 def test_async_forms_ack_then_answer_like_the_sync_ones(service):
     sampler = service.create_sampling_client(base_model=BASE_MODEL).result()
     prompt = types.ModelInput.from_ints(PROMPT)

@@ -242,16 +242,22 @@ async def new_sampling_client(
     base_model: str | None = None,
     record_stability_info: bool = False,
 ) -> SamplingClient:
-    """Registers a sampler with the server (which checks its weights exist and are readable)."""
-    if (model_path is None) == (base_model is None):
-        raise ValueError("create_sampling_client: give exactly one of model_path or base_model")
+    """Registers a sampler with the server (which checks its weights exist and are readable).
+    With both `model_path` and `base_model` (as Tinker allows), it samples from `model_path`,
+    whose base model must be `base_model`."""
+    if model_path is None and base_model is None:
+        raise ValueError("create_sampling_client: give model_path or base_model")
+    weights = {"model_path": model_path} if model_path is not None else {"base_model": base_model}
     request = service_pb2.CreateSamplerRequest(
-        session_id=session_id,
-        model_path=model_path,
-        base_model=base_model,
-        record_stability_info=record_stability_info,
+        session_id=session_id, record_stability_info=record_stability_info, **weights
     )
     response = await connection.unary(connection.stub.CreateSampler, request)
+    if model_path is not None and base_model is not None and response.base_model != base_model:
+        _hold(connection, response.sampler_id, False)
+        raise ValueError(
+            f"create_sampling_client: model_path {model_path!r} holds weights of {response.base_model!r}, "
+            f"not of base_model {base_model!r}"
+        )
     return registered_sampling_client(
         connection, response.sampler_id, response.base_model, response.model_path or None, record_stability_info
     )
