@@ -1,4 +1,4 @@
-"""The tinker-cookbook 0.6.1's own recipes (sl_loop, rl_loop), unmodified, against a real server.
+"""The tinker-cookbook 0.6.1's own recipes (sl_loop, rl_loop, math_rl), unmodified, against a real server.
 
 They run under `python -m tinker_client.as_tinker`, so their `import tinker` is this SDK. The
 embedded model is served under a hub name the cookbook knows (its renderer is chosen by name), and
@@ -53,15 +53,16 @@ def resume_from(log_path: Path, state_path: str) -> None:
     )
 
 
-def run_recipe(address: str, module: str, data: dict[str, list[dict]], log_path: Path, **options: object) -> None:
-    """Runs the recipe to completion; fails the test with its stderr if it does not exit cleanly."""
-    log_path.mkdir(parents=True, exist_ok=True)
-    data_file = log_path / "data.json"
+def run_recipe(address: str, module: str, data: dict[str, list[dict]], workdir: Path, **options: object) -> None:
+    """Runs the recipe in `workdir` (its log_path unless `options` name another) to completion;
+    fails the test with its stderr if it does not exit cleanly."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_file = workdir / "data.json"
     data_file.write_text(json.dumps(data))
-    arguments = {"base_url": address, "model_name": MODEL_NAME, "log_path": log_path, "save_every": 0, **options}
+    arguments = {"base_url": address, "model_name": MODEL_NAME, "log_path": workdir, "save_every": 0, **options}
     command = [sys.executable, "-m", "tinker_client.as_tinker", str(ROOT / "tests/cookbook/run_recipe.py"), module]
     command += [str(data_file), *(f"{key}={value}" for key, value in arguments.items())]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=log_path)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=workdir)
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "Traceback" not in finished.stderr and "Task was destroyed" not in finished.stderr, finished.stderr[-4000:]
 
@@ -145,3 +146,33 @@ def test_rl_loop_resumes_from_sl_and_trains_every_step_it_can(cookbook_server, s
     trained = [step for step in steps if "grad_norm" in step]
     assert trained and all(0 < step["grad_norm"] < float("inf") for step in trained), steps
     assert any(step["reward/total"] > 0 for step in steps)
+
+
+def test_math_rl_trains_through_the_cookbooks_full_rl_trainer(cookbook_server, tmp_path):
+    """recipes/math_rl runs rl.train, the trainer real RL code uses (rl_loop is a minimal loop):
+    its data processing builds each chunk from one buffer it then clears, and it attaches
+    provenance spans to every datum, whatever the loss."""
+    log_path = tmp_path / "math_rl" / "log"  # made by the recipe, which asks what to do with one that exists
+    run_recipe(
+        cookbook_server,
+        "tinker_cookbook.recipes.math_rl.train",
+        {},
+        tmp_path / "math_rl",
+        log_path=log_path,
+        env="arithmetic",  # problems made up locally: no data set to fetch
+        group_size=4,
+        groups_per_batch=2,
+        max_tokens=8,
+        max_steps=2,
+        learning_rate=1e-4,
+        lora_rank=8,
+        loss_fn="importance_sampling",
+        eval_every=0,
+    )
+    steps = metrics(log_path)
+    assert [step["step"] for step in steps] == [0, 1, 2]  # two batches, then the run's totals
+    for step in steps[:2]:
+        # Each datum is its whole episode: observation and action, less the last action token.
+        episodes, observed, acted = (step[f"env/all/total_{key}"] for key in ("episodes", "ob_tokens", "ac_tokens"))
+        assert step["tokens/trained"] == observed + acted - episodes
+        assert abs(step["optim/kl_sample_train_v1"]) < 1e-4  # the trainer's logprobs are the sampler's
