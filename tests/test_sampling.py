@@ -289,6 +289,7 @@ def test_a_sampler_of_saved_weights_may_name_their_base_model_too(service):
     assert both.model_path == saved.model_path and both.get_base_model() == BASE_MODEL
     sampled, expected, bare = (client.sample(prompt, 1, params).result().sequences[0] for client in (both, saved, base))
     assert sampled.tokens == expected.tokens and sampled.logprobs == expected.logprobs
+    assert sampled.tokens_np.flags.writeable and sampled.logprobs_np.flags.writeable  # the caller's own
     assert sampled.logprobs != bare.logprobs
     with pytest.raises(ValueError, match="not of base_model 'other/model'"):
         service.create_sampling_client(model_path=saved.model_path, base_model="other/model").result(timeout=30)

@@ -118,3 +118,32 @@ def test_model_input_with_an_image_has_a_length_but_no_token_list():
     assert image.length == 17
     with pytest.raises(ValueError, match="EncodedTextChunk"):
         image.to_ints()
+
+
+def test_values_are_coerced_when_built_and_what_cannot_be_is_refused():
+    """As Tinker's models do; before, a temperature of None went out as 0 (greedy) and a token
+    id of 1.5 was truncated on the wire."""
+    stops = [1, np.int64(2)]
+    params = types.SamplingParams(max_tokens=20.0, seed=np.int64(3), temperature=np.float32(0.5), stop=stops)
+    stops.append(3)
+    assert (params.max_tokens, params.seed, params.temperature, params.stop) == (20, 3, 0.5, [1, 2])
+    assert type(params.max_tokens) is int and type(params.temperature) is float and type(params.stop[1]) is int
+    with pytest.raises(TypeError, match="temperature: None is not a number"):
+        types.SamplingParams(temperature=None)
+    with pytest.raises(TypeError, match="max_tokens: 2.5 is not a whole number"):
+        types.SamplingParams(max_tokens=2.5)
+    chunk = types.EncodedTextChunk(tokens=[np.int64(1), True, 2.0])
+    assert chunk.tokens == [1, 1, 2] and {type(token) for token in chunk.tokens} == {int}
+    with pytest.raises(TypeError, match="whole numbers"):
+        types.EncodedTextChunk(tokens=[1.5])
+
+
+def test_integer_tensors_are_int64_and_every_array_is_the_callers_own():
+    """Tinker holds integers as int64 (an int32 target in a custom loss fails torch's
+    cross_entropy) and gives results as writable arrays, not views of the message's bytes."""
+    tokens = types.TensorData.from_numpy(np.array([5, 6], np.int32))
+    assert tokens.dtype == "int64" and tokens.to_torch().dtype == torch.int64
+    read_only = np.frombuffer(np.array([-0.5, -1.0], np.float32).tobytes(), np.float32)
+    array = types.TensorData.from_numpy(read_only).to_numpy()
+    array *= 2
+    assert array.tolist() == [-1.0, -2.0]

@@ -220,7 +220,13 @@ def custom_output(
 
 
 def _optional(message: sampling_pb2.SampleResult | sampling_pb2.SampledSequence, field: str) -> np.ndarray | None:
-    return decode_array(getattr(message, field)) if message.HasField(field) else None
+    return _owned(getattr(message, field)) if message.HasField(field) else None
+
+
+def _owned(tensor: tensor_pb2.TensorData) -> np.ndarray:
+    """The caller's own writable array, as Tinker's are (a decoded view is read-only, and keeps the
+    whole response's bytes alive)."""
+    return decode_array(tensor).copy()
 
 
 def _topk(tokens: np.ndarray | None, logprobs: np.ndarray | None) -> types.TopkLogprobs | None:
@@ -238,10 +244,10 @@ def _sequence(sequence: sampling_pb2.SampledSequence) -> types.SampledSequence:
     return types.SampledSequence(
         stop_reason="stop" if sequence.stop_reason == sampling_pb2.STOP_REASON_STOP else "length",
         sequence_id=sequence.sequence_id,
-        tokens_np=decode_array(sequence.tokens),
-        logprobs_np=decode_array(sequence.logprobs),
+        tokens_np=_owned(sequence.tokens),
+        logprobs_np=_owned(sequence.logprobs),
         topk_logprobs_np=_topk(_optional(sequence, "topk_tokens"), _optional(sequence, "topk_logprobs")),
-        sampling_logprobs_np=decode_array(sequence.sampling_logprobs),
+        sampling_logprobs_np=_owned(sequence.sampling_logprobs),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
+from tinker_client.types._coerce import token_ids
 from tinker_client.types.tensors import TensorData
 
 ImageFormat: TypeAlias = Literal["png", "jpeg"]
@@ -23,8 +24,9 @@ class EncodedTextChunk:
     type: Literal["encoded_text"] = "encoded_text"
 
     def __post_init__(self) -> None:
-        tokens = self.tokens.copy() if isinstance(self.tokens, np.ndarray) else list(self.tokens)
-        object.__setattr__(self, "tokens", tokens)
+        tokens = self.tokens
+        copied = tokens.copy() if isinstance(tokens, np.ndarray) else token_ids(tokens, "EncodedTextChunk.tokens")
+        object.__setattr__(self, "tokens", copied)
 
     @property
     def length(self) -> int:

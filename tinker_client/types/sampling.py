@@ -9,6 +9,7 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
+from tinker_client.types._coerce import real, whole
 from tinker_client.types.inputs import ModelInput
 from tinker_client.types.tensors import TensorData
 
@@ -34,6 +35,20 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        coerced = {
+            "max_tokens": None if self.max_tokens is None else whole(self.max_tokens, "SamplingParams.max_tokens"),
+            "seed": None if self.seed is None else whole(self.seed, "SamplingParams.seed"),
+            "top_k": whole(self.top_k, "SamplingParams.top_k"),
+            "temperature": real(self.temperature, "SamplingParams.temperature"),
+            "top_p": real(self.top_p, "SamplingParams.top_p"),
+        }
+        if self.stop is not None and not isinstance(self.stop, str):  # a copy: the caller's list is theirs
+            stop = [item if isinstance(item, str) else whole(item, "SamplingParams.stop") for item in self.stop]
+            coerced["stop"] = stop
+        for name, value in coerced.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)

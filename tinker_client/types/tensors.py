@@ -12,13 +12,10 @@ if TYPE_CHECKING:
     import torch
 
 TensorDtype: TypeAlias = Literal["int64", "float32"]
-"""The public dtypes. Integer tensors travel as int32 when their values fit (half the bytes)."""
+"""The dtypes, as Tinker's: any integer array is held as int64 (integer tensors travel as int32
+when their values fit, half the bytes, and come back int64)."""
 
-_NUMPY_DTYPES: dict[str, np.dtype] = {
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "float32": np.dtype(np.float32),
-}
+_NUMPY_DTYPES: dict[str, np.dtype] = {"int64": np.dtype(np.int64), "float32": np.dtype(np.float32)}
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -67,6 +64,8 @@ class TensorData:
         if dtype not in _NUMPY_DTYPES:
             raise TypeError(f"TensorData dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
         array = np.asarray([] if data is None else data, dtype=_NUMPY_DTYPES[dtype])
+        if not array.flags.writeable:  # a view over a message's bytes: the caller's own copy, as Tinker's
+            array = array.copy()
         if (sparse_crow_indices is None) != (sparse_col_indices is None):
             raise ValueError("TensorData: give sparse_crow_indices and sparse_col_indices together")
         if sparse_crow_indices is None and shape is not None:
@@ -131,8 +130,7 @@ class TensorData:
     def to_torch(self, pad_value: int = 0) -> torch.Tensor:
         import torch
 
-        array = self.to_numpy(pad_value)
-        return torch.from_numpy(array if array.flags.writeable else array.copy())
+        return torch.from_numpy(self.to_numpy(pad_value))
 
     def tolist(self, pad_value: int = 0) -> list[Any]:
         return self.to_numpy(pad_value).tolist()
