@@ -31,11 +31,19 @@ def test_datum_converts_lists_numpy_and_torch():
     assert inputs["advantages"].tolist() == [0.25, -1.0]
 
 
-def test_tensor_data_shares_memory_with_numpy_and_torch():
-    array = np.arange(6, dtype=np.float32).reshape(2, 3)
-    tensor_data = types.TensorData.from_numpy(array)
-    assert np.shares_memory(tensor_data.to_numpy(), array)
-    assert tensor_data.to_torch().data_ptr() == array.ctypes.data
+def test_tensor_data_holds_and_gives_copies_as_tinkers_does():
+    """A loop refilling one buffer for datum after datum, or a custom loss scaling its weights
+    in place, must not change what earlier datums hold."""
+    buffer = np.zeros(3, dtype=np.float32)
+    data = []
+    for step in range(2):
+        buffer[:] = step
+        data.append(types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"weights": buffer}))
+    assert [datum.loss_fn_inputs["weights"].tolist() for datum in data] == [[0.0] * 3, [1.0] * 3]
+    weights = data[1].loss_fn_inputs["weights"]
+    weights.to_torch().mul_(2)
+    weights.to_numpy()[:] = 5
+    assert weights.tolist() == [1.0] * 3
     from_torch = types.TensorData.from_torch(torch.ones(4, dtype=torch.int64))
     assert from_torch.dtype == "int64" and from_torch.shape == [4]
     assert types.TensorData.from_torch(torch.ones(2, dtype=torch.bfloat16)).dtype == "float32"

@@ -35,7 +35,7 @@ def _compact(array: np.ndarray) -> np.ndarray:
 
 def tensor(data: types.TensorData, pad_value: int = 0) -> tensor_pb2.TensorData:
     """Dense on the wire (a sparse tensor is densified with `pad_value`)."""
-    return encode_array(_compact(data.to_numpy(pad_value)))
+    return encode_array(_compact(data.dense(pad_value)))
 
 
 def tokens_to_proto(tokens: np.ndarray | list[int]) -> training_pb2.ModelInput:

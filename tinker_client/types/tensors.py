@@ -63,9 +63,9 @@ class TensorData:
             dtype = dtype_name(data.dtype)
         if dtype not in _NUMPY_DTYPES:
             raise TypeError(f"TensorData dtype must be one of {sorted(_NUMPY_DTYPES)}, got {dtype!r}")
-        array = np.asarray([] if data is None else data, dtype=_NUMPY_DTYPES[dtype])
-        if not array.flags.writeable:  # a view over a message's bytes: the caller's own copy, as Tinker's
-            array = array.copy()
+        # A copy, as Tinker's list is: a caller refilling one buffer for datum after datum, or a
+        # view over a response's bytes, must not show through.
+        array = np.array([] if data is None else data, dtype=_NUMPY_DTYPES[dtype])
         if (sparse_crow_indices is None) != (sparse_col_indices is None):
             raise ValueError("TensorData: give sparse_crow_indices and sparse_col_indices together")
         if sparse_crow_indices is None and shape is not None:
@@ -84,7 +84,7 @@ class TensorData:
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> TensorData:
-        """Shares memory with a CPU tensor of a supported dtype; bfloat16/float16 widen."""
+        """A copy of the tensor's values; bfloat16/float16/float64 widen or narrow to float32."""
         import torch
 
         if tensor.dtype in (torch.bfloat16, torch.float16, torch.float64):
@@ -119,7 +119,12 @@ class TensorData:
         return self.sparse_crow_indices is not None
 
     def to_numpy(self, pad_value: int = 0) -> np.ndarray:
-        """The dense array; a sparse tensor is densified with `pad_value` in unlisted entries."""
+        """The dense array, the caller's own (changing it changes nothing here, as in Tinker)."""
+        return self.dense(pad_value).copy() if self.sparse_crow_indices is None else self.dense(pad_value)
+
+    def dense(self, pad_value: int = 0) -> np.ndarray:
+        """The dense array, read in place (not a copy): for the SDK's own reads. A sparse tensor is
+        densified with `pad_value` in unlisted entries."""
         if self.sparse_crow_indices is None:
             return self.array
         dense = np.full(self.shape, _check_pad_value(pad_value), dtype=self.array.dtype)
@@ -133,7 +138,7 @@ class TensorData:
         return torch.from_numpy(self.to_numpy(pad_value))
 
     def tolist(self, pad_value: int = 0) -> list[Any]:
-        return self.to_numpy(pad_value).tolist()
+        return self.dense(pad_value).tolist()
 
     def __repr__(self) -> str:
         sparse = f", sparse with {self.array.size} listed" if self.is_sparse else ""
