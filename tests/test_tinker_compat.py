@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_a_failing_custom_loss_fails_the_requests_made_behind_it_and_nothing_els
 
 def test_a_custom_loss_handle_gives_the_same_gradient_as_the_callable_it_traces(server, service):
     def per_datum(logprobs: torch.Tensor, weights: torch.Tensor):
-        return -(logprobs * weights).sum(), {"custom/tokens:sum": torch.tensor(1.0)}
+        loss = -(logprobs * weights).sum()  # also a metric, still tracking gradients (as Tinker's docs do)
+        return loss, {"custom/tokens:sum": torch.tensor(1.0), "custom/loss:sum": loss}
 
     handle = service.create_custom_loss(per_datum, {"logprobs": 1, "weights": 1}).result()
     assert handle.input_names == ("weights",) and handle.loss_id is None
@@ -112,13 +114,16 @@ def test_a_custom_loss_handle_gives_the_same_gradient_as_the_callable_it_traces(
     outputs, weights = [], []
     for loss in (handle, batch_loss):
         training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7).result()
-        outputs.append(training.forward_backward_custom(DATA, loss).result())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no "tensor with requires_grad=True to a scalar"
+            outputs.append(training.forward_backward_custom(DATA, loss).result())
         training.optim_step(ADAM).result()
         weights.append(
             adapter_tensors(sampler_dir(server.data_dir, training.save_weights_for_sampler("w").result().path))
         )
     assert outputs[0].metrics["loss:sum"] == pytest.approx(outputs[1].metrics["loss:sum"], rel=1e-6)
     assert outputs[0].metrics["custom/tokens:sum"] == len(DATA)
+    assert outputs[0].metrics["custom/loss:sum"] == pytest.approx(outputs[0].metrics["loss:sum"], rel=1e-6)
     assert all(torch.allclose(weights[0][key], weights[1][key], atol=1e-7) for key in weights[0])
     with pytest.raises(ValueError, match="target_distribution"):
         service.create_custom_loss(lambda logprobs, target_distribution: (logprobs.sum(), {}), {"logprobs": 1})

@@ -68,8 +68,14 @@ class LossHandle:
             inputs = [datum.loss_fn_inputs[name].to_torch() for name in self.input_names]
             loss, datum_metrics = self.graph(datum_logprobs, *inputs)
             losses.append(loss)
-            metrics.append({key: float(value) for key, value in datum_metrics.items()})
+            metrics.append({key: _number(value) for key, value in datum_metrics.items()})
         return torch.stack(losses).sum(), _combine(metrics)
+
+
+def _number(value: object) -> float:
+    """A metric as a float; a tensor still tracking gradients (a loss returned as its own metric)
+    is detached first, without PyTorch's warning about it."""
+    return float(value.detach()) if hasattr(value, "detach") else float(value)  # type: ignore[arg-type]
 
 
 def _combine(metrics: list[dict[str, float]]) -> dict[str, float]:
