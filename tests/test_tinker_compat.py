@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tinker_client import (
+    APIConnectionError,
     APIFuture,
     BadRequestError,
     RequestFailedError,
@@ -213,3 +214,15 @@ def test_a_request_that_failed_after_its_ack_is_also_a_request_failed_error(serv
     with pytest.raises(BadRequestError) as rejected:  # rejected before it was queued
         small.forward(DATA, "no-such-loss").result()
     assert not isinstance(rejected.value, RequestFailedError)
+
+
+def test_a_closed_client_closes_again_quietly_and_says_it_is_closed(server):
+    """Closing twice (close() inside a `with` block) is a no-op; a call after it is the SDK's
+    connection error, not gRPC's "Channel is closed"."""
+    with ServiceClient(base_url=server.address) as service:
+        service.create_sampling_client(base_model=BASE_MODEL).result()
+        service.close()
+    with pytest.raises(APIConnectionError, match="this client was closed"):
+        service.get_server_capabilities()
+    with pytest.raises(APIConnectionError, match="this client was closed"):
+        service.create_sampling_client(base_model=BASE_MODEL).result(timeout=30)

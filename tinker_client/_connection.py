@@ -245,6 +245,8 @@ class Connection:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
     async def _call_unary(self, call: Callable[..., Any], request: Any) -> Any:
+        if self._closed:  # (gRPC's own "Channel is closed" is no SDK error)
+            raise APIConnectionError("this client was closed", code=grpc.StatusCode.CANCELLED)
         try:
             return await call(request, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:

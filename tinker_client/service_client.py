@@ -328,7 +328,7 @@ class ServiceClient:
                     log.info("could not record the end of session %s: %s", request.session_id, error)
             await connection.aclose()
 
-        if connection.loop.is_closed():
+        if connection.closed or connection.loop.is_closed():  # closing twice (a `with` block's end) is a no-op
             return completed(None)
         future = asyncio.run_coroutine_threadsafe(close(), connection.loop)
         future.result()
