@@ -128,9 +128,9 @@ def test_model_input_with_an_image_has_a_length_but_no_token_list():
         image.to_ints()
 
 
-def test_values_are_coerced_when_built_and_what_cannot_be_is_refused():
+def test_values_are_coerced_and_what_cannot_be_is_refused():
     """As Tinker's models do; before, a temperature of None went out as 0 (greedy) and a token
-    id of 1.5 was truncated on the wire."""
+    id of 1.5 was truncated on the wire (token ids are checked where they are converted anyway)."""
     stops = [1, np.int64(2)]
     params = types.SamplingParams(max_tokens=20.0, seed=np.int64(3), temperature=np.float32(0.5), stop=stops)
     stops.append(3)
@@ -140,10 +140,11 @@ def test_values_are_coerced_when_built_and_what_cannot_be_is_refused():
         types.SamplingParams(temperature=None)
     with pytest.raises(TypeError, match="max_tokens: 2.5 is not a whole number"):
         types.SamplingParams(max_tokens=2.5)
-    chunk = types.EncodedTextChunk(tokens=[np.int64(1), True, 2.0])
-    assert chunk.tokens == [1, 1, 2] and {type(token) for token in chunk.tokens} == {int}
-    with pytest.raises(TypeError, match="whole numbers"):
-        types.EncodedTextChunk(tokens=[1.5])
+    mixed = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[np.int64(1), True, 2.0])])
+    assert mixed.to_ints() == [1, 1, 2] and {type(token) for token in mixed.to_ints()} == {int}
+    truncated = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[3, 1.5])])
+    with pytest.raises(TypeError, match=r"EncodedTextChunk.tokens: token ids must be whole numbers.*1\.5"):
+        truncated.to_numpy()  # (what sending it reads)
 
 
 def test_integer_tensors_are_int64_and_every_array_is_the_callers_own():

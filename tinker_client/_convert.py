@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from tinker_client import types
+from tinker_client.types._coerce import token_array
 from tinker_rpc.v1 import runs_pb2, sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_wire.tensor_codec import decode_array, encode_array
 
@@ -45,7 +46,8 @@ def tokens_to_proto(tokens: np.ndarray | list[int]) -> training_pb2.ModelInput:
 def _chunk(chunk: types.ModelInputChunk) -> training_pb2.ModelInputChunk:
     match chunk:
         case types.EncodedTextChunk():
-            return training_pb2.ModelInputChunk(tokens=encode_array(_compact(np.asarray(chunk.tokens, np.int64))))
+            tokens = token_array(chunk.tokens, "EncodedTextChunk.tokens")
+            return training_pb2.ModelInputChunk(tokens=encode_array(_compact(tokens)))
         case types.ImageChunk():
             image = training_pb2.ImageChunk(data=chunk.data, format=chunk.format, expected_tokens=chunk.expected_tokens)
             return training_pb2.ModelInputChunk(image=image)

@@ -1,6 +1,6 @@
-"""What Tinker's pydantic models coerce when they are built, for the dataclasses here: numpy
-numbers and whole floats become ints, numbers become floats, and what cannot is refused then,
-not sent as something else (a temperature of None went out as 0: greedy)."""
+"""What Tinker's pydantic models coerce, for the dataclasses here: numpy numbers and whole floats
+become ints, numbers become floats, and what cannot is refused, not sent as something else (a
+temperature of None went out as 0: greedy; a token id of 1.5 was truncated)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ def real(value: object, field: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def token_ids(tokens: Sequence[object], field: str) -> list[int]:
-    """`tokens` as a new list of ints (whole floats allowed), in one numpy pass."""
+def token_array(tokens: Sequence[object] | np.ndarray, field: str) -> np.ndarray:
+    """`tokens` as int64: ints, numpy integers or whole floats, checked where they are converted
+    anyway (to send, or to read back); `np.asarray(tokens, np.int64)` would truncate 1.5 silently."""
     array = np.asarray(tokens)
-    if array.size == 0:
-        return []
     if array.dtype.kind == "f" and np.array_equal(array, np.trunc(array)):
-        array = array.astype(np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iub":
+        return array.astype(np.int64)
+    if array.size and (array.ndim != 1 or array.dtype.kind not in "iub"):
         raise TypeError(f"{field}: token ids must be whole numbers in one list, got {list(tokens)[:8]!r}")
-    return array.astype(np.int64).tolist()
+    return array.astype(np.int64, copy=False)

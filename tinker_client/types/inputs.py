@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
-from tinker_client.types._coerce import token_ids
+from tinker_client.types._coerce import token_array
 from tinker_client.types.tensors import TensorData
 
 ImageFormat: TypeAlias = Literal["png", "jpeg"]
@@ -24,9 +24,8 @@ class EncodedTextChunk:
     type: Literal["encoded_text"] = "encoded_text"
 
     def __post_init__(self) -> None:
-        tokens = self.tokens
-        copied = tokens.copy() if isinstance(tokens, np.ndarray) else token_ids(tokens, "EncodedTextChunk.tokens")
-        object.__setattr__(self, "tokens", copied)
+        tokens = self.tokens.copy() if isinstance(self.tokens, np.ndarray) else list(self.tokens)
+        object.__setattr__(self, "tokens", tokens)  # (checked as they are converted: `token_array`)
 
     @property
     def length(self) -> int:
@@ -120,7 +119,7 @@ class ModelInput:
             raise ValueError(f"to_ints only supports inputs of EncodedTextChunks, got {kinds}")
         if not self.chunks:
             return np.empty(0, dtype=np.int64)
-        return np.concatenate([np.asarray(chunk.tokens, dtype=np.int64) for chunk in self.chunks])
+        return np.concatenate([token_array(chunk.tokens, "EncodedTextChunk.tokens") for chunk in self.chunks])
 
     @property
     def length(self) -> int:
