@@ -120,7 +120,8 @@ class TensorData:
 
     def to_numpy(self, pad_value: int = 0) -> np.ndarray:
         """The dense array, the caller's own (changing it changes nothing here, as in Tinker)."""
-        return self.dense(pad_value).copy() if self.sparse_crow_indices is None else self.dense(pad_value)
+        dense = self.dense(pad_value)
+        return dense.copy() if dense is self.array else dense
 
     def dense(self, pad_value: int = 0) -> np.ndarray:
         """The dense array, read in place (not a copy): for the SDK's own reads. A sparse tensor is
