@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from tinker_server import ops
-from tinker_server.worker.kv_cache import CPU_KV_CACHE_BYTES, PREFIX_BLOCK, KeptPrompt, PrefixCache
+from tinker_server.worker.kv_cache import CPU_KV_CACHE_BYTES, PREFIX_BLOCK, GenerationCache, KeptPrompt, PrefixCache
+from tinker_server.worker.models import cache_keyword, final_hidden_states, load_base_model
 
 from .engine_helpers import engine_with_adapters
 from .test_sampling_engine import run, sample, tokens_of
@@ -209,3 +210,18 @@ def test_generations_reading_a_snapshot_share_one_copy_of_it_and_a_runs_get_thei
         cycle += 1
         answered |= {outcome.future_id for outcome in engine.run_cycle(ops.Cycle(cycle, []), 0.0)}
     assert copies() == 0  # each released with its last reader
+
+
+def test_the_decoder_fills_the_cache_it_is_given_whatever_transformers_calls_it():
+    """transformers renamed the decoders' `past_key_values` to `cache`; an older release takes
+    `cache` into its **kwargs and computes without one, so every generation would start empty."""
+    model = load_base_model(None, torch.float32).model
+    cache = GenerationCache(config=model.config)
+    with torch.no_grad():
+        final_hidden_states(model, input_ids=torch.arange(5)[None], cache=cache, use_cache=True)
+    assert cache.layers[0].keys.shape[2] == 5
+
+    class OlderDecoder(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None, **kwargs: object) -> None: ...
+
+    assert cache_keyword(OlderDecoder) == "past_key_values"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Cache,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -126,10 +129,20 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return tuple(sorted(ids))
 
 
-def final_hidden_states(model: PreTrainedModel, **inputs: object) -> torch.Tensor:
+def final_hidden_states(model: PreTrainedModel, cache: Cache | None = None, **inputs: object) -> torch.Tensor:
     """The decoder's last hidden states [B, T, H], final norm included: all of the model but its
-    output embedding (`base_model` is the decoder of every Hugging Face causal LM)."""
-    return model.base_model(**inputs).last_hidden_state
+    output embedding (`base_model` is the decoder of every Hugging Face causal LM), filling `cache`."""
+    decoder = model.base_model
+    if cache is not None:
+        inputs[cache_keyword(type(decoder))] = cache
+    return decoder(**inputs).last_hidden_state
+
+
+@functools.cache
+def cache_keyword(decoder: type[torch.nn.Module]) -> str:
+    """What the decoder calls its key/value cache: `cache` in newer transformers 5 releases,
+    `past_key_values` before (5.17 takes `cache` into its **kwargs and leaves it empty, silently)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
