@@ -23,6 +23,8 @@ where the server's worker does (a GPU if there is one), in its dtype, with its p
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -271,6 +273,7 @@ def run(
                         fresh = workload(kind, count, max_tokens, tokens_seed=repeats)
                         row["vs_one_at_a_time"] = round(service_rate / served(samplers, fresh, True), 2)
                     results.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)  # a run cut short still shows these
             service.close()
     return {"benchmark": "sampling", "device": str(device), "max_tokens": max_tokens, "results": results}
 
