@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import pytest
 import torch
 from server_process import running_server
 
-from tinker_client import ServiceClient, TrainingClient, types
+from tinker_client import APIConnectionError, BadRequestError, ServiceClient, TrainingClient, types
 
 from .conftest import BASE_MODEL
 from .helpers import ragged_batch, read_gradients
@@ -135,6 +136,41 @@ def test_a_batch_larger_than_one_message_is_split_and_merged_in_order(tmp_path, 
         np.testing.assert_allclose(mine["logprobs"].to_numpy(), theirs["logprobs"].to_numpy(), atol=1e-5)
     # Gradients of all chunks accumulated into one step: the same norm as the whole batch.
     assert stepped.metrics["grad_norm"] == pytest.approx(reference_step.metrics["grad_norm"], rel=1e-4)
+
+
+def test_a_session_that_ends_well_waits_for_the_answers_to_what_it_sent(server, service):
+    data = ragged_batch(11, [48, 64, 80])
+    closing = ServiceClient(base_url=server.address)
+    training = closing.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
+    futures = [training.forward_backward(data, "cross_entropy") for _ in range(6)]
+    closing.close()  # none of them was waited for
+    reference = service.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
+    expected = reference.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+    # Answered, every one: no optim_step between them, so each saw the same weights.
+    assert [future.result().metrics["loss:sum"] for future in futures] == pytest.approx([expected] * 6, rel=1e-5)
+
+
+def test_an_interrupted_session_closes_without_waiting_and_its_run_takes_nothing_more(server):
+    data = ragged_batch(12, [128] * 8)
+    closing = ServiceClient(base_url=server.address)
+    training = closing.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
+    futures = [training.forward_backward(data, "cross_entropy") for _ in range(16)]
+    futures[0].result()
+    started = time.perf_counter()
+    closing.close("interrupted")  # the server runs the rest (over a second here), then unloads the run
+    assert time.perf_counter() - started < 0.5
+    unanswered = 0
+    for future in futures:
+        try:
+            future.result(timeout=0)
+        except APIConnectionError as error:
+            assert "this client was closed" in str(error)
+            unanswered += 1
+    assert unanswered >= 8, unanswered
+    with ServiceClient(base_url=server.address) as again:
+        closed = TrainingClient(again._connection, training.get_info())
+        with pytest.raises(BadRequestError, match="its session was closed"):
+            closed.forward(data, "cross_entropy").result()
 
 
 # The Tinker SDK's TrainingClient methods (tinker 0.38) and their leading argument names.

@@ -395,6 +395,11 @@ class Connection:
             pending.result.set_result(result)
         self._pump()
 
+    async def settle(self) -> None:
+        """Loop thread: waits until every request sent so far is answered or has failed."""
+        results = [asyncio.wrap_future(pending.result) for pending in self._pending.values()]
+        await asyncio.gather(*results, return_exceptions=True)
+
     async def aclose(self) -> None:
         """Ends the stream (requests still unanswered fail) and closes the channel."""
         if self._closed:

@@ -311,13 +311,17 @@ class ServiceClient:
     # -- lifetime --------------------------------------------------------------------
 
     def close(self, status: SessionStatus = "success", detail: str | None = None) -> AwaitableConcurrentFuture[None]:
-        """Records how the session ended and closes the connection; requests still in flight
-        fail (their runs keep what they did)."""
+        """Records how the session ended and closes the connection. A successful end (and a `with`
+        block left without an exception) first waits for the answers to every request sent; after
+        "errored" or "interrupted", requests still in flight fail at once (the server still runs
+        them: their runs keep what they did)."""
         if status not in ("success", "errored", "interrupted"):
             raise ValueError(f"close: status {status!r}; expected 'success', 'errored' or 'interrupted'")
         connection = self._connection
 
         async def close() -> None:
+            if status == "success":
+                await connection.settle()
             if self._session is not None and self._session.done() and self._session.exception() is None:
                 request = service_pb2.CloseSessionRequest(
                     session_id=self._session.result(), status=status, detail=detail or ""

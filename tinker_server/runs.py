@@ -18,6 +18,9 @@ class Runs:
         # Runs whose adapter the current worker holds (on its device, or waiting in host memory
         # or on disk), by owner; others need a checkpoint to go on.
         self._live: dict[str, str] = {}
+        # Live runs whose session closed: refused new requests and off their owner's count
+        # while the worker finishes what was queued for them and unloads them.
+        self._closing: set[str] = set()
         # Checkpoints being saved: reserved at submission so two saves cannot claim a name.
         self._saving: set[CheckpointPath] = set()
         # Runs a worker crash took and that could not be rebuilt, and why.
@@ -39,7 +42,7 @@ class Runs:
         return run if run is not None and run.owner == owner else None
 
     def live_count(self, owner: str) -> int:
-        return sum(run_owner == owner for run_owner in self._live.values())
+        return sum(run_owner == owner and run not in self._closing for run, run_owner in self._live.items())
 
     def live_runs(self) -> list[TrainingRun]:
         return [run for model_id in sorted(self._live) if (run := self.store.run(model_id)) is not None]
@@ -54,6 +57,7 @@ class Runs:
         return self._lost.get(model_id)
 
     def _forget_state(self, model_id: str) -> None:
+        self._closing.discard(model_id)
         self._built.discard(model_id)
         self._fences.pop(model_id, None)
 
@@ -63,6 +67,12 @@ class Runs:
 
     def is_live(self, model_id: str) -> bool:
         return model_id in self._live
+
+    def begin_close(self, model_id: str) -> None:
+        """The client closed the run's session: it takes no new request and no longer counts
+        against its owner's limit; `close` follows once the worker has unloaded it."""
+        self._closing.add(model_id)
+        self.store.close_run(model_id)
 
     def close(self, model_id: str) -> None:
         """The client closed the run (its session): its adapter is freed; checkpoints stay."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import shutil
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,6 +25,8 @@ from tinker_server.runs import Runs, rollback_message
 from tinker_server.store import Checkpoint, CheckpointPath, RecordedSequence
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from tinker_server.fleet import Fleet
 
 log = logging.getLogger(__name__)
@@ -292,12 +295,25 @@ class Dispatcher:
     def release_replaced_snapshots(self) -> None:
         """Deletes the unnamed snapshots that newer ones replaced and no sampling client holds."""
         for path in self._runs.replaced_snapshots():
-            task = asyncio.get_running_loop().create_task(self.delete_checkpoint(path))
-            self._tasks.add(task)  # referenced until done: asyncio keeps only weak references
-            task.add_done_callback(self._tasks.discard)
+            self._in_background(self.delete_checkpoint(path), f"deleting {path}")
 
-    async def unload(self, model_id: str) -> None:
-        """Frees a run's adapter after everything queued for it ran; its checkpoints stay."""
+    def close_run(self, model_id: str) -> None:
+        """Takes no new request of the run and frees its adapter once everything queued for it
+        ran (in the background: the caller waits for none of it); its checkpoints stay."""
+        self._runs.begin_close(model_id)
+        self._in_background(self._unload(model_id), f"unloading {model_id}")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # referenced until done: asyncio keeps only weak references
+        task.add_done_callback(functools.partial(self._finished, what))
+
+    def _finished(self, what: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("%s failed: %s", what, error)
+
+    async def _unload(self, model_id: str) -> None:
         item = ops.WorkItem("", model_id, ops.Unload())
         outcome = await self._fleet.submit(model_id, item).outcome
         if outcome.error is not None:

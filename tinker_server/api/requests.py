@@ -197,9 +197,13 @@ class RequestParser:
         run = self._runs.owned_run(model_id, current_owner.get())
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field} {model_id!r}: no such training run")
-        # Not live: closed, lost in a crash, or of an earlier server process (brought back on its request).
-        why = "its session was closed, which unloaded it" if run.closed else self._runs.lost_reason(model_id)
-        if not self._runs.is_live(model_id) and why is not None:
+        # Refused once closed (its unload may still be queued) or lost in a crash; a run of an
+        # earlier server process, not live yet, is brought back on its request.
+        if run.closed:
+            why = "its session was closed, which unloads it"
+        else:
+            why = None if self._runs.is_live(model_id) else self._runs.lost_reason(model_id)
+        if why is not None:
             saved = self._runs.last_checkpoint(model_id, "training")
             hint = f"its last checkpoint is {saved.path}" if saved else "it has no saved checkpoint"
             raise RequestError(

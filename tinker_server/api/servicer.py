@@ -261,7 +261,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         self._runs.store.close_session(request.session_id, request.status, request.detail)
         for model_id in self._runs.store.session_runs(request.session_id):  # closing frees what it trained
             if self._runs.is_live(model_id):
-                await self._dispatcher.unload(model_id)
+                self._dispatcher.close_run(model_id)
         return service_pb2.CloseSessionResponse()
 
     async def CreateSampler(
