@@ -29,7 +29,7 @@ $(GEN_STAMP): $(PROTOS) $(DEPS_STAMP)
 	$(PY) scripts/generate_protos.py
 	touch $@
 
-$(INSTALL_STAMP): pyproject.toml $(GEN_STAMP)
+$(INSTALL_STAMP): pyproject.toml setup.py $(GEN_STAMP)
 	$(PY) -m pip install -q -e ".[server,dev,ray]"
 	touch $@
 

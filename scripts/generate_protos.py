@@ -3,6 +3,7 @@ and by `pip install .` (setup.py), so both always build the same code."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def generate(root: Path = ROOT) -> None:
         raise RuntimeError(f"protoc failed on {protos}")
     for directory in {(root / proto).parent for proto in protos} | {root / "tinker_rpc"}:
         (directory / "__init__.py").touch()
+
+
+
+def runtime_requirements(root: Path = ROOT) -> list[str]:
+    """The runtimes the generated code accepts at import: grpcio at least the grpcio-tools that
+    generated it, protobuf at least its protoc. setup.py declares them, so that pip never installs
+    the package beside a grpcio or protobuf that refuses to load it."""
+    stubs = (root / "tinker_rpc" / "v1" / "service_pb2_grpc.py").read_text()
+    grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", stubs).group(1)
+    messages = (root / "tinker_rpc" / "v1" / "service_pb2.py").read_text()
+    protobuf_version = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", messages).groups()
+    return [f"grpcio>={grpc_version}", f"protobuf>={'.'.join(protobuf_version)}"]
 
 
 if __name__ == "__main__":

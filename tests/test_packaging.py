@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from generate_protos import runtime_requirements  # noqa: E402
+
 SOURCE = os.environ.get("PACKAGING_TEST_REPO", str(ROOT))
 # A PYTHONPATH pointing at a checkout would let the venv import that instead of what it installed. Byte-compiling
 # every installed file (transformers has thousands) would be most of the installs' time, and is not under test.
@@ -91,6 +95,15 @@ def test_build_makes_an_sdist_with_the_protos_and_a_wheel_with_the_generated_cod
         f"tinker_server/console/{name}" for name in ("static/chart.js", "static/console.css", "templates/run.html")
     }
     assert console <= names, "the console's pages and script ship in the wheel (the server runs offline)"
+    unpacked = dist.parent / "unpacked"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked, [name for name in names if name.startswith("tinker_rpc/")])
+        metadata = archive.read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
+    requires = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")}
+    # The generated code refuses a grpcio or protobuf older than what generated it: the wheel asks for those.
+    floors = runtime_requirements(unpacked)
+    assert floors[0].startswith("grpcio>=1.") and floors[1].startswith("protobuf>=")
+    assert set(floors) <= requires
 
 
 def test_the_wheel_alone_is_a_client_that_talks_to_the_server_and_the_source_installs_work(server, dist, workdir):
