@@ -14,6 +14,7 @@ from .conftest import BASE_MODEL
 ROOT = Path(__file__).resolve().parents[1]
 
 TINKER_SCRIPT = """
+import importlib.metadata
 import multiprocessing
 import pickle
 import sys
@@ -28,11 +29,13 @@ from tinker.types.tensor_data import TensorData
 assert tinker is tinker_client and types is tinker_client.types
 assert TensorData is tinker_client.types.TensorData and RestClient is tinker_client.RestClient
 assert APIFuture is tinker_client.APIFuture
+assert importlib.metadata.version("tinker") == "0.38.0"  # what version checks (the cookbook's scripts) read
 PROMPT = types.ModelInput.from_ints([256, 72, 105])
 PARAMS = types.SamplingParams(max_tokens=6, seed=11)
 
 
 def sample_in_child(pickled, queue):
+    assert importlib.metadata.version("tinker") == "0.38.0"  # before it imports tinker
     import tinker  # the child runs the alias too
 
     sampler = pickle.loads(pickled)
