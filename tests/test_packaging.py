@@ -100,7 +100,9 @@ def test_build_makes_an_sdist_with_the_protos_and_a_wheel_with_the_generated_cod
     unpacked = dist.parent / "unpacked"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked, [name for name in names if name.startswith("tinker_rpc/")])
-        metadata = archive.read(next(name for name in names if name.endswith(".dist-info/METADATA"))).decode()
+        metadata = archive.read(
+            next(name for name in names if name.startswith("tinker_grpc-") and name.endswith("/METADATA"))
+        ).decode()
     requires = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")}
     # The generated code refuses a grpcio or protobuf older than what generated it: the wheel asks for those.
     floors = runtime_requirements(unpacked)
