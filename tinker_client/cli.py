@@ -86,7 +86,7 @@ def checkpoints_download(service: ServiceClient, args: argparse.Namespace) -> No
     from tqdm import tqdm
 
     output = Path(args.output or args.path.removeprefix("tinker://").replace("/", "_") + ".tar")
-    with tqdm(unit="B", unit_scale=True, desc=output.name) as bar:
+    with tqdm(unit="B", unit_scale=True, desc=output.name, delay=0.2) as bar:  # drawn once the size is known
 
         def progress(received: int, total: int) -> None:
             bar.total = total
