@@ -14,13 +14,18 @@ def generate(root: Path = ROOT) -> None:
     from grpc_tools import protoc
 
     protos = sorted(str(path.relative_to(root / "protos")) for path in (root / "protos").rglob("*.proto"))
-    arguments = ["grpc_tools.protoc", f"-I{root / 'protos'}", f"--python_out={root}", f"--pyi_out={root}",
-                 f"--grpc_python_out={root}", *protos]
+    arguments = [
+        "grpc_tools.protoc",
+        f"-I{root / 'protos'}",
+        f"--python_out={root}",
+        f"--pyi_out={root}",
+        f"--grpc_python_out={root}",
+        *protos,
+    ]
     if protoc.main(arguments) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
     for directory in {(root / proto).parent for proto in protos} | {root / "tinker_rpc"}:
         (directory / "__init__.py").touch()
-
 
 
 def runtime_requirements(root: Path = ROOT) -> list[str]:
