@@ -22,11 +22,12 @@ from tinker_wire.tensor_codec import decode_array, encode_array
 class RawSession:
     """A Session stream driven message by message, to check the protocol itself."""
 
-    def __init__(self, address: str, api_key: str | None = None) -> None:
+    def __init__(self, address: str, api_key: str | None = None, batches: bool = False) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = service_pb2_grpc.TinkerServiceStub(self.channel)
         self._requests: queue.Queue[service_pb2.SessionRequest | None] = queue.Queue()
         metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        metadata += (("tinker-session-batches", "1"),) if batches else ()
         self._responses = self.stub.Session(iter(self._requests.get, None), metadata=metadata)
         self._request_ids = itertools.count()
 

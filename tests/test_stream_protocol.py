@@ -94,6 +94,39 @@ def test_an_invalid_request_gets_an_error_result_and_no_ack(server):
     assert "request_id" in missing_id.result.error.message
 
 
+@pytest.mark.parametrize("answered_in_batches", [False, True])
+def test_a_batch_of_requests_is_handled_as_if_each_came_alone(server, answered_in_batches):
+    session = RawSession(server.address, batches=answered_in_batches)
+    data = ragged_batch(seed=0, lengths=[3])
+    requests = [
+        create_model_request("a", seed=1),
+        service_pb2.SessionRequest(
+            request_id="lost", model_id="no-such-run", forward=forward_backward_input(data, "cross_entropy", None)
+        ),
+        create_model_request("b", seed=2),
+        service_pb2.SessionRequest(request_id="nested", batch=service_pb2.SessionRequests()),
+    ]
+    messages, responses = 0, []
+    try:
+        session.send(service_pb2.SessionRequest(batch=service_pb2.SessionRequests(requests=requests)))
+        while len(responses) < 6:  # acks of a and b; results of all four
+            message = session.receive()
+            batch = message.WhichOneof("response") == "batch"
+            responses += message.batch.responses if batch else [message]
+            messages += 1
+    finally:
+        session.close()
+    acks = {r.request_id: r.ack for r in responses if r.HasField("ack")}
+    results = {r.request_id: r.result for r in responses if r.HasField("result")}
+    assert sorted(acks) == ["a", "b"] and acks["a"].seq == acks["b"].seq == 1  # two runs, each its first request
+    assert results["a"].create_model.model_id != results["b"].create_model.model_id
+    assert results["lost"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert results["nested"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert results["nested"].error.message.startswith("batch: a batch inside a batch")
+    # Both acks and both refusals were queued together: one message where the client asked for batches.
+    assert (messages < len(responses)) == answered_in_batches
+
+
 def test_async_double_await_acks_then_completes_in_submission_order(service):
     training = service.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
     data = ragged_batch(seed=1, lengths=[9])

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
+BATCH_BYTES = 1 << 20
+"""Requests queued together go out in one message of up to this size, where the server takes
+batches (a larger request goes alone): each message costs gRPC work on both sides."""
+BATCHES_METADATA = ("tinker-session-batches", "1")
+"""Asks the server to answer in batches too."""
 log = logging.getLogger(__name__)
 # Stream statuses that a broken connection produces (our server reports request errors in
 # Results, never as the stream's status); resends are idempotent, so retrying is safe.
@@ -48,6 +53,27 @@ _TRANSIENT = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
 }
+
+
+def _with_queued(
+    first: service_pb2.SessionRequest,
+    queue: asyncio.Queue[service_pb2.SessionRequest | None],
+    budget: int,
+    held_back: list[service_pb2.SessionRequest | None],
+) -> service_pb2.SessionRequest:
+    """`first` and the requests queued behind it, in one message of at most `budget` bytes (or
+    `first` alone); the first one that does not fit, or the queue's end (None), is held back."""
+    requests, size = [first], first.ByteSize()
+    while not queue.empty():
+        queued = queue.get_nowait()
+        if queued is None or size + queued.ByteSize() > budget:
+            held_back.append(queued)
+            break
+        requests.append(queued)
+        size += queued.ByteSize()
+    if len(requests) == 1:
+        return first
+    return service_pb2.SessionRequest(batch=service_pb2.SessionRequests(requests=requests))
 
 
 class _LoopThread:
@@ -360,17 +386,25 @@ class Connection:
         )
         self._window = capabilities.max_inflight_requests or 64
         outgoing: asyncio.Queue[service_pb2.SessionRequest | None] = asyncio.Queue()
+        batches = capabilities.session_batches
+        budget = min(BATCH_BYTES, capabilities.max_message_bytes or BATCH_BYTES)
 
         async def requests():
-            while (request := await outgoing.get()) is not None:
-                yield request
+            held_back: list[service_pb2.SessionRequest | None] = []  # what did not fit the last batch
+            while (request := held_back.pop() if held_back else await outgoing.get()) is not None:
+                yield _with_queued(request, outgoing, budget, held_back) if batches else request
 
-        self._call = call = self.stub.Session(requests(), metadata=self.metadata)
+        metadata = (*self.metadata, BATCHES_METADATA) if batches else self.metadata
+        self._call = call = self.stub.Session(requests(), metadata=metadata)
         self._outgoing = outgoing
         try:
             self._pump()
-            async for response in call:
-                self._dispatch(response)
+            async for message in call:
+                if message.WhichOneof("response") == "batch":
+                    for response in message.batch.responses:
+                        self._dispatch(response)
+                else:
+                    self._dispatch(message)
         finally:
             outgoing.put_nowait(None)  # gRPC's reader of this stream's requests ends with it
 

@@ -156,6 +156,8 @@ class RequestParser:
         kind = request.WhichOneof("request")
         if kind is None:
             raise invalid("request: no operation set (expected one of create_model, forward, ...)")
+        if kind == "batch":  # the stream unpacks a batch; one inside it is not unpacked again
+            raise invalid("batch: a batch inside a batch; put its requests in the outer one")
         if kind == "create_model":
             return self._create_model(request.create_model)
         if kind == "create_model_from_state":

@@ -28,6 +28,10 @@ from tinker_server.store import Session
 log = logging.getLogger(__name__)
 SESSION_STATUSES = ("success", "errored", "interrupted")
 SEEN_REQUEST_IDS = 100_000
+BATCHES_METADATA = ("tinker-session-batches", "1")
+"""A client's ask for SessionResponse.batch on its stream."""
+BATCH_BYTES = 1 << 20
+"""Responses queued together go out in one message up to about this size (a larger one alone)."""
 """How many recent request ids a stream remembers, to refuse one used twice."""
 
 
@@ -65,20 +69,23 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
-                    self._accept(request, seen, pending, outbox)
+                async for message in request_iterator:
+                    batch = message.batch.requests if message.WhichOneof("request") == "batch" else (message,)
+                    for request in batch:  # (a batch inside a batch is refused)
+                        self._accept(request, seen, pending, outbox)
             except Exception as error:  # an undecodable message ends this stream, nothing else
                 unreadable.append(error)
             finally:
                 reader_done.set()
                 outbox.put_nowait(None)  # wake the writer to re-check whether it is done
 
+        batches = BATCHES_METADATA in (context.invocation_metadata() or ())
         reader = asyncio.create_task(read())
         try:
             while not (reader_done.is_set() and outbox.empty() and (unreadable or not pending)):
                 response = await outbox.get()
                 if response is not None:
-                    yield response
+                    yield _with_queued(response, outbox) if batches else response
         finally:
             reader.cancel()
         if unreadable:
@@ -202,6 +209,7 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
             max_num_samples=self._limits.max_num_samples,
             residency=service_pb2.AdapterResidency(**self._residency().counts()),
             console_url=self._console_url,
+            session_batches=True,
         )
 
     async def GetInfo(
@@ -300,3 +308,18 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 f"base_model {request.base_model!r} is not served here; served: {self._served.names}",
             )
         return service_pb2.GetTokenizerResponse(files=model.tokenizer_files)
+
+
+def _with_queued(
+    first: service_pb2.SessionResponse, outbox: asyncio.Queue[service_pb2.SessionResponse | None]
+) -> service_pb2.SessionResponse:
+    """`first` and the responses queued behind it, in one message of up to about BATCH_BYTES (the
+    queue's wake-ups, None, are dropped: the writer checks whether it is done after each send)."""
+    responses, size = [first], first.ByteSize()
+    while size < BATCH_BYTES and not outbox.empty():
+        if (response := outbox.get_nowait()) is not None:
+            responses.append(response)
+            size += response.ByteSize()
+    if len(responses) == 1:
+        return first
+    return service_pb2.SessionResponse(batch=service_pb2.SessionResponses(responses=responses))
