@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 
@@ -154,10 +155,13 @@ def test_an_interrupted_session_closes_without_waiting_and_its_run_takes_nothing
     data = ragged_batch(12, [128] * 8)
     closing = ServiceClient(base_url=server.address)
     training = closing.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
-    futures = [training.forward_backward(data, "cross_entropy") for _ in range(16)]
-    futures[0].result()
+
+    async def queued() -> list:  # each await returns at the request's ack: all 16 are queued on the server
+        return [await training.forward_backward_async(data, "cross_entropy") for _ in range(16)]
+
+    futures = asyncio.run(queued())
     started = time.perf_counter()
-    closing.close("interrupted")  # the server runs the rest (over a second here), then unloads the run
+    closing.close("interrupted")  # the server runs them (over a second here), then unloads the run
     assert time.perf_counter() - started < 0.5
     unanswered = 0
     for future in futures:
