@@ -11,6 +11,7 @@ import pytest
 from tinker_client import BadRequestError, NotFoundError, types
 from tinker_client._convert import adam_params, forward_backward_input
 from tinker_rpc.v1 import service_pb2, training_pb2
+from tinker_wire.batches import ENTRY_FRAMING_BYTES, take_queued
 
 from .conftest import BASE_MODEL
 from .helpers import RawSession, ragged_batch
@@ -125,6 +126,27 @@ def test_a_batch_of_requests_is_handled_as_if_each_came_alone(server, answered_i
     assert results["nested"].error.message.startswith("batch: a batch inside a batch")
     # Both acks and both refusals were queued together: one message where the client asked for batches.
     assert (messages < len(responses)) == answered_in_batches
+
+
+def test_a_batch_takes_what_is_queued_in_order_within_its_budget_framing_included():
+    def request(size: int) -> service_pb2.SessionRequest:
+        return service_pb2.SessionRequest(request_id="x" * size)
+
+    async def batches(sizes: list[int], budget: int) -> list[list[int]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for size in sizes[1:]:
+            queue.put_nowait(request(size))
+        queue.put_nowait(None)  # the stream's end
+        taken, held_back, first = [], [], request(sizes[0])
+        while first is not None:
+            taken.append([len(r.request_id) for r in take_queued(first, queue, budget, held_back)])
+            first = held_back.pop() if held_back else await queue.get()
+        return taken
+
+    budget = 1000
+    assert request(100).ByteSize() + ENTRY_FRAMING_BYTES == 118  # so 8 fit in 1000 bytes, not 9
+    assert [len(batch) for batch in asyncio.run(batches([100] * 20, budget))] == [8, 8, 4]
+    assert asyncio.run(batches([100, 5000, 100, 100], budget)) == [[100], [5000], [100, 100]]  # too large: alone
 
 
 def test_async_double_await_acks_then_completes_in_submission_order(service):

@@ -31,6 +31,7 @@ from tinker_client._tokenizer import tokenizer_from_files
 from tinker_client.errors import APIConnectionError, APIError, error_for_status, error_from_rpc
 from tinker_client.futures import sdk_loop_threads
 from tinker_rpc.v1 import runs_pb2_grpc, service_pb2, service_pb2_grpc
+from tinker_wire.batches import BATCH_BYTES, take_queued
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase  # imported when a tokenizer is asked for
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
-BATCH_BYTES = 1 << 20
-"""Requests queued together go out in one message of up to this size, where the server takes
-batches (a larger request goes alone): each message costs gRPC work on both sides."""
 BATCHES_METADATA = ("tinker-session-batches", "1")
 """Asks the server to answer in batches too."""
 log = logging.getLogger(__name__)
@@ -53,27 +51,6 @@ _TRANSIENT = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
 }
-
-
-def _with_queued(
-    first: service_pb2.SessionRequest,
-    queue: asyncio.Queue[service_pb2.SessionRequest | None],
-    budget: int,
-    held_back: list[service_pb2.SessionRequest | None],
-) -> service_pb2.SessionRequest:
-    """`first` and the requests queued behind it, in one message of at most `budget` bytes (or
-    `first` alone); the first one that does not fit, or the queue's end (None), is held back."""
-    requests, size = [first], first.ByteSize()
-    while not queue.empty():
-        queued = queue.get_nowait()
-        if queued is None or size + queued.ByteSize() > budget:
-            held_back.append(queued)
-            break
-        requests.append(queued)
-        size += queued.ByteSize()
-    if len(requests) == 1:
-        return first
-    return service_pb2.SessionRequest(batch=service_pb2.SessionRequests(requests=requests))
 
 
 class _LoopThread:
@@ -240,6 +217,9 @@ class Connection:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._closed = False
         self._answered_since_reconnect = False
+        # What holds requests back before they reach this connection (each training client's
+        # sequencer), so that settling waits for those too.
+        self.holders: weakref.WeakSet[Any] = weakref.WeakSet()
         self.run(self._open_channel())
         self._loop_thread.connections.add(self)
 
@@ -386,13 +366,16 @@ class Connection:
         )
         self._window = capabilities.max_inflight_requests or 64
         outgoing: asyncio.Queue[service_pb2.SessionRequest | None] = asyncio.Queue()
-        batches = capabilities.session_batches
+        batches = capabilities.session_batches  # where the server takes batches, what is queued goes together
         budget = min(BATCH_BYTES, capabilities.max_message_bytes or BATCH_BYTES)
 
         async def requests():
             held_back: list[service_pb2.SessionRequest | None] = []  # what did not fit the last batch
             while (request := held_back.pop() if held_back else await outgoing.get()) is not None:
-                yield _with_queued(request, outgoing, budget, held_back) if batches else request
+                if not batches or len(together := take_queued(request, outgoing, budget, held_back)) == 1:
+                    yield request
+                else:
+                    yield service_pb2.SessionRequest(batch=service_pb2.SessionRequests(requests=together))
 
         metadata = (*self.metadata, BATCHES_METADATA) if batches else self.metadata
         self._call = call = self.stub.Session(requests(), metadata=metadata)
@@ -430,9 +413,12 @@ class Connection:
         self._pump()
 
     async def settle(self) -> None:
-        """Loop thread: waits until every request sent so far is answered or has failed."""
-        results = [asyncio.wrap_future(pending.result) for pending in self._pending.values()]
-        await asyncio.gather(*results, return_exceptions=True)
+        """Loop thread: waits until every request made so far is answered or has failed, those
+        still held back by a client (a custom loss's backward, what waits behind it) included."""
+        while self._pending or any(holder.holding for holder in self.holders):
+            results = [asyncio.wrap_future(pending.result) for pending in self._pending.values()]
+            await asyncio.gather(*results, return_exceptions=True)
+            await asyncio.sleep(0.005)  # a held request is released by a callback, not awaitable here
 
     async def aclose(self) -> None:
         """Ends the stream (requests still unanswered fail) and closes the channel."""

@@ -24,15 +24,14 @@ from tinker_server.auth import current_owner
 from tinker_server.runs import Runs
 from tinker_server.served import ServedModels
 from tinker_server.store import Session
+from tinker_wire.batches import BATCH_BYTES, take_queued
 
 log = logging.getLogger(__name__)
 SESSION_STATUSES = ("success", "errored", "interrupted")
 SEEN_REQUEST_IDS = 100_000
+"""How many recent request ids a stream remembers, to refuse one used twice."""
 BATCHES_METADATA = ("tinker-session-batches", "1")
 """A client's ask for SessionResponse.batch on its stream."""
-BATCH_BYTES = 1 << 20
-"""Responses queued together go out in one message up to about this size (a larger one alone)."""
-"""How many recent request ids a stream remembers, to refuse one used twice."""
 
 
 class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
@@ -80,12 +79,18 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 outbox.put_nowait(None)  # wake the writer to re-check whether it is done
 
         batches = BATCHES_METADATA in (context.invocation_metadata() or ())
+        budget = min(BATCH_BYTES, self._limits.max_message_bytes)  # what the server may send, too
+        held_back: list[service_pb2.SessionResponse | None] = []  # what did not fit the last batch
         reader = asyncio.create_task(read())
         try:
-            while not (reader_done.is_set() and outbox.empty() and (unreadable or not pending)):
-                response = await outbox.get()
-                if response is not None:
-                    yield _with_queued(response, outbox) if batches else response
+            while not (reader_done.is_set() and outbox.empty() and not held_back and (unreadable or not pending)):
+                response = held_back.pop() if held_back else await outbox.get()
+                if response is None:  # a wake-up: check whether the stream is done
+                    continue
+                if not batches or len(together := take_queued(response, outbox, budget, held_back)) == 1:
+                    yield response
+                else:
+                    yield service_pb2.SessionResponse(batch=service_pb2.SessionResponses(responses=together))
         finally:
             reader.cancel()
         if unreadable:
@@ -270,6 +275,8 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
         for model_id in self._runs.store.session_runs(request.session_id):  # closing frees what it trained
             if self._runs.is_live(model_id):
                 self._dispatcher.close_run(model_id)
+            else:  # of an earlier server process, not brought back: it never will be now
+                self._runs.store.close_run(model_id)
         return service_pb2.CloseSessionResponse()
 
     async def CreateSampler(
@@ -308,18 +315,3 @@ class TinkerServicer(service_pb2_grpc.TinkerServiceServicer):
                 f"base_model {request.base_model!r} is not served here; served: {self._served.names}",
             )
         return service_pb2.GetTokenizerResponse(files=model.tokenizer_files)
-
-
-def _with_queued(
-    first: service_pb2.SessionResponse, outbox: asyncio.Queue[service_pb2.SessionResponse | None]
-) -> service_pb2.SessionResponse:
-    """`first` and the responses queued behind it, in one message of up to about BATCH_BYTES (the
-    queue's wake-ups, None, are dropped: the writer checks whether it is done after each send)."""
-    responses, size = [first], first.ByteSize()
-    while size < BATCH_BYTES and not outbox.empty():
-        if (response := outbox.get_nowait()) is not None:
-            responses.append(response)
-            size += response.ByteSize()
-    if len(responses) == 1:
-        return first
-    return service_pb2.SessionResponse(batch=service_pb2.SessionResponses(responses=responses))
