@@ -50,6 +50,8 @@ def test_after_a_kill_every_run_comes_back_from_its_own_restore_point(tmp_path):
         train(moved_on, 1)
         moved_on_checkpoint = moved_on.save_state("step-1").result().path
         train(moved_on, 1)  # the kill loses this step
+        untouched = service.create_lora_training_client(BASE_MODEL, rank=4, seed=7).result()
+        session_id = service._session.result()
     finally:
         process.kill()  # no goodbye: SIGKILL
         process.wait()
@@ -96,6 +98,12 @@ def test_after_a_kill_every_run_comes_back_from_its_own_restore_point(tmp_path):
             moved_on_again.forward(DATA, "cross_entropy").result(timeout=60)
         moved_on_again.load_state_with_optimizer(moved_on_checkpoint).result()
         train(moved_on_again, 1)
+
+        # Closing the first session, from anywhere, closes its runs not brought back yet too.
+        request = service_pb2.CloseSessionRequest(session_id=session_id, status="success")
+        service._connection.unary_sync(service._connection.stub.CloseSession, request)
+        with pytest.raises(BadRequestError, match="its session was closed"):
+            TrainingClient(service._connection, untouched.get_info()).forward(DATA, "cross_entropy").result()
         service.close()
     finally:
         stop_server(process)

@@ -151,6 +151,22 @@ def test_a_session_that_ends_well_waits_for_the_answers_to_what_it_sent(server, 
     assert [future.result().metrics["loss:sum"] for future in futures] == pytest.approx([expected] * 6, rel=1e-5)
 
 
+def test_a_session_that_ends_well_waits_for_a_custom_losss_backward_and_what_waits_behind_it(server):
+    """The backward is made only once the forward's logprobs are back, and the step waits behind
+    it in the client: closing must wait for both, or the gradient would never be applied."""
+    closing = ServiceClient(base_url=server.address)
+    training = closing.create_lora_training_client(BASE_MODEL, rank=4, seed=9).result()
+
+    def nll(data, logprobs_list):
+        return -sum(logprobs.sum() for logprobs in logprobs_list), {}
+
+    custom = training.forward_backward_custom(ragged_batch(13, [16, 24]), nll)
+    step = training.optim_step(types.AdamParams(learning_rate=1e-3))
+    closing.close()
+    assert custom.result().metrics["loss:sum"] > 0
+    assert step.result().metrics["grad_norm"] > 0  # the step saw the backward's gradient
+
+
 def test_an_interrupted_session_closes_without_waiting_and_its_run_takes_nothing_more(server):
     data = ragged_batch(12, [128] * 8)
     closing = ServiceClient(base_url=server.address)

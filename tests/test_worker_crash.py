@@ -5,6 +5,7 @@ train on until the client acknowledges with load_state."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -109,3 +110,25 @@ def test_an_idle_worker_that_dies_is_replaced_at_once(tmp_path):
         with pytest.raises(BadRequestError, match=r"went back to its creation \(step 0\)"):
             trained.forward_backward(DATA, "cross_entropy").result(timeout=120)
         service.close()
+
+
+def test_a_crash_while_a_closed_sessions_run_waits_to_unload_does_not_bring_it_back(tmp_path):
+    with running_server(tmp_path) as address:
+        closing = ServiceClient(base_url=address)
+        training = closing.create_lora_training_client(BASE_MODEL, rank=4, seed=5).result()
+        data = ragged_batch(seed=71, lengths=[128] * 8)
+
+        async def queued() -> None:  # each await returns at the request's ack: all are queued
+            for _ in range(16):
+                await training.forward_backward_async(data, "cross_entropy")
+
+        asyncio.run(queued())
+        closing.close("interrupted")  # its unload waits behind the work
+        (pid,) = worker_pids(tmp_path / "server.log")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "worker restarted" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "worker restarted: 0 run(s) restored" in (tmp_path / "server.log").read_text()
+        with ServiceClient(base_url=address) as again:
+            assert again.get_server_capabilities().residency.resident_runs == 0

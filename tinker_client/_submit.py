@@ -34,13 +34,21 @@ class Gate:
     closed: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequencer:
     """Sends one client's requests in call order; a gate holds the later ones back until it
     is filled with the requests it stands for, or fails them if it fails."""
 
     connection: Connection
     _held: deque[Pending | Gate] = field(default_factory=deque)  # loop thread only
+
+    def __post_init__(self) -> None:
+        self.connection.holders.add(self)
+
+    @property
+    def holding(self) -> bool:
+        """Loop thread: whether requests wait here, not sent yet (behind a custom loss's forward)."""
+        return bool(self._held)
 
     def submit(self, requests: Sequence[service_pb2.SessionRequest]) -> list[Pending]:
         pendings = [self.connection.prepare(request) for request in requests]

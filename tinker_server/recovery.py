@@ -196,6 +196,9 @@ class SupervisedWorker:
         metrics.WORKER_RESTARTS.inc()
         restored, fenced, lost = 0, [], []
         for run in self._runs_here():
+            if self._runs.is_closing(run.model_id):
+                self._runs.close(run.model_id)  # its session closed: the crash did its unload
+                continue
             if not self._runs.is_built(run.model_id):
                 continue  # its creation is still queued: the new worker builds it
             error = await self._restore(run)

@@ -68,6 +68,9 @@ class Runs:
     def is_live(self, model_id: str) -> bool:
         return model_id in self._live
 
+    def is_closing(self, model_id: str) -> bool:
+        return model_id in self._closing
+
     def begin_close(self, model_id: str) -> None:
         """The client closed the run's session: it takes no new request and no longer counts
         against its owner's limit; `close` follows once the worker has unloaded it."""

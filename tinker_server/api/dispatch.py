@@ -316,9 +316,9 @@ class Dispatcher:
     async def _unload(self, model_id: str) -> None:
         item = ops.WorkItem("", model_id, ops.Unload())
         outcome = await self._fleet.submit(model_id, item).outcome
+        self._runs.close(model_id)  # either way: an unload lost to a crash was done by the crash
         if outcome.error is not None:
             raise RequestError(status_code(outcome.error.code), outcome.error.message)
-        self._runs.close(model_id)
 
     async def sweep(self) -> None:
         """Deletes expired checkpoints and forgets expired results and sampled sequences."""
