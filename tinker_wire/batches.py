@@ -26,9 +26,10 @@ def take_queued(first: M, queue: asyncio.Queue[M | None], budget: int, held_back
     taken, size = [first], first.ByteSize() + ENTRY_FRAMING_BYTES
     while not queue.empty():
         queued = queue.get_nowait()
-        if queued is None or size + queued.ByteSize() + ENTRY_FRAMING_BYTES > budget:
+        entry = 0 if queued is None else queued.ByteSize() + ENTRY_FRAMING_BYTES  # (sized once: it walks the message)
+        if queued is None or size + entry > budget:
             held_back.append(queued)
             break
         taken.append(queued)
-        size += queued.ByteSize() + ENTRY_FRAMING_BYTES
+        size += entry
     return taken
