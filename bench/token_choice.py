@@ -5,6 +5,11 @@ top-k / top-p, a seeded stream per row, one host read) against what Hugging Face
 The sampling benchmark's embedded model has 259 tokens, where choosing costs nothing; Llama 3 has
 128k and Qwen 2.5 152k, where it is a large part of a decode step on a CPU. Both run with the
 worker's process settings (worker.main.prepare_process: its allocator setting), as the worker runs them.
+
+Logits are normal with a spread per case: 3 gives a top-p 0.9 set of ~6500 of 152k tokens (a flat
+distribution), 5 one of ~40 (peaked, as most of a language model's steps are). `nucleus` is the
+largest such set of the case's rows. The sampler works top-p out over each row's most likely
+tokens, as many as the last step's set needed, where `generate` sorts the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ def per_call_ms(call: Callable[[], object], repeats: int) -> float:
     return float(np.median(times)) * 1000
 
 
-def measure(rows: int, vocab: int, top_p: float, repeats: int, device: torch.device) -> dict:
-    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+def nucleus(logits: torch.Tensor, top_p: float) -> int:
+    """The most tokens a row's top-p set holds."""
+    probs = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values
+    return int(((probs.cumsum(dim=-1) - probs) < top_p).sum(dim=-1).max())
+
+
+def measure(rows: int, vocab: int, top_p: float, spread: float, repeats: int, device: torch.device) -> dict:
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * spread).to(device)
     config = ops.SamplingConfig(16, 1.0, 0, top_p, 1, (), (), True)
     request = ops.Sample(None, None, np.zeros(1, dtype=np.int64), 1, config, False, 0)
     choice = TokenChoice([request] * rows, list(range(rows)))
@@ -52,6 +63,8 @@ def measure(rows: int, vocab: int, top_p: float, repeats: int, device: torch.dev
         "rows": rows,
         "vocab": vocab,
         "top_p": top_p,
+        "spread": spread,
+        "nucleus": nucleus(logits, top_p) if top_p < 1 else vocab,
         "token_choice_ms": round(ours, 2),
         "generate_ms": round(theirs, 2),
         "vs_generate": round(theirs / ours, 2),
@@ -63,11 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each; the median is reported")
     args, _ = parser.parse_known_args(argv)  # run_all passes every benchmark the same extra arguments
     device = prepare_process()  # the worker's device, and its process settings
-    cases = [(32, 32_000, 1.0), (32, 151_936, 1.0), (128, 32_000, 1.0), (32, 151_936, 0.9)]
+    cases = [
+        (32, 32_000, 1.0, 3.0),
+        (32, 151_936, 1.0, 3.0),
+        (128, 32_000, 1.0, 3.0),
+        (32, 151_936, 0.9, 3.0),
+        (32, 151_936, 0.9, 5.0),
+        (128, 151_936, 0.9, 5.0),
+    ]
     report = {
         "benchmark": "token_choice",
         "device": str(device),
-        "results": [measure(rows, vocab, top_p, args.repeats, device) for rows, vocab, top_p in cases],
+        "results": [measure(*case, args.repeats, device) for case in cases],
     }
     emit(report, list(report["results"][0]))
     return report

@@ -120,6 +120,50 @@ def test_draws_follow_the_truncated_distribution(temperature, top_k, top_p):
     assert ((frequency - expected).abs() <= 4 * error).all(), (frequency, expected)
 
 
+def test_top_p_over_the_most_likely_tokens_draws_what_sorting_the_whole_vocabulary_draws(monkeypatch):
+    """Top-p is worked out over each row's most likely tokens, and over the whole vocabulary only
+    where they hold too little probability: the same tokens and logprobs as sorting it all, for
+    peaked and flat distributions, top-k and top-p mixed, greedy and plain rows beside them, over
+    steps whose candidates grow; each step reads the device once, twice where a row needed more."""
+    vocab, steps = 4096, 4
+    generator = torch.Generator().manual_seed(0)
+    spreads = torch.tensor([8.0, 4.0, 0.5, 0.1, 8.0, 0.5, 2.0, 0.5])[:, None]  # peaked ... nearly uniform
+    logits = [torch.randn(len(spreads), vocab, generator=generator) * spreads for _ in range(steps)]
+    requests = [
+        sample([1], top_p=0.9),
+        sample([1], top_p=0.5, temperature=0.7),
+        sample([1], top_p=0.9),  # flat: its nucleus holds thousands of tokens
+        sample([1], top_p=0.99),
+        sample([1], top_k=20, top_p=0.8),
+        sample([1], top_k=300),
+        sample([1], temperature=0.0),
+        sample([1]),
+    ]
+    active = list(range(len(requests)))
+
+    def draws(min_candidates: int) -> tuple[list, list[list[str]]]:
+        monkeypatch.setattr(sampling, "MIN_CANDIDATES", min_candidates)
+        choice = TokenChoice(requests, list(range(len(requests))))
+        picks, reads_per_step = [], []
+        for step_logits in logits:
+            reads = recorded_device_reads(monkeypatch)
+            tokens, step_picks, _ = choice.next(step_logits, active)
+            monkeypatch.undo()
+            monkeypatch.setattr(sampling, "MIN_CANDIDATES", min_candidates)
+            assert [token for token, _, _ in step_picks] == tokens.tolist()
+            picks.append(step_picks)
+            reads_per_step.append(reads)
+        return picks, reads_per_step
+
+    candidates, reads = draws(16)
+    sorted_whole, _ = draws(vocab)
+    for step, (ours, reference) in enumerate(zip(candidates, sorted_whole, strict=True)):
+        assert [token for token, _, _ in ours] == [token for token, _, _ in reference], step
+        np.testing.assert_allclose(np.array(ours)[:, 1:], np.array(reference)[:, 1:], rtol=1e-5, atol=1e-6)
+    assert reads[0] == ["tolist", "tolist"]  # 16 candidates cannot hold the flat rows' top-p sets
+    assert ["tolist"] in reads[1:]  # more candidates the next step held them
+
+
 def test_a_row_of_nan_logits_draws_a_token_of_the_vocabulary():
     """A model that overflows gives NaN logits: its row still gets a token within the vocabulary
     (an index past it would end a GPU worker's device context), and its batch mates their own."""

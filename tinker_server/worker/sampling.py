@@ -84,6 +84,53 @@ def _mix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(16))
 
 
+MIN_CANDIDATES = 256
+"""The fewest of its most likely tokens a row's top-p is worked out over (see `_truncate`)."""
+
+
+class _Truncation(NamedTuple):
+    kept: torch.Tensor
+    """[A, V] bool: the tokens each row may draw."""
+    covered: torch.Tensor
+    """[A] bool: whether `kept` is exact: the candidates held the row's whole truncation."""
+    nucleus: torch.Tensor
+    """[A]: how many candidates each truncating row kept (0 for the others)."""
+
+
+def _truncate(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, truncating: torch.Tensor, candidates: int
+) -> _Truncation:
+    """What each truncating row keeps of its temperature-scaled logits [A, V]: its top k, then the
+    smallest set of those, most likely first, whose probability (renormalised over the top k)
+    reaches top_p, as Hugging Face and vLLM truncate. Worked out over each row's `candidates` most
+    likely tokens (torch.topk, linear in the vocabulary: sorting all of a real one costs more than
+    a decode step on a CPU), which hold it exactly where they hold the row's top k, or where their
+    probability reaches its top_p; `covered` says where. Other rows keep every token."""
+    vocab = scaled.shape[-1]
+    limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    values, order = torch.topk(scaled, candidates, dim=-1)  # most likely first
+    in_top_k = torch.arange(candidates, device=scaled.device)[None, :] < limit[:, None]
+    within = limit <= candidates
+    # Probabilities over the row's top k: the candidates' where they hold it, else the whole vocabulary's (top_k 0).
+    normaliser = torch.where(
+        within, torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), -1), torch.logsumexp(scaled, -1)
+    )
+    probs = torch.exp(values - normaliser[:, None]).masked_fill(~in_top_k, 0.0)
+    cumulative = probs.cumsum(-1)
+    keep = in_top_k & ((cumulative - probs) < top_p[:, None])  # the probability before a token is short of top_p
+    kept = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, order, keep) | ~truncating[:, None]
+    covered = ~truncating | within | ((limit == vocab) & (cumulative[:, -1] >= top_p))
+    return _Truncation(kept, covered, torch.where(truncating, keep.sum(-1), 0))
+
+
+def _candidate_count(largest_nucleus: int) -> int:
+    """The candidates of the next step: room for twice the largest top-p set of this one (a
+    row's distribution changes little from one token to the next), a power of two (few distinct
+    shapes), MIN_CANDIDATES at least. A row whose candidates fell short kept all of them: the
+    next step has twice as many."""
+    return 1 << (max(MIN_CANDIDATES, 2 * largest_nucleus) - 1).bit_length()
+
+
 class _RowParams(NamedTuple):
     """Each row's temperature, top-k and top-p."""
 
@@ -100,8 +147,9 @@ class TokenChoice:
     number per row and step, not one per vocabulary entry: with a real vocabulary (150k tokens),
     noise per entry costs more than the draw itself. What the rows ask for and their streams live
     on the host, so that a step decides which work it needs (draws, truncation) without reading the
-    device, sends the rows' numbers in one copy, and reads the device once, for the tokens chosen:
-    on a GPU each small operation is a kernel launch, each read a stall."""
+    device, sends the rows' numbers in one copy, and reads the device once, for the tokens chosen
+    (twice in the rare step where a row's top-p set outgrows its candidates, see `_truncate`): on a
+    GPU each small operation is a kernel launch, each read a stall."""
 
     def __init__(self, requests: list[ops.Sample], sample_indices: list[int]) -> None:
         params = [request.params for request in requests]
@@ -116,6 +164,8 @@ class TokenChoice:
         )
         self._keys = _mix32(_mix32(seeds & _M32) ^ (seeds >> np.uint64(32)))
         self._steps = np.zeros(len(requests), dtype=np.uint64)
+        self._candidates = MIN_CANDIDATES
+        """The most likely tokens per row a truncating step considers (see `_truncate`)."""
 
     def next(
         self, logits: torch.Tensor, active: list[int]
@@ -124,20 +174,25 @@ class TokenChoice:
         one's (token, logprob, sampling logprob); and its top-k tokens and logprobs where asked."""
         temperature, top_k, top_p = (values[active] for values in self.host)
         greedy = temperature == 0
-        truncating = bool(((top_k > 0) | (top_p < 1))[~greedy].any())
+        truncating = ~greedy & ((top_k > 0) | (top_p < 1))
         uniform = self._uniform(active)
         model_logprobs = torch.log_softmax(logits, dim=-1)
+        truncation = None
         if greedy.all():
             tokens = logits.argmax(dim=-1)
             sampling_logprob = torch.zeros_like(tokens, dtype=logits.dtype)
         else:
-            # One copy for the step: temperature (1 where greedy), top-k, top-p, uniform, greedy.
-            numbers = np.stack([np.where(greedy, 1, temperature), top_k, top_p, uniform, greedy])
+            # One copy for the step: temperature (1 where greedy), top-k, top-p, uniform, greedy, truncating.
+            numbers = np.stack([np.where(greedy, 1, temperature), top_k, top_p, uniform, greedy, truncating])
             numbers = to_device(torch.from_numpy(numbers.astype(np.float32)), logits.device)
-            if truncating or (temperature[~greedy] != 1).any():
-                distribution = self._distribution(logits, numbers[0], numbers[1].long(), numbers[2], truncating)
+            scaled = logits if (temperature[~greedy] == 1).all() else logits / numbers[0][:, None]
+            if truncating.any():
+                # (a row's whole top-k is among them: only a top-p over the whole vocabulary can need more)
+                candidates = min(max(self._candidates, int(top_k[truncating].max())), logits.shape[-1])
+                truncation = _truncate(scaled, numbers[1].long(), numbers[2], numbers[5].bool(), candidates)
+                distribution = torch.log_softmax(scaled.masked_fill(~truncation.kept, float("-inf")), dim=-1)
             else:
-                distribution = model_logprobs  # temperature 1, nothing truncated: the model's own
+                distribution = model_logprobs if scaled is logits else torch.log_softmax(scaled, dim=-1)
             tokens = self._draw(distribution, numbers[3])
             sampling_logprob = distribution.gather(-1, tokens[:, None]).squeeze(-1)
             if greedy.any():
@@ -145,14 +200,47 @@ class TokenChoice:
                 tokens = torch.where(is_greedy, logits.argmax(dim=-1), tokens)
                 sampling_logprob = sampling_logprob.masked_fill(is_greedy, 0.0)
         chosen = model_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-        picks = torch.stack([tokens.double(), chosen.double(), sampling_logprob.double()], dim=-1).tolist()  # one sync
+        columns = [tokens.double(), chosen.double(), sampling_logprob.double()]
+        if truncation is not None:  # (read with the tokens: whether the candidates held every truncation)
+            columns += [truncation.covered.double(), truncation.nucleus.double()]
+        picks = torch.stack(columns, dim=-1).tolist()  # one sync
+        if truncation is not None:
+            uncovered = [position for position, row in enumerate(picks) if not row[3]]
+            if uncovered:  # rare: a distribution flatter than the candidates; the same draws, computed whole
+                self._choose_exactly(logits, model_logprobs, numbers, uncovered, tokens, picks)
+            self._candidates = _candidate_count(int(max(row[4] for row in picks)))
         top = [None] * len(active)
         if any(self.topk_logprobs[index] for index in active):
             values, ids = torch.topk(model_logprobs, max(self.topk_logprobs[index] for index in active), dim=-1)
             for position, index in enumerate(active):
                 if k := self.topk_logprobs[index]:
                     top[position] = (ids[position, :k], values[position, :k])
-        return tokens, [(int(token), logprob, sampled) for token, logprob, sampled in picks], top
+        return tokens, [(int(token), logprob, sampled) for token, logprob, sampled, *_ in picks], top
+
+    def _choose_exactly(
+        self,
+        logits: torch.Tensor,
+        model_logprobs: torch.Tensor,
+        numbers: torch.Tensor,
+        positions: list[int],
+        tokens: torch.Tensor,
+        picks: list[list[float]],
+    ) -> None:
+        """Draws again, for the rows at `positions`, from their truncation over the whole
+        vocabulary (sorted), with the same uniforms: what their candidates could not hold. Updates
+        `tokens` and `picks` in place."""
+        rows = to_device(torch.tensor(positions), logits.device)
+        temperature, top_k, top_p, uniform = (numbers[index][rows] for index in range(4))
+        scaled = logits[rows] / temperature[:, None]
+        every_token = _truncate(scaled, top_k.long(), top_p, torch.ones_like(top_p, dtype=torch.bool), scaled.shape[-1])
+        distribution = torch.log_softmax(scaled.masked_fill(~every_token.kept, float("-inf")), dim=-1)
+        drawn = self._draw(distribution, uniform)
+        tokens[rows] = drawn
+        sampled = distribution.gather(-1, drawn[:, None]).squeeze(-1)
+        chosen = model_logprobs[rows].gather(-1, drawn[:, None]).squeeze(-1)
+        redrawn = torch.stack([drawn.double(), chosen.double(), sampled.double()], dim=-1).tolist()
+        for position, row in zip(positions, redrawn, strict=True):
+            picks[position][:3] = row
 
     def absorb(self, other: TokenChoice) -> None:
         """Takes `other`'s rows, after this one's."""
@@ -160,23 +248,7 @@ class TokenChoice:
         self._keys = np.concatenate([self._keys, other._keys])
         self._steps = np.concatenate([self._steps, other._steps])
         self.topk_logprobs = self.topk_logprobs + other.topk_logprobs
-
-    @staticmethod
-    def _distribution(
-        logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, truncating: bool
-    ) -> torch.Tensor:
-        """Log-probabilities [A, V] of what each row samples from: top-k first, then top-p over what
-        top-k kept (as Hugging Face and vLLM do)."""
-        scaled = logits / temperature[:, None]
-        if truncating:
-            vocab = scaled.shape[-1]
-            ordered, order = torch.sort(scaled, dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=scaled.device)
-            keep = ranks[None, :] < torch.where(top_k > 0, top_k, vocab)[:, None]
-            probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
-            keep &= (torch.cumsum(probs, dim=-1) - probs) < top_p[:, None]  # the smallest set reaching top_p
-            scaled = scaled.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
-        return torch.log_softmax(scaled, dim=-1)
+        self._candidates = max(self._candidates, other._candidates)
 
     @staticmethod
     def _draw(distribution: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
