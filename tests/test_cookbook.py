@@ -14,10 +14,13 @@ import json
 import random
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from server_process import running_server
 
 from tinker_client import RestClient, ServiceClient
@@ -41,7 +44,8 @@ RL_STEPS = 3
 
 @pytest.fixture(scope="module")
 def cookbook_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_server(tmp_path_factory.mktemp("cookbook-server"), ["--served-model-name", MODEL_NAME]) as address:
+    arguments = ["--served-model-name", MODEL_NAME, "--console-port", "0"]  # (its port serves weights.download's URLs)
+    with running_server(tmp_path_factory.mktemp("cookbook-server"), arguments) as address:
         yield address
 
 
@@ -118,6 +122,31 @@ def test_sl_loop_trains_and_saves_its_final_checkpoint(cookbook_server, sl_run):
     # The recipe labelled its run through ServiceClient(user_metadata=...): the server kept the label.
     run = RestClient(base_url=cookbook_server).get_training_run_by_tinker_path(final["state_path"]).result()
     assert run.user_metadata["recipe_name"] == "recipe_sl_loop"
+
+
+def test_weights_download_fetches_a_training_checkpoints_adapter(cookbook_server, sl_run, tmp_path):
+    """The cookbook's own weights.download: it loads the checkpoint into a new run, exports it
+    age-encrypted to a key of its own, fetches the files over their signed URLs, decrypts them,
+    and deletes the export. What it wrote is the checkpoint's adapter, tensor for tensor."""
+    state = json.loads((sl_run / "checkpoints.jsonl").read_text().splitlines()[-1])["state_path"]
+    script = tmp_path / "download.py"
+    script.write_text(
+        "import sys\nfrom tinker_cookbook import weights\n"
+        "weights.download(tinker_path=sys.argv[1], output_dir=sys.argv[2], base_url=sys.argv[3])\n"
+    )
+    output = tmp_path / "adapter"
+    command = [sys.executable, "-m", "tinker_client.as_tinker", str(script), state, str(output), cookbook_server]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert sorted(path.name for path in output.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    rest = RestClient(base_url=cookbook_server)
+    archive = rest.download_checkpoint_archive_from_tinker_path(state, tmp_path / "state.tar").result()
+    with tarfile.open(archive) as tar:
+        saved = safetensors.torch.load(tar.extractfile("adapter_model.safetensors").read())
+    downloaded = safetensors.torch.load_file(str(output / "adapter_model.safetensors"))
+    assert saved.keys() == downloaded.keys() and all(torch.equal(saved[key], downloaded[key]) for key in saved)
+    exports = [c for c in rest.list_user_checkpoints().result().checkpoints if c.checkpoint_type == "external"]
+    assert exports == []  # the download deleted its temporary export
 
 
 @pytest.mark.parametrize("loss_fn", ["stable_reinforce", "importance_sampling"])

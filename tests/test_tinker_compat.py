@@ -178,7 +178,6 @@ def test_checkpoints_can_be_listed_timed_out_described_and_copied(service):
         (lambda s, t: s.create_training_client_from_state("tinker://x/weights/y", weights_access_token="t"), "publish"),
         (lambda s, t: t.load_state("tinker://x/weights/y", weights_access_token="t"), "publish"),
         (lambda s, t: s.create_sampling_client(base_model=BASE_MODEL, retry_config=object()), "reconnects"),
-        (lambda s, t: t.save_weights_external("x"), "peft adapters"),
         (lambda s, t: s.get_console_url(), "web console is off; start tinker-server with --console-port"),
         (lambda s, t: t.get_console_url(), "web console is off"),
         (lambda s, t: s.create_rest_client().get_billing_usage("2026-01-01", "2026-02-01"), "hosted"),

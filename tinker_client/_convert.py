@@ -22,6 +22,7 @@ _SPAN_SOURCES = {
 _CHECKPOINT_TYPES: dict[int, types.CheckpointType] = {
     runs_pb2.CHECKPOINT_TYPE_TRAINING: "training",
     runs_pb2.CHECKPOINT_TYPE_SAMPLER: "sampler",
+    runs_pb2.CHECKPOINT_TYPE_EXTERNAL: "external",
 }
 
 # -- requests ------------------------------------------------------------------------
@@ -330,6 +331,10 @@ def info(response: service_pb2.GetInfoResponse) -> types.GetInfoResponse:
         lora_alpha=response.lora_alpha,
         trained_modules=list(response.trained_modules),
     )
+
+
+def external_weights_urls(message: runs_pb2.GetExternalWeightsUrlsResponse) -> types.ExternalWeightsUrlsResponse:
+    return types.ExternalWeightsUrlsResponse(dict(message.urls), _time(message.expires))
 
 
 def _time(seconds: float) -> datetime:

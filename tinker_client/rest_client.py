@@ -249,10 +249,14 @@ class RestClient:
         partial.replace(destination)  # only a complete archive gets the final name
         return destination
 
-    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[Any]:
-        raise hosted_only("get_external_weights_urls (external weights)")
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[types.ExternalWeightsUrlsResponse]:
+        """Signed HTTP URLs, one per file, of external weights (TrainingClient.save_weights_external):
+        a plain GET fetches each until `expires`. The server's web console serves them
+        (`--console-port`)."""
+        request = runs_pb2.GetExternalWeightsUrlsRequest(tinker_path=tinker_path)
+        return self._future(self._runs.GetExternalWeightsUrls, request, _convert.external_weights_urls)
 
-    async def get_external_weights_urls_async(self, tinker_path: str) -> Any:
+    async def get_external_weights_urls_async(self, tinker_path: str) -> types.ExternalWeightsUrlsResponse:
         return await self.get_external_weights_urls(tinker_path)
 
     # -- sessions and samplers -------------------------------------------------------

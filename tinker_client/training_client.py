@@ -31,6 +31,10 @@ def _save_state_response(result: service_pb2.Result) -> types.SaveWeightsRespons
     return types.SaveWeightsResponse(path=result.save_state.path)
 
 
+def _save_external_response(result: service_pb2.Result) -> types.SaveWeightsExternalResponse:
+    return types.SaveWeightsExternalResponse(path=result.save_weights_external.path)
+
+
 def _optim_step_response(result: service_pb2.Result) -> types.OptimStepResponse:
     return types.OptimStepResponse(metrics=dict(result.optim_step.metrics))
 
@@ -266,15 +270,26 @@ class TrainingClient:
     def save_weights_external(
         self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
     ) -> APIFuture[types.SaveWeightsExternalResponse]:
-        raise UnsupportedFeatureError(
-            "save_weights_external: the hosted service's external weight export does not exist here; "
-            "checkpoints are peft adapters already (RestClient.download_checkpoint_archive_from_tinker_path)"
-        )
+        """Exports the adapter as tinker://<run>/external_weights/<name>: peft's files, for use
+        elsewhere (RestClient.get_external_weights_urls gives a URL per file). With
+        `age_encryption_recipients` (age or SSH public keys) each file is encrypted to them and
+        named with a `.age` suffix."""
+        request = self._save_external_request(name, ttl_seconds, age_encryption_recipients)
+        return submit(self._sequencer, request, _save_external_response)
 
     async def save_weights_external_async(
         self, name: str, ttl_seconds: int | None = None, age_encryption_recipients: list[str] | None = None
     ) -> APIFuture[types.SaveWeightsExternalResponse]:
-        return self.save_weights_external(name, ttl_seconds, age_encryption_recipients)
+        request = self._save_external_request(name, ttl_seconds, age_encryption_recipients)
+        return await submit_acked(self._sequencer, request, _save_external_response)
+
+    def _save_external_request(
+        self, name: str, ttl_seconds: int | None, age_encryption_recipients: list[str] | None
+    ) -> service_pb2.SessionRequest:
+        save = training_pb2.SaveWeightsExternalRequest(
+            name=name, ttl_seconds=ttl_seconds, age_encryption_recipients=age_encryption_recipients or []
+        )
+        return self._request(save_weights_external=save)
 
     # -- sampling --------------------------------------------------------------------
 

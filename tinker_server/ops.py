@@ -123,6 +123,17 @@ class SaveState:
 
 
 @dataclass
+class SaveExternal:
+    """Writes the adapter in peft's format for use elsewhere (an `external` checkpoint), each
+    file encrypted to `age_recipients` where there are any."""
+
+    phase: ClassVar[Phase] = Phase.SAVE
+    path: str
+    directory: str
+    age_recipients: tuple[str, ...] = ()
+
+
+@dataclass
 class DeleteCheckpoint:
     phase: ClassVar[Phase] = Phase.SAVE
     path: str
@@ -164,6 +175,7 @@ Operation: TypeAlias = (
     | OptimStep
     | SaveForSampler
     | SaveState
+    | SaveExternal
     | DeleteCheckpoint
     | Unload
     | Sample
@@ -251,7 +263,7 @@ class UnloadResult:
 
 @dataclass
 class SaveCheckpointResult:
-    """For SaveForSampler and SaveState."""
+    """For SaveForSampler, SaveState and SaveExternal."""
 
     path: str
     size_bytes: int

@@ -92,7 +92,7 @@ class TinkerServer:
             options=options, interceptors=[LoggingInterceptor(), AuthInterceptor(config.api_keys)]
         )
         service_pb2_grpc.add_TinkerServiceServicer_to_server(self._servicer, self._grpc)
-        runs_servicer = RunsServicer(self._served, runs, parser, self._dispatcher)
+        runs_servicer = RunsServicer(self._served, runs, parser, self._dispatcher, self._console)
         runs_pb2_grpc.add_RunsServiceServicer_to_server(runs_servicer, self._grpc)
         admin_servicer = AdminServicer(self._fleet, config.api_keys, config.admin_owners)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer, self._grpc)

@@ -23,9 +23,13 @@ import numpy as np
 
 from tinker_server.ops import LoraSpec
 
-CheckpointType = Literal["training", "sampler"]
+CheckpointType = Literal["training", "sampler", "external"]
 TINKER_SCHEME = "tinker://"
-_PATH_SEGMENTS: dict[str, CheckpointType] = {"weights": "training", "sampler_weights": "sampler"}
+_PATH_SEGMENTS: dict[str, CheckpointType] = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
 _SEGMENT_OF = {kind: segment for segment, kind in _PATH_SEGMENTS.items()}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -172,7 +176,7 @@ MIGRATIONS = [
 
 @dataclass(frozen=True)
 class CheckpointPath:
-    """tinker://<model_id>/<weights|sampler_weights>/<name>"""
+    """tinker://<model_id>/<weights|sampler_weights|external_weights>/<name>"""
 
     model_id: str
     checkpoint_type: CheckpointType
@@ -185,8 +189,8 @@ class CheckpointPath:
         # Both ends become directory names: never '..', separators or anything odd.
         if len(parts) != 3 or parts[1] not in _PATH_SEGMENTS or not all(map(is_safe_name, parts[::2])):
             raise ValueError(
-                f"{path!r} is not a checkpoint path; expected tinker://<run>/weights/<name> "
-                "or tinker://<run>/sampler_weights/<name>"
+                f"{path!r} is not a checkpoint path; expected tinker://<run>/weights/<name>, "
+                "tinker://<run>/sampler_weights/<name> or tinker://<run>/external_weights/<name>"
             )
         return cls(parts[0], _PATH_SEGMENTS[parts[1]], parts[2])
 

@@ -122,6 +122,14 @@ class CheckpointsListResponse:
 
 
 @dataclass(frozen=True)
+class ExternalWeightsUrlsResponse:
+    urls: dict[str, str]
+    """A URL per file (a plain HTTP GET fetches it), by its path within the checkpoint."""
+    expires: datetime
+    """When the URLs stop working; ask again for new ones."""
+
+
+@dataclass(frozen=True)
 class WeightsInfoResponse:
     """What loading a checkpoint needs to know."""
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from tinker_rpc.v1 import sampling_pb2, service_pb2, tensor_pb2, training_pb2
 from tinker_server import ops
+from tinker_server.age_encryption import parse_recipients
 from tinker_server.api.provenance import DatumProvenance, SpanChecker, SpanError
 from tinker_server.auth import current_owner
 from tinker_server.loss_specs import LOSS_SPECS, LossSpec
@@ -187,6 +188,15 @@ class RequestParser:
             save = request.save_state
             ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
             return self._save(kind, model_id, "training", save.name, ttl, save.overwrite, dict(save.user_metadata))
+        elif kind == "save_weights_external":
+            save = request.save_weights_external
+            try:
+                parse_recipients(save.age_encryption_recipients)
+            except ValueError as error:
+                raise invalid(f"save_weights_external.age_encryption_recipients{error}") from error
+            ttl = save.ttl_seconds if save.HasField("ttl_seconds") else None
+            recipients = tuple(save.age_encryption_recipients)
+            return self._save(kind, model_id, "external", save.name, ttl, False, {}, recipients)
         else:  # a newer client's operation this server does not know
             raise invalid(f"request: unsupported operation {kind!r}")
         return ParsedRequest(model_id, ops.WorkItem("", model_id, operation))
@@ -353,6 +363,12 @@ class RequestParser:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"{field}: no checkpoint {text}")
         _, source = found
         self._use_model(f"{field} {text}: its base_model", source.base_model)
+        if path.checkpoint_type == "external":
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{field}: {text} is an export for use elsewhere (download it with get_external_weights_urls); "
+                "use the run's tinker://<run>/weights/<name> or sampler_weights/<name> checkpoints here",
+            )
         if training_only and path.checkpoint_type != "training":
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -567,6 +583,7 @@ class RequestParser:
         ttl: int | None,
         overwrite: bool,
         user_metadata: dict[str, str],
+        age_recipients: tuple[str, ...] = (),
     ) -> ParsedRequest:
         if not is_safe_name(name):
             raise invalid(f"{kind}.name: {name!r}; use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
@@ -579,6 +596,8 @@ class RequestParser:
         directory = str(self._runs.directory(path))
         if checkpoint_type == "training":
             operation: ops.Operation = ops.SaveState(str(path), directory)
+        elif checkpoint_type == "external":
+            operation = ops.SaveExternal(str(path), directory, age_recipients)
         else:
             operation = ops.SaveForSampler(str(path), directory)
         item = ops.WorkItem("", model_id, operation)

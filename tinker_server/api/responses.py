@@ -26,10 +26,8 @@ def outcome_result(outcome: ops.Outcome) -> service_pb2.Result:
             result.forward_backward.CopyFrom(_forward_backward(payload))
         case ops.OptimStepResult():
             result.optim_step.metrics.update(payload.metrics)
-        case ops.SaveCheckpointResult() if CheckpointPath.parse(payload.path).checkpoint_type == "sampler":
-            result.save_weights_for_sampler.path = payload.path
         case ops.SaveCheckpointResult():
-            result.save_state.path = payload.path
+            _saved(result, payload.path)
         case ops.LoadStateResult():
             result.load_state.SetInParent()
         case ops.SampleResult():
@@ -37,6 +35,16 @@ def outcome_result(outcome: ops.Outcome) -> service_pb2.Result:
         case _:
             raise TypeError(f"unexpected worker result {type(payload).__name__}")
     return result
+
+
+def _saved(result: service_pb2.Result, path: str) -> None:
+    match CheckpointPath.parse(path).checkpoint_type:
+        case "sampler":
+            result.save_weights_for_sampler.path = path
+        case "external":
+            result.save_weights_external.path = path
+        case _:
+            result.save_state.path = path
 
 
 def _forward_backward(payload: ops.ForwardBackwardResult) -> training_pb2.ForwardBackwardOutput:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 
@@ -29,8 +29,15 @@ from tinker_server.runs import Runs
 from tinker_server.served import ServedModels
 from tinker_server.store import Checkpoint, CheckpointPath, RestorePoint, Session, TrainingRun
 
+if TYPE_CHECKING:
+    from tinker_server.console.app import Console
+
 ARCHIVE_CHUNK_BYTES = 1 << 20
-_CHECKPOINT_TYPES = {"training": runs_pb2.CHECKPOINT_TYPE_TRAINING, "sampler": runs_pb2.CHECKPOINT_TYPE_SAMPLER}
+_CHECKPOINT_TYPES = {
+    "training": runs_pb2.CHECKPOINT_TYPE_TRAINING,
+    "sampler": runs_pb2.CHECKPOINT_TYPE_SAMPLER,
+    "external": runs_pb2.CHECKPOINT_TYPE_EXTERNAL,
+}
 
 
 def checkpoint_message(checkpoint: Checkpoint) -> runs_pb2.Checkpoint:
@@ -69,11 +76,20 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
     """Owners see their own runs, checkpoints, sessions and samplers; a published checkpoint
     (and the run that holds it) is readable by every key, never writable by another."""
 
-    def __init__(self, served: ServedModels, runs: Runs, parser: RequestParser, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        served: ServedModels,
+        runs: Runs,
+        parser: RequestParser,
+        dispatcher: Dispatcher,
+        console: Console | None = None,
+    ) -> None:
         self._served = served
         self._runs = runs
         self._parser = parser
         self._dispatcher = dispatcher
+        self._console = console
+        """Serves external checkpoints' files at signed URLs (None: no HTTP, no such URLs)."""
 
     def _visible_checkpoints(self, run: TrainingRun) -> list[Checkpoint]:
         checkpoints = self._runs.store.checkpoints(run.model_id)
@@ -95,13 +111,10 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             project_id=run.project_id,
             lora=lora_settings(run),
         )
+        last = {"training": message.last_checkpoint, "sampler": message.last_sampler_checkpoint}
         for checkpoint in checkpoints:  # oldest first: the last of each kind wins
-            field = (
-                message.last_checkpoint
-                if checkpoint.path.checkpoint_type == "training"
-                else message.last_sampler_checkpoint
-            )
-            field.CopyFrom(checkpoint_message(checkpoint))
+            if (field := last.get(checkpoint.path.checkpoint_type)) is not None:
+                field.CopyFrom(checkpoint_message(checkpoint))
         return message
 
     def _run(self, model_id: str, readable: bool = False) -> TrainingRun:
@@ -287,6 +300,25 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
             archive.seek(0)
             while chunk := await asyncio.to_thread(archive.read, ARCHIVE_CHUNK_BYTES):
                 yield runs_pb2.DownloadCheckpointArchiveResponse(data=chunk, total_bytes=total)
+
+    async def GetExternalWeightsUrls(
+        self, request: runs_pb2.GetExternalWeightsUrlsRequest, context: grpc.aio.ServicerContext
+    ) -> runs_pb2.GetExternalWeightsUrlsResponse:
+        path, _, _ = self._checkpoint(request.tinker_path)
+        if path.checkpoint_type != "external":
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"tinker_path: {request.tinker_path} is not external weights (tinker://<run>/external_weights/<name>, "
+                "from save_weights_external); download other checkpoints with DownloadCheckpointArchive",
+            )
+        if self._console is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server serves no files over HTTP: start it with --console-port (and --console-url where "
+                "clients reach it through a proxy) to download external weights; or use DownloadCheckpointArchive",
+            )
+        urls, expires = self._console.external_urls(path)
+        return runs_pb2.GetExternalWeightsUrlsResponse(urls=urls, expires=expires)
 
     async def ImportPeftAdapter(
         self, request: runs_pb2.ImportPeftAdapterRequest, context: grpc.aio.ServicerContext

@@ -17,11 +17,15 @@ from aiohttp import web
 
 from tinker_server.console.queries import SERIES, ConsoleQueries
 from tinker_server.console.sessions import COOKIE, SESSION_SECONDS, Sessions, Visitor
+from tinker_server.console.signed_urls import UrlSigner
 from tinker_server.files import write_tar
 from tinker_server.ops import LoraSpec
+from tinker_server.store import CheckpointPath, is_safe_name
 
 HERE = Path(__file__).parent
 DOWNLOAD_CHUNK_BYTES = 1 << 20
+EXTERNAL_URL_SECONDS = 3600.0
+"""How long a signed URL of an external checkpoint's file works."""
 # No script, style or frame from elsewhere, no inline script: a value that slipped through
 # escaping still could not run.
 SECURITY_HEADERS = {
@@ -43,6 +47,7 @@ class Console:
         self._queries = queries
         self._sessions = sessions
         self._public_url = public_url.rstrip("/")
+        self._signer = UrlSigner(EXTERNAL_URL_SECONDS)
         self._runner: web.AppRunner | None = None
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
@@ -65,6 +70,7 @@ class Console:
                 web.get("/runs/{model_id}/metrics.json", self._signed_in(self._metrics)),
                 web.get("/runs/{model_id}/checkpoints/{segment}/{name}", self._signed_in(self._download)),
                 web.get("/server", self._signed_in(self._server_page)),
+                web.get("/external/{model_id}/{name}/{file}", self._external_file),
                 web.static("/static", HERE / "static"),
             ]
         )
@@ -79,6 +85,27 @@ class Console:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    def external_urls(self, path: CheckpointPath) -> tuple[dict[str, str], float]:
+        """A signed URL per file of an external checkpoint (the caller may read it), and when they expire."""
+        directory = self._queries.external_files(path)
+        urls, expires = {}, 0.0
+        for file in sorted(entry.name for entry in directory.iterdir()) if directory is not None else []:
+            resource = f"/external/{path.model_id}/{path.name}/{file}"
+            query, expires = self._signer.query(resource)
+            urls[file] = f"{self.url}{resource}?{query}"
+        return urls, expires
+
+    async def _external_file(self, request: web.Request) -> web.StreamResponse:
+        """A file of an external checkpoint, to whoever holds a signed URL of it (no sign-in)."""
+        model_id, name, file = (request.match_info[key] for key in ("model_id", "name", "file"))
+        if not self._signer.allows(request.path, request.query.get("expires", ""), request.query.get("signature", "")):
+            raise web.HTTPForbidden(text="this URL is unsigned or expired: get new ones (get_external_weights_urls)")
+        names_safe = all(map(is_safe_name, (model_id, name, file)))
+        directory = self._queries.external_files(CheckpointPath(model_id, "external", name)) if names_safe else None
+        if directory is None or not (directory / file).is_file():
+            raise web.HTTPNotFound(text="no such file: the checkpoint was deleted")
+        return web.FileResponse(directory / file, headers={"Content-Type": "application/octet-stream"})
 
     # -- signing in ------------------------------------------------------------------
 

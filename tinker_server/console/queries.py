@@ -97,6 +97,13 @@ class ConsoleQueries:
             return None
         return self._runs.directory(path)
 
+    def external_files(self, path: CheckpointPath) -> Path | None:
+        """The directory of an external checkpoint that still exists (whoever asks: the caller
+        checks a signed URL's authority); None if there is none."""
+        if path.checkpoint_type != "external" or self._runs.checkpoint(path) is None:
+            return None
+        return self._runs.directory(path)
+
     def server(self) -> ServerView:
         statuses = self._fleet.statuses()
         models = [

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tinker_server import ops
+from tinker_server.age_encryption import encrypt_files
 from tinker_server.files import write_whole
 from tinker_server.worker.batching import length_buckets
 from tinker_server.worker.checkpoints import (
@@ -152,6 +153,7 @@ class Engine:
             ops.OptimStep: self._optim_step,
             ops.SaveForSampler: self._save_for_sampler,
             ops.SaveState: self._save_state,
+            ops.SaveExternal: self._save_external,
             ops.DeleteCheckpoint: self._delete_checkpoint,
             ops.Unload: self._unload,
         }
@@ -413,6 +415,18 @@ class Engine:
 
         write_whole(directory, write)
         return ops.SaveCheckpointResult(operation.path, directory_size(directory))
+
+    def _save_external(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
+        adapter = self._adapter(item.model_id)
+        operation: ops.SaveExternal = item.operation
+
+        def write(staging: Path) -> None:
+            write_adapter(staging, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
+            if operation.age_recipients:
+                encrypt_files(staging, operation.age_recipients)
+
+        write_whole(Path(operation.directory), write)
+        return ops.SaveCheckpointResult(operation.path, directory_size(Path(operation.directory)))
 
     def _write_sampler_weights(self, directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> None:
         write_whole(directory, lambda staging: write_adapter(staging, spec, pairs, self.loaded.name, self.layers))
