@@ -164,6 +164,25 @@ def test_top_p_over_the_most_likely_tokens_draws_what_sorting_the_whole_vocabula
     assert ["tolist"] in reads[1:]  # more candidates the next step held them
 
 
+def test_a_top_p_row_draws_the_same_whatever_its_batch_mates_make_it_consider():
+    """A batch mate's top-k decides how many candidates every row is worked out over; with logits
+    of a bf16 model (many ties) a row still keeps, and draws, the same tokens: the cuts are
+    thresholds, ties at a cut all kept."""
+    vocab, steps = 4096, 6
+    generator = torch.Generator().manual_seed(1)
+    logits = [(torch.randn(1, vocab, generator=generator) * 3).bfloat16().float() for _ in range(steps)]
+    row = sample([1], top_p=0.9, seed=11)
+
+    def draws(*mates: ops.Sample) -> list[tuple[int, float, float]]:
+        choice = TokenChoice([row, *mates], [0] * (1 + len(mates)))
+        filler = torch.zeros(len(mates), vocab)
+        return [choice.next(torch.cat([step, filler]), list(range(1 + len(mates))))[1][0] for step in logits]
+
+    alone = draws()
+    assert draws(sample([1], top_k=3000, seed=12)) == alone  # every row worked out over 4096 candidates
+    assert draws(sample([1], top_p=0.5, seed=13), sample([1], temperature=0.0)) == alone
+
+
 def test_a_row_of_nan_logits_draws_a_token_of_the_vocabulary():
     """A model that overflows gives NaN logits: its row still gets a token within the vocabulary
     (an index past it would end a GPU worker's device context), and its batch mates their own."""

@@ -98,29 +98,44 @@ class _Truncation(NamedTuple):
 
 
 def _truncate(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, truncating: torch.Tensor, candidates: int
+    scaled: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    truncating: torch.Tensor,
+    candidates: int,
+    with_top_k: bool = True,
 ) -> _Truncation:
     """What each truncating row keeps of its temperature-scaled logits [A, V]: its top k, then the
     smallest set of those, most likely first, whose probability (renormalised over the top k)
-    reaches top_p, as Hugging Face and vLLM truncate. Worked out over each row's `candidates` most
-    likely tokens (torch.topk, linear in the vocabulary: sorting all of a real one costs more than
-    a decode step on a CPU), which hold it exactly where they hold the row's top k, or where their
-    probability reaches its top_p; `covered` says where. Other rows keep every token."""
+    reaches top_p, as Hugging Face and vLLM truncate. Both cuts are thresholds on the logits
+    (tokens tied at a cut are all kept), so a row keeps the same tokens whatever order ties come in
+    and however many candidates it is worked out over, which its batch mates decide: its
+    `candidates` most likely tokens (torch.topk, linear in the vocabulary: sorting all of a real
+    one costs more than a decode step on a CPU), at least its top k. They hold its top-p set
+    unless their probability falls short of its top_p: `covered` says where they did. Other rows
+    keep every token. `with_top_k`: whether some row has a top k (else there is no top-k cut to make)."""
     vocab = scaled.shape[-1]
+    values = torch.topk(scaled, candidates, dim=-1).values  # most likely first
     limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-    values, order = torch.topk(scaled, candidates, dim=-1)  # most likely first
-    in_top_k = torch.arange(candidates, device=scaled.device)[None, :] < limit[:, None]
-    within = limit <= candidates
-    # Probabilities over the row's top k: the candidates' where they hold it, else the whole vocabulary's (top_k 0).
-    normaliser = torch.where(
-        within, torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), -1), torch.logsumexp(scaled, -1)
-    )
-    probs = torch.exp(values - normaliser[:, None]).masked_fill(~in_top_k, 0.0)
+    within = limit <= candidates  # (every row with a top k: the caller asks for that many candidates)
+    if with_top_k:
+        kth = values.gather(-1, (limit.clamp(max=candidates) - 1)[:, None])
+        kth = torch.where((limit < vocab)[:, None], kth, float("-inf"))  # the top-k cut
+        in_top_k = scaled >= kth
+        normaliser = torch.logsumexp(scaled.masked_fill(~in_top_k, float("-inf")), -1)  # the top k's, in any order
+        probs = torch.exp(values - normaliser[:, None]).masked_fill(values < kth, 0.0)
+    else:
+        probs = torch.exp(values - torch.logsumexp(scaled, -1)[:, None])
     cumulative = probs.cumsum(-1)
-    keep = in_top_k & ((cumulative - probs) < top_p[:, None])  # the probability before a token is short of top_p
-    kept = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, order, keep) | ~truncating[:, None]
-    covered = ~truncating | within | ((limit == vocab) & (cumulative[:, -1] >= top_p))
-    return _Truncation(kept, covered, torch.where(truncating, keep.sum(-1), 0))
+    keep = (probs > 0) & ((cumulative - probs) < top_p[:, None])  # the probability before a token is short of top_p
+    count = keep.sum(-1)
+    cut = values.gather(-1, (count - 1).clamp(min=0)[:, None])  # the least likely kept token's logit
+    kept = scaled >= cut
+    if with_top_k:
+        kept &= in_top_k
+    kept |= ~truncating[:, None]
+    covered = ~truncating | within | (count < candidates) | (cumulative[:, -1] >= top_p)
+    return _Truncation(kept, covered, torch.where(truncating, count, 0))
 
 
 def _candidate_count(largest_nucleus: int) -> int:
@@ -189,7 +204,8 @@ class TokenChoice:
             if truncating.any():
                 # (a row's whole top-k is among them: only a top-p over the whole vocabulary can need more)
                 candidates = min(max(self._candidates, int(top_k[truncating].max())), logits.shape[-1])
-                truncation = _truncate(scaled, numbers[1].long(), numbers[2], numbers[5].bool(), candidates)
+                with_top_k = bool((top_k[truncating] > 0).any())
+                truncation = _truncate(scaled, numbers[1].long(), numbers[2], numbers[5].bool(), candidates, with_top_k)
                 distribution = torch.log_softmax(scaled.masked_fill(~truncation.kept, float("-inf")), dim=-1)
             else:
                 distribution = model_logprobs if scaled is logits else torch.log_softmax(scaled, dim=-1)
