@@ -83,10 +83,13 @@ def test_a_url_works_only_as_signed_and_while_its_checkpoint_exists(console_serv
     rest = console_service.create_rest_client()
     path = trained.save_weights_external("short-lived").result().path
     url = rest.get_external_weights_urls(path).result().urls["adapter_config.json"]
+    expires = url.split("expires=")[1].split("&")[0]
     tampered = [
         url.replace("adapter_config.json", "adapter_model.safetensors"),  # another file, this one's signature
         url.replace("signature=", "signature=0"),
         url.split("?")[0],
+        url.replace(f"expires={expires}", "expires=%C2%B2"),  # a digit to str.isdigit, not to int()
+        url.replace("signature=", "signature=%C3%A9"),  # not ASCII
     ]
     for attempt in tampered:
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -123,6 +126,8 @@ def test_bad_exports_are_refused_naming_the_field(console_service, trained):
         console_service.create_sampling_client(model_path=path).result().sample(
             types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)
         ).result()
+    with pytest.raises(TinkerError, match="export for use elsewhere"):
+        console_service.create_rest_client().copy_weights(path).result()
     state = trained.save_state("state").result().path
     with pytest.raises(BadRequestError, match="is not external weights"):
         console_service.create_rest_client().get_external_weights_urls(state).result()

@@ -221,6 +221,12 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
         """The copy lives in a new run of the caller's that holds only it (continue training
         from it with create_training_client_from_state)."""
         path, original, source = self._checkpoint(request.tinker_path)
+        if path.checkpoint_type == "external":  # its run would start from files it cannot load
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tinker_path: {request.tinker_path} is an export for use elsewhere; copy the run's "
+                "tinker://<run>/weights/<name> or sampler_weights/<name> checkpoints",
+            )
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         check_ttl("ttl_seconds", ttl)
         now = time.time()
@@ -318,6 +324,8 @@ class RunsServicer(runs_pb2_grpc.RunsServiceServicer):
                 "clients reach it through a proxy) to download external weights; or use DownloadCheckpointArchive",
             )
         urls, expires = self._console.external_urls(path)
+        if not urls:  # deleted or expired since it was looked up
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"tinker_path: no checkpoint {request.tinker_path}")
         return runs_pb2.GetExternalWeightsUrlsResponse(urls=urls, expires=expires)
 
     async def ImportPeftAdapter(

@@ -87,7 +87,8 @@ class Console:
             await self._runner.cleanup()
 
     def external_urls(self, path: CheckpointPath) -> tuple[dict[str, str], float]:
-        """A signed URL per file of an external checkpoint (the caller may read it), and when they expire."""
+        """A signed URL per file of an external checkpoint (the caller may read it), and when they
+        expire; none where it is gone (deleted, or expired)."""
         directory = self._queries.external_files(path)
         urls, expires = {}, 0.0
         for file in sorted(entry.name for entry in directory.iterdir()) if directory is not None else []:

@@ -4,6 +4,7 @@ process holds, and the fleet of replicas. Every lookup answers only what the vis
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,13 @@ class ConsoleQueries:
         return self._runs.directory(path)
 
     def external_files(self, path: CheckpointPath) -> Path | None:
-        """The directory of an external checkpoint that still exists (whoever asks: the caller
-        checks a signed URL's authority); None if there is none."""
-        if path.checkpoint_type != "external" or self._runs.checkpoint(path) is None:
+        """The directory of an external checkpoint that still exists and has not expired (whoever
+        asks: the caller checks a signed URL's authority); None if there is none."""
+        checkpoint = self._runs.checkpoint(path) if path.checkpoint_type == "external" else None
+        if checkpoint is None or (checkpoint.expires_at is not None and checkpoint.expires_at <= time.time()):
             return None
-        return self._runs.directory(path)
+        directory = self._runs.directory(path)
+        return directory if directory.is_dir() else None
 
     def server(self) -> ServerView:
         statuses = self._fleet.statuses()

@@ -24,9 +24,10 @@ class UrlSigner:
 
     def allows(self, resource: str, expires: str, signature: str) -> bool:
         """Whether a query's `expires` and `signature` authorise a GET of `resource` now."""
-        if not expires.isdigit() or int(expires) < time.time():
+        # (anyone may send anything here: only ASCII digits of a plausible length are a time)
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or int(expires) < time.time():
             return False
-        return hmac.compare_digest(signature, self._signature(resource, int(expires)))
+        return hmac.compare_digest(signature.encode(), self._signature(resource, int(expires)).encode())
 
     def _signature(self, resource: str, expires: int) -> str:
         return hmac.new(self._key, f"{resource}\n{expires}".encode(), hashlib.sha256).hexdigest()
