@@ -130,6 +130,9 @@ class SaveExternal:
     phase: ClassVar[Phase] = Phase.SAVE
     path: str
     directory: str
+    base_model: str
+    """The base model's name as clients know it (its served name), for adapter_config.json: where
+    the adapter goes, that is the name to load the base model by."""
     age_recipients: tuple[str, ...] = ()
 
 

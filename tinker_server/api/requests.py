@@ -597,7 +597,8 @@ class RequestParser:
         if checkpoint_type == "training":
             operation: ops.Operation = ops.SaveState(str(path), directory)
         elif checkpoint_type == "external":
-            operation = ops.SaveExternal(str(path), directory, age_recipients)
+            base_model = self._runs.store.run(model_id).base_model
+            operation = ops.SaveExternal(str(path), directory, base_model, age_recipients)
         else:
             operation = ops.SaveForSampler(str(path), directory)
         item = ops.WorkItem("", model_id, operation)

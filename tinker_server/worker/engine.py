@@ -421,7 +421,7 @@ class Engine:
         operation: ops.SaveExternal = item.operation
 
         def write(staging: Path) -> None:
-            write_adapter(staging, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
+            write_adapter(staging, adapter.spec, adapter.pairs, operation.base_model, self.layers)
             if operation.age_recipients:
                 encrypt_files(staging, operation.age_recipients)
 
