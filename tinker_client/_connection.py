@@ -40,6 +40,15 @@ T = TypeVar("T")
 DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
 BATCHES_METADATA = ("tinker-session-batches", "1")
+BATCH_ID_PREFIX = "batch-"
+"""Of a batch message's own request_id, which only a server that does not know batches answers under."""
+
+
+class BatchesRefused(Exception):
+    """A server answered a batch as one request it could not read: one from before batches,
+    reached through a load balancer that took the capabilities call to a newer one."""
+
+
 """Asks the server to answer in batches too."""
 log = logging.getLogger(__name__)
 # Stream statuses that a broken connection produces (our server reports request errors in
@@ -217,6 +226,8 @@ class Connection:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._closed = False
         self._answered_since_reconnect = False
+        self._batches_refused = False
+        """A server behind this address refused a batch: from then on, requests go one by one."""
         # What holds requests back before they reach this connection (each training client's
         # sequencer), so that settling waits for those too.
         self.holders: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -341,6 +352,10 @@ class Connection:
                 error: APIError = APIConnectionError("the server closed the session", code=grpc.StatusCode.UNAVAILABLE)
             except grpc.aio.AioRpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
+            except BatchesRefused as refused:  # nothing in the batch ran: resent one by one, in order
+                self._batches_refused = True
+                message = f"a server at {self.target} refused a batch of requests ({refused}): sending one by one"
+                error = APIConnectionError(message, code=grpc.StatusCode.UNAVAILABLE)
             self._outgoing, self._unanswered = None, 0
             if not self._pending:  # an idle stream ended: the next request opens a new one
                 return
@@ -366,7 +381,8 @@ class Connection:
         )
         self._window = capabilities.max_inflight_requests or 64
         outgoing: asyncio.Queue[service_pb2.SessionRequest | None] = asyncio.Queue()
-        batches = capabilities.session_batches  # where the server takes batches, what is queued goes together
+        # Where the server takes batches, what is queued goes together.
+        batches = capabilities.session_batches and not self._batches_refused
         budget = min(BATCH_BYTES, capabilities.max_message_bytes or BATCH_BYTES)
 
         async def requests():
@@ -375,7 +391,8 @@ class Connection:
                 if not batches or len(together := take_queued(request, outgoing, budget, held_back)) == 1:
                     yield request
                 else:
-                    yield service_pb2.SessionRequest(batch=service_pb2.SessionRequests(requests=together))
+                    batch = service_pb2.SessionRequests(requests=together)
+                    yield service_pb2.SessionRequest(request_id=BATCH_ID_PREFIX + request.request_id, batch=batch)
 
         metadata = (*self.metadata, BATCHES_METADATA) if batches else self.metadata
         self._call = call = self.stub.Session(requests(), metadata=metadata)
@@ -392,6 +409,8 @@ class Connection:
             outgoing.put_nowait(None)  # gRPC's reader of this stream's requests ends with it
 
     def _dispatch(self, response: service_pb2.SessionResponse) -> None:
+        if response.request_id.startswith(BATCH_ID_PREFIX):
+            raise BatchesRefused(response.result.error.message)
         pending = self._pending.get(response.request_id)
         if pending is None:
             return
