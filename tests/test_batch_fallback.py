@@ -6,6 +6,7 @@ batch's requests again one by one, in order, each once; nothing hangs."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -32,6 +33,7 @@ class ServerBeforeBatches(service_pb2_grpc.TinkerServiceServicer):
         for message in request_iterator:
             if message.WhichOneof("request") == "batch":  # a field it does not know: no operation
                 self.batches += 1
+                time.sleep(0.2)  # (what is sent meanwhile must wait: this server would run it first)
                 error = service_pb2.Error(code=3, message="request: no operation set")  # INVALID_ARGUMENT
                 yield service_pb2.SessionResponse(request_id=message.request_id, result=service_pb2.Result(error=error))
                 continue
@@ -54,13 +56,16 @@ def old_server() -> Iterator[tuple[str, ServerBeforeBatches]]:
     server.stop(grace=None)
 
 
+def step() -> service_pb2.SessionRequest:
+    return service_pb2.SessionRequest(model_id="run", optim_step=training_pb2.OptimStepRequest())
+
+
 def test_a_batch_a_server_cannot_read_is_sent_again_one_by_one_in_order(old_server):
     address, servicer = old_server
     connection = ConnectionSettings(base_url=address).connect()
-    requests = [
-        service_pb2.SessionRequest(model_id="run", optim_step=training_pb2.OptimStepRequest()) for _ in range(12)
-    ]
-    pendings = connection.submit(requests)  # queued at once: all but the first go out as a batch
+    pendings = connection.submit([step() for _ in range(12)])  # queued at once: all but the first go as a batch
+    time.sleep(0.05)
+    pendings += connection.submit([step()])  # sent before the refusal comes back: it waits for it
     for pending in pendings:
         assert pending.result.result(timeout=30).future_id == f"f-{pending.request.request_id}"
     assert servicer.batches == 1

@@ -385,14 +385,25 @@ class Connection:
         batches = capabilities.session_batches and not self._batches_refused
         budget = min(BATCH_BYTES, capabilities.max_message_bytes or BATCH_BYTES)
 
+        first_batch: set[str] = set()  # the request ids of the stream's first batch
+        batches_read = asyncio.Event()  # the server answered one of them: it reads batches
+        stream_over = False
+
         async def requests():
             held_back: list[service_pb2.SessionRequest | None] = []  # what did not fit the last batch
             while (request := held_back.pop() if held_back else await outgoing.get()) is not None:
                 if not batches or len(together := take_queued(request, outgoing, budget, held_back)) == 1:
                     yield request
-                else:
-                    batch = service_pb2.SessionRequests(requests=together)
-                    yield service_pb2.SessionRequest(request_id=BATCH_ID_PREFIX + request.request_id, batch=batch)
+                    continue
+                batch = service_pb2.SessionRequests(requests=together)
+                yield service_pb2.SessionRequest(request_id=BATCH_ID_PREFIX + request.request_id, batch=batch)
+                if not first_batch:
+                    first_batch.update(queued.request_id for queued in together)
+                    # Nothing more until the server shows it reads batches (a round trip, once a
+                    # stream): one that does not would run what follows before the batch, resent.
+                    await batches_read.wait()
+                    if stream_over:
+                        return
 
         metadata = (*self.metadata, BATCHES_METADATA) if batches else self.metadata
         self._call = call = self.stub.Session(requests(), metadata=metadata)
@@ -400,12 +411,17 @@ class Connection:
         try:
             self._pump()
             async for message in call:
-                if message.WhichOneof("response") == "batch":
-                    for response in message.batch.responses:
-                        self._dispatch(response)
-                else:
-                    self._dispatch(message)
+                responses = message.batch.responses if message.WhichOneof("response") == "batch" else (message,)
+                for response in responses:
+                    if response.request_id in first_batch:
+                        batches_read.set()
+                    self._dispatch(response)
+        except BatchesRefused:
+            call.cancel()  # (nothing more goes out on it)
+            raise
         finally:
+            stream_over = True
+            batches_read.set()
             outgoing.put_nowait(None)  # gRPC's reader of this stream's requests ends with it
 
     def _dispatch(self, response: service_pb2.SessionResponse) -> None:
