@@ -143,10 +143,12 @@ def test_weights_download_fetches_a_training_checkpoints_adapter(cookbook_server
     archive = rest.download_checkpoint_archive_from_tinker_path(state, tmp_path / "state.tar").result()
     with tarfile.open(archive) as tar:
         saved = safetensors.torch.load(tar.extractfile("adapter_model.safetensors").read())
+        state_config = json.loads(tar.extractfile("adapter_config.json").read())
     downloaded = safetensors.torch.load_file(str(output / "adapter_model.safetensors"))
     assert saved.keys() == downloaded.keys() and all(torch.equal(saved[key], downloaded[key]) for key in saved)
-    # It names its base model as clients know it (served under a hub name here): peft loads that one.
+    # Both name the base model as clients know it (served under a hub name here): peft loads that one.
     assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == MODEL_NAME
+    assert state_config["base_model_name_or_path"] == MODEL_NAME
     exports = [c for c in rest.list_user_checkpoints().result().checkpoints if c.checkpoint_type == "external"]
     assert exports == []  # the download deleted its temporary export
 

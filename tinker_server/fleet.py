@@ -307,7 +307,7 @@ class Fleet:
         target.scheduler.put_back(source.scheduler.take(model_id))
         restarts = source.worker.restarts
         try:
-            save = ops.SaveState("", str(directory), with_gradients=True)
+            save = ops.SaveState("", str(directory), with_gradients=True, base_model=run.base_model)
             saved = await source.scheduler.submit(model_id, ops.WorkItem("", model_id, save)).outcome
             if saved.error is not None:
                 self._undo_move(model_id, source, target, saved.error.message, source.worker.restarts != restarts)

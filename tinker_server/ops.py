@@ -109,6 +109,8 @@ class SaveForSampler:
     """Where the snapshot is written in peft's format."""
     ephemeral: bool = False
     """An unnamed save: usable at once, its files written in the background."""
+    base_model: str = ""
+    """What adapter_config.json names the base model (see `named_base_model`)."""
 
 
 @dataclass
@@ -120,6 +122,8 @@ class SaveState:
     directory: str
     with_gradients: bool = False
     """Also the gradients no step consumed yet, so a run moving between replicas loses nothing."""
+    base_model: str = ""
+    """What adapter_config.json names the base model (see `named_base_model`)."""
 
 
 @dataclass
@@ -130,10 +134,16 @@ class SaveExternal:
     phase: ClassVar[Phase] = Phase.SAVE
     path: str
     directory: str
-    base_model: str
-    """The base model's name as clients know it (its served name), for adapter_config.json: where
-    the adapter goes, that is the name to load the base model by."""
+    base_model: str = ""
+    """What adapter_config.json names the base model (see `named_base_model`)."""
     age_recipients: tuple[str, ...] = ()
+
+
+def named_base_model(operation: SaveForSampler | SaveState | SaveExternal, own_name: str) -> str:
+    """The name a saved adapter gives its base model: the one clients know it by (its served name,
+    which the server puts in the save: where the adapter goes, that name loads the base model),
+    else the worker's own (`own_name`: a local path, or the embedded model's name)."""
+    return operation.base_model or own_name
 
 
 @dataclass

@@ -180,7 +180,8 @@ class TinkerServer:
         saves = []
         for run in self._runs.live_runs():
             path = CheckpointPath(run.model_id, "training", AUTOSAVE_NAME)
-            item = ops.WorkItem("", run.model_id, ops.SaveState(str(path), str(self._runs.directory(path))))
+            save = ops.SaveState(str(path), str(self._runs.directory(path)), base_model=run.base_model)
+            item = ops.WorkItem("", run.model_id, save)
             parsed = ParsedRequest(run.model_id, item, checkpoint=path, restore=RestorePoint(str(path), True))
             saves.append(self._dispatcher.submit(parsed, run.owner, internal=True).result)
         if saves:

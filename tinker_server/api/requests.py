@@ -594,13 +594,13 @@ class RequestParser:
             hint = "; pass overwrite=True to replace it" if kind == "save_state" else ""
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"{kind}.name: {path} already exists{hint}")
         directory = str(self._runs.directory(path))
+        base_model = self._runs.store.run(model_id).base_model
         if checkpoint_type == "training":
-            operation: ops.Operation = ops.SaveState(str(path), directory)
+            operation: ops.Operation = ops.SaveState(str(path), directory, base_model=base_model)
         elif checkpoint_type == "external":
-            base_model = self._runs.store.run(model_id).base_model
             operation = ops.SaveExternal(str(path), directory, base_model, age_recipients)
         else:
-            operation = ops.SaveForSampler(str(path), directory)
+            operation = ops.SaveForSampler(str(path), directory, base_model=base_model)
         item = ops.WorkItem("", model_id, operation)
         # A training checkpoint becomes the run's restore point (at its step, known when it is saved).
         restore = RestorePoint(str(path), True) if checkpoint_type == "training" else None
@@ -629,7 +629,8 @@ class RequestParser:
         check_ttl("save_weights_for_sampler.ttl_seconds", ttl)
         self._check_checkpoint_quota("save_weights_for_sampler")
         path = CheckpointPath(model_id, "sampler", f"ephemeral-{secrets.token_hex(6)}")
-        operation = ops.SaveForSampler(str(path), str(self._runs.directory(path)), ephemeral=True)
+        base_model = self._runs.store.run(model_id).base_model
+        operation = ops.SaveForSampler(str(path), str(self._runs.directory(path)), True, base_model)
         return ParsedRequest(
             model_id,
             ops.WorkItem("", model_id, operation),

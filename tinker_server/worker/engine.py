@@ -393,7 +393,8 @@ class Engine:
             for path, pair in adapter.pairs.items()
         }
         directory = Path(operation.directory)
-        write = functools.partial(self._write_sampler_weights, directory, adapter.spec, snapshot)
+        base_model = ops.named_base_model(operation, self.loaded.name)
+        write = functools.partial(self._write_sampler_weights, directory, adapter.spec, snapshot, base_model)
         if operation.ephemeral:  # usable now; its files follow in the background, unless it goes first
             writing = self._snapshot_writes.submit(write)
             self.residency.add_snapshot(operation.path, adapter.spec, snapshot, directory, writing)
@@ -407,8 +408,10 @@ class Engine:
         operation: ops.SaveState = item.operation
         directory = Path(operation.directory)
 
+        base_model = ops.named_base_model(operation, self.loaded.name)
+
         def write(staging: Path) -> None:
-            write_adapter(staging, adapter.spec, adapter.pairs, self.loaded.name, self.layers)
+            write_adapter(staging, adapter.spec, adapter.pairs, base_model, self.layers)
             write_optimizer_state(staging, adapter.pairs, adapter.optimizer)
             if operation.with_gradients:
                 write_gradients(staging, adapter.pairs)
@@ -420,16 +423,20 @@ class Engine:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveExternal = item.operation
 
+        base_model = ops.named_base_model(operation, self.loaded.name)
+
         def write(staging: Path) -> None:
-            write_adapter(staging, adapter.spec, adapter.pairs, operation.base_model, self.layers)
+            write_adapter(staging, adapter.spec, adapter.pairs, base_model, self.layers)
             if operation.age_recipients:
                 encrypt_files(staging, operation.age_recipients)
 
         write_whole(Path(operation.directory), write)
         return ops.SaveCheckpointResult(operation.path, directory_size(Path(operation.directory)))
 
-    def _write_sampler_weights(self, directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair]) -> None:
-        write_whole(directory, lambda staging: write_adapter(staging, spec, pairs, self.loaded.name, self.layers))
+    def _write_sampler_weights(
+        self, directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str
+    ) -> None:
+        write_whole(directory, lambda staging: write_adapter(staging, spec, pairs, base_model, self.layers))
 
     def _delete_checkpoint(self, item: ops.WorkItem) -> ops.DeleteCheckpointResult:
         operation: ops.DeleteCheckpoint = item.operation
