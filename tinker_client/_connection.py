@@ -40,16 +40,9 @@ T = TypeVar("T")
 DEFAULT_BASE_URL = "localhost:50051"
 MAX_MESSAGE_BYTES = 256 << 20
 BATCHES_METADATA = ("tinker-session-batches", "1")
+"""Asks the server to answer in batches too."""
 BATCH_ID_PREFIX = "batch-"
 """Of a batch message's own request_id, which only a server that does not know batches answers under."""
-
-
-class BatchesRefused(Exception):
-    """A server answered a batch as one request it could not read: one from before batches,
-    reached through a load balancer that took the capabilities call to a newer one."""
-
-
-"""Asks the server to answer in batches too."""
 log = logging.getLogger(__name__)
 # Stream statuses that a broken connection produces (our server reports request errors in
 # Results, never as the stream's status); resends are idempotent, so retrying is safe.
@@ -135,6 +128,11 @@ def _is_loopback(target: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
+
+
+class BatchesRefused(Exception):
+    """A server answered a batch as one request it could not read: one from before batches,
+    reached through a load balancer that took the capabilities call to a newer one."""
 
 
 @dataclass

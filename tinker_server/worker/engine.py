@@ -407,7 +407,6 @@ class Engine:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveState = item.operation
         directory = Path(operation.directory)
-
         base_model = ops.named_base_model(operation, self.loaded.name)
 
         def write(staging: Path) -> None:
@@ -422,7 +421,6 @@ class Engine:
     def _save_external(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveExternal = item.operation
-
         base_model = ops.named_base_model(operation, self.loaded.name)
 
         def write(staging: Path) -> None:
