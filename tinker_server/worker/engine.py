@@ -35,6 +35,7 @@ from tinker_server.worker.checkpoints import (
     write_optimizer_state,
 )
 from tinker_server.worker.decoding import Decoder
+from tinker_server.worker.fused_norms import fuse_rms_norms
 from tinker_server.worker.kv_cache import default_kv_cache_bytes, joins_rows
 from tinker_server.worker.lora import (
     LoraPair,
@@ -88,6 +89,7 @@ class Engine:
         self.device = device
         self.model = loaded.model.to(device)
         self.model.requires_grad_(False)
+        fuse_rms_norms(self.model)
         self.routing = RowRouting()
         self.targets = wrap_lora_targets(self.model, self.routing)
         self.layers = self.targets.sites
