@@ -100,6 +100,7 @@ bench-gpu: install
 	test -d $(BENCH_MODEL) || $(PY) -m bench.make_model $(BENCH_MODEL)
 	$(PY) -m bench.attention_shapes
 	$(PY) -m bench.decode_steps --base-model $(BENCH_MODEL) --runs 2
+	$(PY) -m bench.fused_norms --base-model $(BENCH_MODEL)
 	$(PY) -m bench.sampling --base-model $(BENCH_MODEL) --skip-one-at-a-time
 	$(PY) -m bench.train_while_sampling --base-model $(BENCH_MODEL)
 

@@ -8,6 +8,7 @@ from bench import (
     attention_shapes,
     cluster,
     decode_steps,
+    fused_norms,
     latency,
     load,
     memory,
@@ -35,6 +36,7 @@ def main() -> None:
     # Last: these set this process up as the worker's (its allocator, its attention kernels).
     sampling.main(extra)
     decode_steps.main(extra)
+    fused_norms.main(extra)
     token_choice.main([])
 
 

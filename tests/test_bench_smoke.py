@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from unittest import mock
 
 import pytest
 import torch
@@ -61,6 +62,17 @@ def test_wire_benchmark_counts_our_bytes_against_the_raw_tensors():
     for row in wire.run(rows=2, length=128)["results"]:
         # Our framing costs a little; int64 targets sent as int32 save more than that.
         assert 0.5 < row["ours_vs_raw"] < 1.0
+
+
+def test_fused_norms_benchmark_compares_the_engine_with_its_norms_unfused():
+    from bench import fused_norms
+
+    with mock.patch.object(fused_norms, "Engine", wraps=fused_norms.Engine) as engines:
+        (row,) = fused_norms.run(None, rows=[2], max_tokens=4, runs=1)["results"]
+    fused, unfused = (call.args[0].model for call in engines.call_args_list)
+    assert {type(module).__name__ for module in fused.modules()} >= {"FusedLlamaRMSNorm"}
+    assert "FusedLlamaRMSNorm" not in {type(module).__name__ for module in unfused.modules()}
+    assert row["speedup"] == pytest.approx(row["fused_tokens_per_s"] / row["hf_norms_tokens_per_s"], rel=0.05)
 
 
 @pytest.mark.bench
