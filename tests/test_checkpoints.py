@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -275,7 +276,11 @@ def test_the_cli_lists_runs_and_checkpoints_and_downloads(service, server, tmp_p
         command = [sys.executable, "-m", "tinker_client.cli", "--base-url", server.address, *args]
         return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
 
-    assert training.model_id in cli("runs", "list", "--limit", "100")
+    sampling_only = service.create_lora_training_client(BASE_MODEL, rank=4, seed=2).result()
+    sampling_only.save_weights_for_sampler("for-cli").result()
+    rows = [re.split(r"\s{2,}", line) for line in cli("runs", "list", "--limit", "100").splitlines()]
+    runs = {row[0]: row for row in rows}
+    assert runs[training.model_id][4] != "-" and runs[sampling_only.model_id][4] != "-"  # LAST CHECKPOINT, either kind
     listing = cli("checkpoints", "list", training.model_id)
     assert path in listing and "training" in listing and "never" in listing
     cli("checkpoints", "download", path, "-o", str(tmp_path / "out.tar"))

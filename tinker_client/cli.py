@@ -37,6 +37,12 @@ def _when(checkpoint: types.Checkpoint | None) -> str:
     return "-" if checkpoint is None else checkpoint.time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _last_saved(run: types.TrainingRun) -> types.Checkpoint | None:
+    """The run's newest checkpoint of either kind: weights saved for sampling are one too."""
+    saved = [checkpoint for checkpoint in (run.last_checkpoint, run.last_sampler_checkpoint) if checkpoint is not None]
+    return max(saved, key=lambda checkpoint: checkpoint.time, default=None)
+
+
 def runs_list(service: ServiceClient, args: argparse.Namespace) -> None:
     page = service.create_rest_client().list_training_runs(limit=args.limit, offset=args.offset).result()
     rows = [
@@ -45,7 +51,7 @@ def runs_list(service: ServiceClient, args: argparse.Namespace) -> None:
             run.base_model,
             str(run.lora_rank),
             run.last_request_time.strftime("%Y-%m-%d %H:%M:%S"),
-            _when(run.last_checkpoint),
+            _when(_last_saved(run)),
             _size(run.size_bytes),
         )
         for run in page.training_runs
