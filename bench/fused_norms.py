@@ -3,7 +3,7 @@ Face's own (tinker_server/worker/fused_norms.py), side by side in one process: t
 requests decoded by each in turn, run after run, on the worker's device and in its dtype.
 
 A decode step of a small batch on a GPU is bound by the kernels the host launches; Llama's norm
-launches six where the fused one launches one. On a CPU the operations themselves cost most of a
+launches eight where the fused one launches one. On a CPU the operations themselves cost most of a
 step, and the two should be about even.
 """
 
