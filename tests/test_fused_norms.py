@@ -68,6 +68,9 @@ def test_a_fused_norm_rounds_bfloat16_once_and_falls_back_on_mixed_dtypes():
 def test_norms_of_another_form_are_left_alone():
     gemma = GemmaRMSNorm(64)
     assert fuse_rms_norms(gemma) == 0 and type(gemma) is GemmaRMSNorm
+    per_head = LlamaRMSNorm(8)  # Llama's code with a [heads, dim] weight: still over the last dimension alone
+    per_head.weight = torch.nn.Parameter(torch.randn(2, 8))
+    assert fuse_rms_norms(per_head) == 0 and type(per_head) is LlamaRMSNorm
 
 
 def test_the_worker_runs_its_model_on_fused_norms():

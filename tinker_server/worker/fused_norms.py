@@ -27,10 +27,17 @@ def fuse_rms_norms(model: nn.Module) -> int:
     become subclasses, so their weights, names and checks stay theirs); how many it swapped."""
     swapped = 0
     for module in model.modules():
-        if _is_llama_form(type(module)):
+        if _is_llama_form(type(module)) and _normalizes_last_dimension(module):
             module.__class__ = _fused(type(module))
             swapped += 1
     return swapped
+
+
+def _normalizes_last_dimension(module: nn.Module) -> bool:
+    """Llama's code normalises over the last dimension and broadcasts its weight; the fused kernel
+    normalises over every dimension of the weight: the two agree for a weight of one dimension."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
 def _is_llama_form(cls: type) -> bool:
