@@ -4,9 +4,10 @@ Llama's RMSNorm, which most decoder models in Hugging Face copy, computes in eig
 (upcast, square, mean, epsilon, reciprocal root, scale, downcast, weight): eight kernel launches
 per norm on a GPU in bfloat16, two norms per layer. A decode step of a small batch costs what its
 launches cost, so these were a fifth of one on an H200 (0.9B Llama, 128 rows).
-`torch.nn.functional.rms_norm` computes the same in one; in float32 its result is Llama's to the
-bit, in bfloat16 it rounds once where Llama's rounds twice. Training and sampling both run the
-swapped norms, so the logprobs of one stay the other's.
+`torch.nn.functional.rms_norm` computes the same in one; in float32 on a CPU its result is
+Llama's to the bit (a GPU's kernel may sum in another order), in bfloat16 it rounds once where
+Llama's rounds twice. Training and sampling both run the swapped norms, so the logprobs of one
+stay the other's.
 
 A norm is swapped only where its forward is Llama's, instruction for instruction: Gemma's
 (1 + weight), OLMo's and other variants keep their own.
