@@ -6,8 +6,8 @@ The sampling benchmark's embedded model has 259 tokens, where choosing costs not
 128k and Qwen 2.5 152k, where it is a large part of a decode step on a CPU. Both run with the
 worker's process settings (worker.main.prepare_process: its allocator setting), as the worker runs them.
 
-Logits are normal with a spread per case: 3 gives a top-p 0.9 set of ~6500 of 152k tokens (a flat
-distribution), 5 one of ~40 (peaked, as most of a language model's steps are). `nucleus` is the
+Logits are normal with a spread per case: 3 gives a top-p 0.9 set of ~7700 of 152k tokens (a flat
+distribution), 5 one of ~300 (peaked, as most of a language model's steps are). `nucleus` is the
 largest such set of the case's rows. The sampler works top-p out over each row's most likely
 tokens, as many as the last step's set needed, where `generate` sorts the whole vocabulary.
 """
