@@ -27,7 +27,8 @@ def run(base_model: str | None, rows: list[int], max_tokens: int, runs: int) -> 
     fused = Engine(load_base_model(base_model, dtype), device)
     with mock.patch("tinker_server.worker.engine.fuse_rms_norms"):  # Hugging Face's norms, as loaded
         unfused = Engine(load_base_model(base_model, dtype), device)
-    in_process(fused, workload("uniform", 2, 4)), in_process(unfused, workload("uniform", 2, 4))  # warm-up
+    for engine in (fused, unfused):  # warm-up
+        in_process(engine, workload("uniform", 2, 4))
     results = []
     for count in rows:
         rates = []

@@ -423,6 +423,7 @@ class Engine:
     def _save_external(self, item: ops.WorkItem) -> ops.SaveCheckpointResult:
         adapter = self._adapter(item.model_id)
         operation: ops.SaveExternal = item.operation
+        directory = Path(operation.directory)
         base_model = ops.named_base_model(operation, self.loaded.name)
 
         def write(staging: Path) -> None:
@@ -430,8 +431,8 @@ class Engine:
             if operation.age_recipients:
                 encrypt_files(staging, operation.age_recipients)
 
-        write_whole(Path(operation.directory), write)
-        return ops.SaveCheckpointResult(operation.path, directory_size(Path(operation.directory)))
+        write_whole(directory, write)
+        return ops.SaveCheckpointResult(operation.path, directory_size(directory))
 
     def _write_sampler_weights(
         self, directory: Path, spec: ops.LoraSpec, pairs: dict[str, LoraPair], base_model: str
